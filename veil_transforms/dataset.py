@@ -1,0 +1,215 @@
+"""``VeiledDataset``: veil any dataset on the fly, in batches, each sample once.
+
+Wraps a map-style or iterable dataset whose samples are an image, an
+``(image, label, ...)`` tuple or a dict. Images are veiled in batches of
+``batch_size`` on the veil's device (one GPU batch rather than 300 passes per
+sample in each worker) and cached, so every sample is veiled once:
+
+- ``cache="memory"`` (default) keeps veiled images in RAM;
+- ``cache=<directory>`` stores each one as a ``.npy`` file named by an HMAC of
+  its content under the veil's key, in a sub-folder per veil setting, written
+  atomically; a later run, another process or a DataLoader worker reuses it;
+- ``cache=None`` veils every time (each access costs a full veil).
+
+For DataLoaders with workers over a map-style dataset, call :meth:`prepare`
+first: it veils everything in the main process with a progress bar, and the
+workers then only read the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from . import functional as F
+from . import keys as _keys
+from .transform import VeilTransform, from_chw, to_chw
+
+IMAGE_KEYS = ("image", "img", "png", "jpg", "jpeg", "x", "input")
+
+
+class VeiledDataset(Dataset):
+    """See the module docstring. ``VeiledDataset(iterable_ds, ...)`` returns a ``VeiledIterableDataset``."""
+
+    def __new__(cls, *args, **kwargs):
+        dataset = args[0] if args else kwargs.get("dataset")
+        if cls is VeiledDataset and isinstance(dataset, IterableDataset):
+            cls = VeiledIterableDataset
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        dataset,
+        veil: VeilTransform,
+        *,
+        batch_size: int = 256,
+        cache: str | os.PathLike | None = "memory",
+        image_key: Any = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(veil, VeilTransform):
+            raise TypeError(f"veil: expected a VeilTransform, got {type(veil).__name__}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(self, IterableDataset):
+            if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+                raise TypeError("dataset: expected a map-style (len + getitem) or an IterableDataset")
+            if len(dataset) == 0:
+                raise ValueError("dataset is empty: nothing to veil")
+        self.dataset, self.veil, self.batch_size = dataset, veil, batch_size
+        self.image_key, self.progress = image_key, progress
+        self._memory: dict[Any, torch.Tensor] | None = {} if cache == "memory" else None
+        self._dir: Path | None = None
+        if cache not in (None, "memory"):
+            self._dir = Path(cache) / self._settings_id()
+            self._dir.mkdir(parents=True, exist_ok=True)
+            (self._dir / "settings.json").write_text(json.dumps(veil.settings, indent=1, sort_keys=True))
+
+    def _settings_id(self) -> str:
+        s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key)
+        return "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16]
+
+    # -- sample structure -------------------------------------------------------
+    def _image_slot(self, sample: Any) -> Any:
+        if self.image_key is not None:
+            return self.image_key
+        if isinstance(sample, (tuple, list)):
+            return 0
+        if isinstance(sample, dict):
+            for k in IMAGE_KEYS:
+                if k in sample:
+                    return k
+            raise TypeError(f"cannot find the image in a dict sample with keys {list(sample)}; pass image_key=")
+        return None  # the sample is the image
+
+    def _get_image(self, sample):
+        slot = self._image_slot(sample)
+        return sample if slot is None else sample[slot]
+
+    def _put_image(self, sample, veiled):
+        slot = self._image_slot(sample)
+        if slot is None:
+            return veiled
+        if isinstance(sample, dict):
+            return {**sample, slot: veiled}
+        out = list(sample)
+        out[slot] = veiled
+        if isinstance(sample, list):
+            return out
+        return tuple(out) if type(sample) is tuple else type(sample)(*out)  # namedtuples too
+
+    # -- veiling with the cache ---------------------------------------------------
+    def _veil_images(self, chws: list[torch.Tensor], ids: list[Any]) -> list[torch.Tensor]:
+        """Veiled versions of ``chws``; ``ids`` are memory-cache ids (index or None)."""
+        out: list[torch.Tensor | None] = [None] * len(chws)
+        todo: dict[tuple, list[int]] = defaultdict(list)
+        digests: list[str | None] = [None] * len(chws)
+        for i, (x, ident) in enumerate(zip(chws, ids)):
+            F.check_pixels(x, "dataset image")
+            if self._memory is not None and ident is not None and ident in self._memory:
+                out[i] = self._memory[ident]
+                continue
+            if self._dir is not None:
+                digests[i] = _keys.sample_digest(self.veil.key, F.normalize(x)).hex()
+                f = self._dir / f"{digests[i]}.npy"
+                if f.exists():
+                    out[i] = torch.from_numpy(np.load(f))
+                    continue
+            todo[(tuple(x.shape), x.dtype)].append(i)
+        for (shape, _), idx in todo.items():
+            self.veil.check_shape(shape)
+            for s in range(0, len(idx), self.batch_size):
+                part = idx[s : s + self.batch_size]
+                veiled = self.veil.veil_batch(torch.stack([chws[i] for i in part])).cpu()
+                for i, v in zip(part, veiled):
+                    out[i] = v
+                    if self._dir is not None:
+                        _atomic_save(self._dir / f"{digests[i]}.npy", v.numpy())
+        if self._memory is not None:
+            for i, ident in enumerate(ids):
+                if ident is not None:
+                    self._memory[ident] = out[i]
+        return out  # type: ignore[return-value]
+
+    def _veil_samples(self, samples: list[Any], ids: list[Any]) -> list[Any]:
+        images = [self._get_image(s) for s in samples]
+        veiled = self._veil_images([to_chw(im) for im in images], ids)
+        return [self._put_image(s, from_chw(v, im)) for s, v, im in zip(samples, veiled, images)]
+
+    # -- map-style -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")
+        index %= n
+        sample = self.dataset[index]
+        if self._memory is not None and index in self._memory:
+            im = self._get_image(sample)
+            return self._put_image(sample, from_chw(self._memory[index], im))
+        # veil the whole block this index falls in: one batch instead of one sample
+        start = index // self.batch_size * self.batch_size
+        block = range(start, min(start + self.batch_size, n))
+        samples = [sample if i == index else self.dataset[i] for i in block]
+        return self._veil_samples(samples, list(block))[index - start]
+
+    def prepare(self) -> "VeiledDataset":
+        """Veil every sample now (in batches, with a progress bar); returns self."""
+        from .progress import bar
+
+        n = len(self)
+        with bar(total=n, desc="veiling", unit="img", disable=not self.progress) as pb:
+            for start in range(0, n, self.batch_size):
+                block = list(range(start, min(start + self.batch_size, n)))
+                if self._memory is None or any(i not in self._memory for i in block):
+                    self._veil_samples([self.dataset[i] for i in block], block)
+                pb.update(len(block))
+        return self
+
+
+class VeiledIterableDataset(VeiledDataset, IterableDataset):
+    """Iterable flavour: buffers ``batch_size`` samples, veils them as a batch, yields them in order."""
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # raises TypeError if the wrapped dataset has no length
+
+    def __iter__(self):
+        buf: list[Any] = []
+        count = 0
+        for sample in self.dataset:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                yield from self._flush(buf)
+                count += len(buf)
+                buf = []
+        if buf:
+            yield from self._flush(buf)
+            count += len(buf)
+        if count == 0:
+            raise ValueError("dataset is empty: nothing to veil")
+
+    def _flush(self, buf: list[Any]) -> Iterable[Any]:
+        ids = []
+        for s in buf:  # memory cache by content digest: order may change between epochs
+            x = to_chw(self._get_image(s))
+            ids.append(_keys.sample_digest(self.veil.key, F.normalize(x)) if self._memory is not None else None)
+        return self._veil_samples(buf, ids)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

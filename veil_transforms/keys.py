@@ -1,0 +1,97 @@
+"""Secret keys and the per-sample randomness derived from them.
+
+Every random choice of the veil (the flip mask) is a pure function of the
+owner's secret key and the sample's own content:
+
+    digest  = HMAC-SHA256(key, "veil-sample" || shape || normalized float32 bytes)
+    stream  = SHAKE-256(key || digest) -> one uint32 per value -> uniforms in [0, 1)
+
+So the same key and image always give the same veil (re-veiling leaks nothing
+new), a different key gives an unrelated mask, and without the key the mask is
+a cryptographic pseudo-random stream. Masks are never stored; they are
+re-derived on demand. There is no default seed: with no key one is drawn from
+:mod:`secrets`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+
+KEY_BYTES = 32
+
+
+def new_key() -> bytes:
+    """A fresh 32-byte secret key from the OS's CSPRNG."""
+    return secrets.token_bytes(KEY_BYTES)
+
+
+def as_key(key: bytes | str | os.PathLike | None) -> bytes:
+    """Normalise a user-supplied key: bytes, a hex string, or None (draws a new key).
+
+    Paths are not accepted here on purpose; use :func:`read_key_file`.
+    """
+    if key is None:
+        return new_key()
+    if isinstance(key, (bytes, bytearray)):
+        key = bytes(key)
+    elif isinstance(key, str):
+        try:
+            key = bytes.fromhex(key.strip())
+        except ValueError:
+            raise ValueError("key: a str key must be hex (e.g. from new_key().hex())") from None
+    else:
+        raise TypeError(f"key: expected bytes, a hex str or None, got {type(key).__name__}")
+    if len(key) < 16:
+        raise ValueError(f"key: must be at least 16 bytes of secret material, got {len(key)}")
+    return key
+
+
+def read_key_file(path: str | os.PathLike, *, create: bool = False) -> bytes:
+    """Read a hex key file; with ``create=True`` write a new one (mode 0600) if absent."""
+    path = Path(path)
+    if not path.exists():
+        if not create:
+            raise FileNotFoundError(f"key file not found: {path}")
+        key = new_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+        return key
+    return as_key(path.read_text().strip())
+
+
+def key_fingerprint(key: bytes) -> str:
+    """A short public fingerprint of a key (safe to log or write to a manifest)."""
+    return hashlib.sha256(b"veil-fingerprint" + key).hexdigest()[:16]
+
+
+def sample_digest(key: bytes, x_norm: torch.Tensor) -> bytes:
+    """HMAC of one normalized sample ``[C, H, W]`` (float32 contents and shape)."""
+    a = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
+    h = hmac.new(key, b"veil-sample", hashlib.sha256)
+    h.update(np.asarray(a.shape, dtype=np.int64).tobytes())
+    h.update(a.tobytes())
+    return h.digest()
+
+
+def opaque_key(key: bytes, name: str) -> str:
+    """A dot-free, opaque identifier for a sample name (e.g. a file path).
+
+    File names can be people's names, so shards carry this instead.
+    """
+    return hmac.new(key, b"veil-name" + name.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+
+def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """Uniforms in [0, 1) of ``shape`` from a SHAKE-256 stream keyed by key and digest."""
+    n = int(np.prod(shape))
+    raw = hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n)
+    u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
+    return torch.from_numpy(u.astype(np.float32).reshape(shape))

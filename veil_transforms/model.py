@@ -1,0 +1,190 @@
+"""The data owner's local model F: one adapter for nn.Modules, TorchScript and ONNX files.
+
+``LocalModel(module, layer=None)`` is a callable ``[B, C, H, W] -> [B, n]``.
+``layer=None`` returns the model's output (the paper's choice); a node name
+(e.g. ``"fc2"``, see ``LocalModel.layers()``) returns that inner layer,
+flattened, through torchvision's feature extraction.
+
+During the veil loop the module is in eval mode and its parameters do not
+require grad, so no weight gradients are computed and ``.grad`` is never
+touched; both are restored afterwards (:func:`frozen`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def frozen(model):
+    """Eval mode and no parameter grads for the duration; restores both afterwards."""
+    module = model.module if isinstance(model, LocalModel) else model
+    if not isinstance(module, nn.Module):
+        yield
+        return
+    was_training = module.training
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    module.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, rg in flags:
+            p.requires_grad_(rg)
+        module.train(was_training)
+
+
+class LocalModel(nn.Module):
+    """Wraps the owner's model F; see the module docstring."""
+
+    def __init__(self, module: nn.Module, layer: str | None = None, *, name: str | None = None):
+        super().__init__()
+        if isinstance(module, LocalModel):
+            layer = layer if layer is not None else module.layer
+            module = module.module
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, LocalModel or path, got {type(module).__name__}")
+        self.module = module
+        self.layer = layer
+        self.name = name or type(module).__name__
+        self._source: tuple[str, bytes] | None = None  # (kind, bytes) for non-picklable modules
+        self._extractor = self._make_extractor(module, layer) if layer is not None else None
+        self._checked: set[tuple[int, ...]] = set()
+
+    @staticmethod
+    def _make_extractor(module, layer):
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        if isinstance(module, torch.jit.ScriptModule):
+            raise ValueError("layer selection needs a Python nn.Module, not a TorchScript module")
+        _, nodes = get_graph_node_names(module)
+        if layer not in nodes:
+            raise ValueError(f"layer {layer!r} not found; available: {', '.join(nodes)}")
+        return create_feature_extractor(module, return_nodes={layer: "out"})
+
+    @staticmethod
+    def layers(module: nn.Module) -> list[str]:
+        """Node names that ``layer=`` accepts for this module."""
+        from torchvision.models.feature_extraction import get_graph_node_names
+
+        return get_graph_node_names(module)[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._extractor is not None:
+            return self._extractor(x)["out"].flatten(1)
+        return self.module(x)
+
+    @property
+    def device(self) -> torch.device:
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def check_input(self, sample_shape: tuple[int, ...]) -> None:
+        """Raise ValueError unless F takes ``[B, *sample_shape]`` and gives ``[B, n]``.
+
+        Runs F once on a batch of two zero images (cached per shape).
+        """
+        sample_shape = tuple(int(s) for s in sample_shape)
+        if sample_shape in self._checked:
+            return
+        x = torch.zeros((2, *sample_shape), device=self.device)
+        try:
+            with torch.no_grad(), frozen(self):
+                out = self(x)
+        except Exception as e:  # noqa: BLE001 - any failure means "does not accept"
+            raise ValueError(
+                f"local model {self.name} does not accept images of shape {list(sample_shape)} "
+                f"(C, H, W): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            ) from e
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"local model {self.name} must return a tensor, got {type(out).__name__}")
+        if self.layer is None and out.ndim != 2:
+            raise ValueError(
+                f"local model {self.name} must return logits of shape [B, n] for the default layer, "
+                f"got {list(out.shape)}; pick an inner layer with layer=..."
+            )
+        if out.shape[0] != 2:
+            raise ValueError(f"local model {self.name} mixes samples: batch of 2 gave {list(out.shape)}")
+        self._checked.add(sample_shape)
+
+    # -- loading ---------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike, layer: str | None = None, *, arch: str | None = None, **kw):
+        """Load F from a TorchScript ``.pt``, a state dict ``.pt`` with ``arch``, or an ``.onnx`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        data = path.read_bytes()
+        if path.suffix.lower() == ".onnx":
+            from .onnx_import import load_onnx
+
+            try:
+                module = load_onnx(data, **kw)
+            except Exception as e:
+                raise ValueError(f"ONNX model {path.name} cannot be used: {e}") from e
+            m = cls(module, layer, name=path.name)
+            m._source = ("onnx", data)
+            return m
+        if arch is not None:
+            module = build_arch(arch, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            m = cls(module, layer, name=f"{arch}:{path.name}")
+            m._source = ("arch:" + arch, data)
+            return m
+        try:
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        except Exception as e:
+            raise ValueError(
+                f"{path.name} is not a TorchScript file ({type(e).__name__}); for a state dict pass arch=..."
+            ) from e
+        m = cls(module, layer, name=path.name)
+        m._source = ("jit", data)
+        return m
+
+    # -- pickling (DataLoader workers) -----------------------------------------
+    def __reduce__(self):
+        if self._source is None:
+            return (LocalModel, (self.module, self.layer), {"name": self.name})
+        return (_from_source, (self._source, self.layer, self.name, str(self.device)))
+
+
+def _from_source(source, layer, name, device):
+    kind, data = source
+    if kind == "onnx":
+        from .onnx_import import load_onnx
+
+        module = load_onnx(data, check=False)
+    elif kind == "jit":
+        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+    else:
+        module = build_arch(kind.split(":", 1)[1], torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    m = LocalModel(module.to(device), layer, name=name)
+    m._source = source
+    return m
+
+
+def build_arch(arch: str, state_dict: dict) -> nn.Module:
+    """Instantiate a named architecture (``lenet5`` or any torchvision model) and load weights."""
+    from . import nets
+
+    if isinstance(state_dict, dict) and "state_dict" in state_dict:
+        state_dict = state_dict["state_dict"]
+    module = nets.build(arch, state_dict)
+    module.load_state_dict(state_dict)
+    return module
+
+
+def as_local_model(model, layer: str | None = None) -> LocalModel:
+    """Accept an nn.Module, a LocalModel or a path, and return a LocalModel."""
+    if isinstance(model, (str, os.PathLike)):
+        return LocalModel.load(model, layer)
+    if isinstance(model, LocalModel) and (layer is None or layer == model.layer):
+        return model
+    return LocalModel(model, layer)

@@ -1,0 +1,104 @@
+"""Small, deterministic training and evaluation helpers (for the demo, tests and benchmarks)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import normalize
+
+
+def fit(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    epochs: int = 15,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    augment=None,
+) -> nn.Module:
+    """Train a classifier with SGD + cross-entropy on uint8 / [0, 1] images (normalized to [-1, 1])."""
+    g = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    x, y = normalize(images).to(device), labels.to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * ((len(x) + batch_size - 1) // batch_size))
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=g).to(device)
+        for s in range(0, len(x), batch_size):
+            idx = perm[s : s + batch_size]
+            xb = x[idx] if augment is None else augment(x[idx], g)
+            loss = nn.functional.cross_entropy(model(xb), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device="cpu") -> torch.Tensor:
+    model.eval()
+    out = [model(normalize(images[s : s + batch_size]).to(device)).argmax(1).cpu() for s in range(0, len(images), batch_size)]
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, **kw) -> float:
+    return float((predict(model, images, **kw) == labels).float().mean())
+
+
+def utility_experiment(
+    make_model,
+    train: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    *,
+    veil_kwargs: dict | None = None,
+    local_model: nn.Module | None = None,
+    epochs: int = 15,
+    seeds=(0,),
+    veil_test: bool = True,
+    device="cpu",
+    batch_size: int = 2048,
+) -> dict:
+    """The paper's utility experiment, end to end, on one split.
+
+    1. train the owner's local model F on X (or use ``local_model``);
+    2. veil X (and the test set, for the "on X~" column) with F;
+    3. train a fresh third-party model on (X~, Y) per seed, and a baseline on (X, Y);
+    4. report accuracy on original test images X and veiled test images X~,
+       SSIM(X, X~), and how often F's argmax agrees on X~ and X.
+    """
+    import time
+
+    import numpy as np
+
+    from .metrics import ssim
+    from .transform import VeilTransform
+
+    (xtr, ytr), (xte, yte) = train, test
+    F = local_model if local_model is not None else fit(make_model(), xtr, ytr, epochs=epochs, seed=1234, device=device)
+    veil = VeilTransform(F, device=device, **(veil_kwargs or {}))
+    t0 = time.perf_counter()
+    vtr = torch.cat([veil.veil_batch(xtr[s : s + batch_size]).cpu() for s in range(0, len(xtr), batch_size)])
+    veil_s = time.perf_counter() - t0
+    vte = torch.cat([veil.veil_batch(xte[s : s + batch_size]).cpu() for s in range(0, len(xte), batch_size)]) if veil_test else None
+    agree = float((predict(F, vtr, device=device) == predict(F, xtr, device=device)).float().mean())
+    base, on_x, on_xt = [], [], []
+    for seed in seeds:
+        base.append(accuracy(fit(make_model(), xtr, ytr, epochs=epochs, seed=seed, device=device), xte, yte, device=device))
+        m = fit(make_model(), vtr, ytr, epochs=epochs, seed=seed, device=device)
+        on_x.append(accuracy(m, xte, yte, device=device))
+        if vte is not None:
+            on_xt.append(accuracy(m, vte, yte, device=device))
+    s = ssim(xtr, vtr)
+    ms = lambda v: (float(np.mean(v)), float(np.std(v))) if v else (float("nan"), float("nan"))  # noqa: E731
+    return {
+        "baseline_acc": ms(base), "veiled_acc_on_X": ms(on_x), "veiled_acc_on_Xv": ms(on_xt),
+        "ssim_mean": float(s.mean()), "ssim_max": float(s.max()), "agreement": agree,
+        "veil_seconds": veil_s, "n_train": len(xtr), "n_test": len(xte), "seeds": list(seeds),
+        "settings": veil.settings, "veiled_train": vtr, "local_model": F,
+    }

@@ -1,0 +1,172 @@
+"""``VeilTransform``: the veil as a torchvision v2 transform.
+
+Accepts PIL images, numpy arrays (HW, HWC or a batch BHWC), tensors (uint8 or
+float in [0, 1], ``[C, H, W]`` or ``[B, C, H, W]``) and ``tv_tensors.Image``,
+and returns the same type and shape. Everything else in a sample (labels,
+masks, boxes, metadata) passes through untouched, as with any v2 transform.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from . import functional as F
+from . import keys as _keys
+from .model import LocalModel, as_local_model
+
+
+def _is_image_array(x: Any) -> bool:
+    return isinstance(x, np.ndarray) and x.ndim in (2, 3, 4)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class VeilTransform(v2.Transform):
+    """Veil images with the paper's random pixel flipping + gradient iteration.
+
+    Args:
+        model: the owner's local model F: an ``nn.Module``, a ``LocalModel`` or a
+            path to a ``.pt`` (TorchScript) or ``.onnx`` file.
+        p, alpha, beta, steps, threshold: the paper's settings (defaults: 0.5,
+            0.999, 0.001, 300, 0.3).
+        lr: gradient-iteration step size (the paper gives none; see README).
+        layer: which layer of F to match (None: the output logits).
+        key: secret bytes (or hex str) from which each sample's mask is derived;
+            None draws a fresh one (read it back from ``.key`` to save it).
+        device: where the gradient iteration runs (default: CUDA if present).
+        output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
+            ``"float"`` keeps full precision for float inputs.
+        mode: ``"paper"`` is exactly the paper's Algorithm 1.
+
+    Convention: uint8 pixels in [0, 255] or float pixels in [0, 1]; channels
+    first for tensors, channels last for numpy arrays.
+    """
+
+    _transformed_types = (torch.Tensor, PIL.Image.Image, _is_image_array)
+
+    def __init__(
+        self,
+        model,
+        *,
+        p: float = F.PAPER["p"],
+        alpha: float = F.PAPER["alpha"],
+        beta: float = F.PAPER["beta"],
+        steps: int = F.PAPER["steps"],
+        threshold: float = F.PAPER["threshold"],
+        lr: float = F.DEFAULT_LR,
+        layer: str | None = None,
+        key: bytes | str | None = None,
+        device: torch.device | str | None = None,
+        output: str = "uint8",
+        mode: str = "paper",
+    ) -> None:
+        super().__init__()
+        F.check_p(p)
+        F.check_steps(steps)
+        if output not in ("uint8", "float"):
+            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+        if mode not in F.MODES:
+            raise ValueError(f"mode must be one of {sorted(F.MODES)}, got {mode!r}")
+        for name, v in (("alpha", alpha), ("beta", beta), ("lr", lr), ("threshold", threshold)):
+            if not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr!r}")
+        self.device = torch.device(device) if device is not None else default_device()
+        self.local_model: LocalModel = as_local_model(model, layer).to(self.device)
+        self.key = _keys.as_key(key)
+        self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
+        self.threshold, self.lr, self.output, self.mode = float(threshold), float(lr), output, mode
+
+    @property
+    def layer(self) -> str | None:
+        return self.local_model.layer
+
+    @property
+    def settings(self) -> dict:
+        """The public veil parameters (never the key)."""
+        return dict(
+            mode=self.mode, p=self.p, alpha=self.alpha, beta=self.beta, steps=self.steps,
+            threshold=self.threshold, lr=self.lr, layer=self.layer, output=self.output,
+            model=self.local_model.name,
+        )
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (
+            f"mode={s['mode']!r}, p={s['p']}, steps={s['steps']}, lr={s['lr']}, alpha={s['alpha']}, "
+            f"beta={s['beta']}, threshold={s['threshold']}, layer={s['layer']!r}, output={s['output']!r}, "
+            f"device={str(self.device)!r}, model={s['model']!r}, key=<{_keys.key_fingerprint(self.key)}>"
+        )
+
+    def __repr__(self) -> str:  # nn.Module's repr would dump the whole local model
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # -- the core: one batch of tensors ---------------------------------------
+    def check_shape(self, sample_shape) -> None:
+        """Raise ValueError if F does not take images of ``sample_shape`` (C, H, W)."""
+        self.local_model.check_input(tuple(sample_shape))
+
+    def veil_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Veil a ``[B, C, H, W]`` uint8 / float tensor; returns the same dtype, device and shape."""
+        F.check_pixels(images, "images")
+        if images.ndim != 4:
+            raise ValueError(f"veil_batch expects [B, C, H, W], got {tuple(images.shape)}")
+        self.check_shape(images.shape[1:])
+        return F.veil(
+            self.local_model, images, key=self.key, p=self.p, alpha=self.alpha, beta=self.beta,
+            lr=self.lr, steps=self.steps, threshold=self.threshold, output=self.output, mode=self.mode,
+            device=self.device,
+        )
+
+    # -- v2.Transform hooks ----------------------------------------------------
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if isinstance(inpt, torch.Tensor) and inpt.ndim == 4:
+            out = self.veil_batch(inpt.as_subclass(torch.Tensor))
+            return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
+        if isinstance(inpt, np.ndarray) and inpt.ndim == 4:  # B, H, W, C
+            to_chw(inpt[0])  # validates dtype and layout
+            t = torch.from_numpy(np.array(inpt, copy=True, order="C")).permute(0, 3, 1, 2)
+            return self.veil_batch(t).permute(0, 2, 3, 1).contiguous().numpy()
+        return from_chw(self.veil_batch(to_chw(inpt)[None])[0], inpt)
+
+
+def to_chw(inpt: Any) -> torch.Tensor:
+    """One image (PIL, numpy HW/HWC, tensor CHW, tv_tensors.Image) as a plain ``[C, H, W]`` tensor."""
+    if isinstance(inpt, PIL.Image.Image):
+        if inpt.mode not in ("L", "RGB"):
+            raise ValueError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; convert() first")
+        inpt = np.asarray(inpt)
+    if isinstance(inpt, np.ndarray):
+        if inpt.dtype != np.uint8 and not np.issubdtype(inpt.dtype, np.floating):
+            raise TypeError(f"numpy images must be uint8 or float, got {inpt.dtype}")
+        if inpt.ndim not in (2, 3):
+            raise ValueError(f"numpy image must be HW or HWC, got shape {inpt.shape}")
+        t = torch.from_numpy(np.array(inpt, copy=True, order="C"))
+        return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
+    if isinstance(inpt, torch.Tensor):
+        if inpt.ndim != 3:
+            raise ValueError(f"expected an image [C, H, W] or a batch [B, C, H, W], got shape {tuple(inpt.shape)}")
+        return inpt.as_subclass(torch.Tensor)
+    raise TypeError(f"cannot veil {type(inpt).__name__}: expected a PIL image, numpy array or tensor")
+
+
+def from_chw(t: torch.Tensor, like: Any) -> Any:
+    """Convert a veiled ``[C, H, W]`` tensor back to the type and layout of ``like``."""
+    if isinstance(like, PIL.Image.Image):
+        return PIL.Image.fromarray(from_chw(t, np.asarray(like)))
+    if isinstance(like, np.ndarray):
+        a = t.cpu().numpy()
+        return a[0] if like.ndim == 2 else np.ascontiguousarray(a.transpose(1, 2, 0))
+    if isinstance(like, tv_tensors.Image):
+        return tv_tensors.wrap(t, like=like)
+    return t
