@@ -26,6 +26,11 @@ def _is_image_array(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.ndim in (2, 3, 4)
 
 
+def _is_image_tensor(x: Any) -> bool:
+    # pure tensors and tv_tensors.Image; masks, boxes and other tv_tensors pass through
+    return type(x) is torch.Tensor or isinstance(x, tv_tensors.Image)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,7 +56,7 @@ class VeilTransform(v2.Transform):
     first for tensors, channels last for numpy arrays.
     """
 
-    _transformed_types = (torch.Tensor, PIL.Image.Image, _is_image_array)
+    _transformed_types = (_is_image_tensor, PIL.Image.Image, _is_image_array)
 
     def __init__(
         self,

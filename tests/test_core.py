@@ -1,0 +1,372 @@
+"""Behaviour of the pure functions, the model adapter, VeilTransform and VeiledDataset."""
+
+import copy
+import pickle
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from torch import nn
+from torchvision import tv_tensors
+
+from veil_transforms import LocalModel, VeiledDataset, VeilTransform
+from veil_transforms import functional as F
+from veil_transforms import keys
+from veil_transforms.nets import LeNet5
+
+KEY = bytes(range(32))
+FAST = dict(steps=25, device="cpu")
+
+
+def close_veils(a: torch.Tensor, b: torch.Tensor, frac: float = 0.01) -> bool:
+    """The issue's tolerance: at most ``frac`` of pixels more than one grey level apart."""
+    d = (a.int() - b.int()).abs()
+    return float((d > 1).float().mean()) <= frac
+
+
+# -- pure functions ---------------------------------------------------------------------------
+def test_normalize_round_trip():
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16)
+    xn = F.normalize(x)
+    assert xn.min() == -1 and xn.max() == 1
+    assert torch.equal(F.denormalize(xn), x)
+    assert torch.allclose(F.normalize(x.float() / 255), xn)
+
+
+@pytest.mark.parametrize("p", [0.3, 0.5, 0.7])
+def test_flip_ratio_is_p(p):
+    x = torch.rand(8, 3, 64, 64) * 0.9 + 0.05  # no zeros, so a flip always changes the sign
+    g = torch.Generator().manual_seed(0)
+    flipped = F.random_pixel_flip(x, p, g)
+    assert abs(float((flipped < 0).float().mean()) - p) < 0.01
+    assert torch.equal(flipped.abs(), x)
+    # keyed masks too, per sample
+    u = F.keyed_uniforms(KEY, x)
+    ratio = (F.random_pixel_flip(x, p, uniform=u) < 0).flatten(1).float().mean(1)
+    assert torch.allclose(ratio, torch.full_like(ratio, p), atol=0.02)
+
+
+def test_keyed_masks_depend_on_key_and_content_only():
+    x = torch.rand(4, 1, 10, 10)
+    u1 = F.keyed_uniforms(KEY, x)
+    assert torch.equal(u1, F.keyed_uniforms(KEY, x))  # deterministic
+    assert torch.equal(u1[2:], F.keyed_uniforms(KEY, x[2:]))  # per sample, batch-independent
+    assert not torch.equal(u1, F.keyed_uniforms(b"\x01" * 32, x))  # another key
+    x2 = x.clone()
+    x2[0, 0, 0, 0] += 0.01
+    assert not torch.equal(u1[0], F.keyed_uniforms(KEY, x2)[0])  # another image
+
+
+def test_opaque_keys_are_dot_free_and_hide_names():
+    k = keys.opaque_key(KEY, "George_W_Bush/George_W_Bush_0001.jpg")
+    assert "." not in k and "Bush" not in k and len(k) == 32
+    assert k == keys.opaque_key(KEY, "George_W_Bush/George_W_Bush_0001.jpg")
+    assert k != keys.opaque_key(b"\x02" * 32, "George_W_Bush/George_W_Bush_0001.jpg")
+
+
+def test_gradient_iteration_lowers_the_feature_loss(faces, face_model):
+    x = F.normalize(faces[0][:16])
+    x0 = F.random_pixel_flip(x, 0.5, torch.Generator().manual_seed(0))
+    target = face_model(x).detach()
+    before = (face_model(x0) - target).abs().sum(1).detach()
+    xt, stats = F.gradient_iteration(face_model, x0, x, steps=50, threshold=-1.0, return_stats=True)
+    after = (face_model(xt) - target).abs().sum(1).detach()
+    assert float(after.mean()) < 0.5 * float(before.mean())
+    assert torch.equal(stats["steps"], torch.full((16,), 50))
+
+
+# -- batching, determinism, keys ------------------------------------------------------------
+def test_batched_equals_one_at_a_time_with_per_sample_early_stop(faces, face_model):
+    x = faces[0][:24]
+    # a threshold that some samples reach early and others never: each stops on its own
+    xn = F.normalize(x)
+    x0 = F.random_pixel_flip(xn, 0.5, uniform=F.keyed_uniforms(KEY, xn))
+    with torch.no_grad():
+        start = (face_model(x0) - face_model(xn)).abs().sum(1)
+    thr = float(start.quantile(0.5))
+    _, stats = F.gradient_iteration(face_model, x0, xn, steps=40, threshold=thr, return_stats=True)
+    assert len(set(stats["steps"].tolist())) >= 3, stats["steps"]  # samples stop at different steps
+    t = VeilTransform(face_model, key=KEY, steps=40, threshold=thr, device="cpu")
+    batched = t(x)
+    single = torch.stack([t(xi) for xi in x])
+    assert close_veils(batched, single)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(3))
+    assert close_veils(t(x[perm]), batched[perm])  # any order / composition
+    assert close_veils(t(x[5:9]), batched[5:9])
+    # the same mask whichever way: signs agree wherever a pixel is far from mid-grey
+    far = (x.int() - 128).abs() > 60
+    assert torch.equal((batched.int() > 127)[far], (single.int() > 127)[far])
+
+
+def test_same_call_twice_is_bit_identical(faces, face_model):
+    t = VeilTransform(face_model, key=KEY, **FAST)
+    x = faces[0][:8]
+    assert torch.equal(t(x), t(x))
+
+
+def test_same_key_same_veil_other_key_other_veil(faces, face_model):
+    x = faces[0][:8]
+    a = VeilTransform(face_model, key=KEY, **FAST)(x)
+    b = VeilTransform(face_model, key=KEY.hex(), **FAST)(x)
+    c = VeilTransform(face_model, key=b"\x07" * 32, **FAST)(x)
+    assert torch.equal(a, b)
+    assert float((a != c).float().mean()) > 0.3
+
+
+def test_no_key_draws_a_secret_one_that_can_be_saved(faces, face_model):
+    t1, t2 = VeilTransform(face_model, **FAST), VeilTransform(face_model, **FAST)
+    assert isinstance(t1.key, bytes) and len(t1.key) == 32 and t1.key != t2.key
+    x = faces[0][:4]
+    assert torch.equal(t1(x), VeilTransform(face_model, key=t1.key, **FAST)(x))
+    assert t1.key.hex() not in repr(t1)
+
+
+def test_veil_hides_the_image(faces, face_model):
+    from veil_transforms.metrics import ssim
+
+    x = faces[0][:32]
+    v = VeilTransform(face_model, key=KEY, steps=100, device="cpu")(x)
+    assert float(np.mean(ssim(x, v))) < 0.1
+
+
+# -- input types ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def rgb_model():
+    torch.manual_seed(0)
+    return LeNet5(3, 4)
+
+
+def _veil_fast(model):
+    return VeilTransform(model, key=KEY, steps=3, device="cpu")
+
+
+def test_every_input_type_round_trips(faces, face_model, rgb_model):
+    t1, t3 = _veil_fast(face_model), _veil_fast(rgb_model)
+    x = faces[0][:3]  # uint8 [3, 1, 25, 25]
+    ref = t1(x)
+    # tensors: batch, single, float
+    assert ref.dtype == torch.uint8 and ref.shape == x.shape
+    assert torch.equal(t1(x[0]), ref[0])
+    f = t1(x.float() / 255)
+    assert f.dtype == torch.float32 and f.shape == x.shape and torch.equal((f * 255).round().to(torch.uint8), ref)
+    # tv_tensors.Image keeps its type
+    tv = t1(tv_tensors.Image(x[0]))
+    assert isinstance(tv, tv_tensors.Image) and torch.equal(tv.as_subclass(torch.Tensor), ref[0])
+    # numpy HW, HWC, BHWC
+    a = x[0, 0].numpy()
+    assert np.array_equal(t1(a), ref[0, 0].numpy())
+    assert np.array_equal(t1(a[..., None]), ref[0].permute(1, 2, 0).numpy())
+    assert np.array_equal(t1(x.permute(0, 2, 3, 1).numpy()), ref.permute(0, 2, 3, 1).numpy())
+    # PIL grey and RGB
+    out = t1(PIL.Image.fromarray(a))
+    assert isinstance(out, PIL.Image.Image) and out.mode == "L" and np.array_equal(np.asarray(out), ref[0, 0].numpy())
+    rgb = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    out = t3(PIL.Image.fromarray(rgb))
+    assert out.mode == "RGB" and out.size == (24, 20)
+    assert np.array_equal(np.asarray(out), t3(torch.from_numpy(rgb).permute(2, 0, 1)).permute(1, 2, 0).numpy())
+
+
+def test_labels_and_other_entries_pass_through(faces, face_model):
+    t = _veil_fast(face_model)
+    img = faces[0][0]
+    out = t({"image": tv_tensors.Image(img), "label": 3, "meta": {"id": "a"}, "mask": tv_tensors.Mask(img)})
+    assert out["label"] == 3 and out["meta"] == {"id": "a"}
+    assert torch.equal(out["mask"], img)  # masks are not veiled
+    assert torch.equal(out["image"].as_subclass(torch.Tensor), t(img))
+    im, lab = t((PIL.Image.fromarray(img[0].numpy()), 7))
+    assert lab == 7 and isinstance(im, PIL.Image.Image)
+
+
+def test_repr_shows_settings(face_model):
+    r = repr(VeilTransform(face_model, p=0.4, steps=7, lr=0.2, layer="fc2", device="cpu"))
+    for s in ("p=0.4", "steps=7", "lr=0.2", "layer='fc2'", "device='cpu'", "model='LeNet5'", "mode='paper'"):
+        assert s in r, (s, r)
+
+
+def test_pickles_and_copies(faces, face_model):
+    t = _veil_fast(face_model)
+    x = faces[0][:2]
+    for t2 in (pickle.loads(pickle.dumps(t)), copy.deepcopy(t)):
+        assert torch.equal(t2(x), t(x))
+
+
+def test_works_under_no_grad_and_leaves_the_model_alone(faces):
+    m = LeNet5(1, 2).train()
+    m.fc3.weight.requires_grad_(True)
+    m.conv1.weight.requires_grad_(False)
+    with torch.no_grad():
+        v = VeilTransform(m, key=KEY, **FAST)(faces[0][:4])
+    assert v.shape == (4, 1, 25, 25)
+    assert m.training
+    assert m.fc3.weight.requires_grad and not m.conv1.weight.requires_grad
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_inner_layer_selection(faces, face_model):
+    lm = LocalModel(face_model, layer="fc2")
+    assert lm(F.normalize(faces[0][:3])).shape == (3, 84)
+    v = VeilTransform(face_model, layer="fc2", key=KEY, **FAST)(faces[0][:3])
+    assert v.shape == (3, 1, 25, 25)
+    with pytest.raises(ValueError, match="not found; available: .*fc1"):
+        LocalModel(face_model, layer="nope")
+
+
+def test_load_torchscript(tmp_path, faces, face_model):
+    path = tmp_path / "f.pt"
+    torch.jit.trace(face_model, torch.zeros(1, 1, 25, 25)).save(str(path))
+    t = VeilTransform(str(path), key=KEY, **FAST)
+    assert torch.equal(t(faces[0][:2]), VeilTransform(face_model, key=KEY, **FAST)(faces[0][:2]))
+    assert torch.equal(pickle.loads(pickle.dumps(t))(faces[0][:2]), t(faces[0][:2]))
+
+
+# -- VeiledDataset ----------------------------------------------------------------------------
+class Pairs(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y, self.reads = x, y, 0
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return self.x[i], int(self.y[i])
+
+
+class Counting(VeilTransform):
+    calls = 0
+
+    def veil_batch(self, images):
+        type(self).calls += 1
+        return super().veil_batch(images)
+
+
+def test_veiled_dataset_veils_each_sample_once_in_batches(faces, face_model):
+    x, y = faces[0][:20], faces[1][:20]
+    veil = Counting(face_model, key=KEY, **FAST)
+    Counting.calls = 0
+    ds = VeiledDataset(Pairs(x, y), veil, batch_size=8)
+    items = [ds[i] for i in range(20)] + [ds[i] for i in range(20)]
+    assert Counting.calls == 3  # ceil(20 / 8) batches, each veiled once
+    ref = VeilTransform(face_model, key=KEY, **FAST)(x)
+    assert close_veils(torch.stack([im for im, _ in items[:20]]), ref)
+    assert [lab for _, lab in items[:20]] == y.tolist()
+
+
+def test_veiled_dataset_dict_samples_and_directory_cache(tmp_path, faces, face_model):
+    x = faces[0][:10]
+    data = [{"png": PIL.Image.fromarray(x[i, 0].numpy()), "cls": i % 2, "__key__": f"k{i}"} for i in range(10)]
+    Counting.calls = 0
+    ds = VeiledDataset(data, Counting(face_model, key=KEY, **FAST), batch_size=4, cache=tmp_path)
+    first = [ds[i] for i in range(10)]
+    assert all(isinstance(s["png"], PIL.Image.Image) and s["cls"] == i % 2 and s["__key__"] == f"k{i}" for i, s in enumerate(first))
+    calls = Counting.calls
+    ds2 = VeiledDataset(data, Counting(face_model, key=KEY, **FAST), batch_size=4, cache=tmp_path)
+    second = [ds2[i] for i in range(10)]
+    assert Counting.calls == calls  # read back from the directory, not veiled again
+    assert all(np.array_equal(np.asarray(a["png"]), np.asarray(b["png"])) for a, b in zip(first, second))
+    # another key uses another cache folder
+    ds3 = VeiledDataset(data, Counting(face_model, key=b"\x09" * 32, **FAST), batch_size=4, cache=tmp_path)
+    ds3[0]
+    assert Counting.calls == calls + 1
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, x):
+        self.x = x
+
+    def __iter__(self):
+        for i, im in enumerate(self.x):
+            yield im, i
+
+
+def test_veiled_iterable_dataset(faces, face_model):
+    x = faces[0][:10]
+    Counting.calls = 0
+    ds = VeiledDataset(Stream(x), Counting(face_model, key=KEY, **FAST), batch_size=4)
+    assert isinstance(ds, torch.utils.data.IterableDataset)
+    out = list(ds)
+    assert [i for _, i in out] == list(range(10)) and Counting.calls == 3
+    assert close_veils(torch.stack([v for v, _ in out]), VeilTransform(face_model, key=KEY, **FAST)(x))
+    assert len(list(ds)) == 10 and Counting.calls == 3  # second epoch from the cache
+    with pytest.raises(ValueError, match="empty"):
+        list(VeiledDataset(Stream(x[:0]), Counting(face_model, key=KEY, **FAST)))
+
+
+def test_dataloader_with_two_workers(faces, face_model):
+    x, y = faces[0][:16], faces[1][:16]
+    veil = VeilTransform(face_model, key=KEY, **FAST)
+    ds = VeiledDataset(Pairs(x, y), veil, batch_size=8).prepare()
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    xs, ys = zip(*loader)
+    assert torch.equal(torch.cat(ys), y)
+    assert close_veils(torch.cat(xs), veil(x))
+
+    class OnTheFly(Pairs):  # the transform itself, pickled into each worker
+        def __getitem__(self, i):
+            return veil(self.x[i]), int(self.y[i])
+
+    xs2, _ = zip(*torch.utils.data.DataLoader(OnTheFly(x, y), batch_size=4, num_workers=2))
+    assert close_veils(torch.cat(xs2), torch.cat(xs))
+
+
+# -- bad input: clear errors before any work --------------------------------------------------
+def test_bad_settings(face_model):
+    for p in (0, 1, 1.5, -0.1):
+        with pytest.raises(ValueError, match="p must lie"):
+            VeilTransform(face_model, p=p)
+    for steps in (0, -3, 2.5):
+        with pytest.raises(ValueError, match="steps must be"):
+            VeilTransform(face_model, steps=steps)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        VeilTransform(face_model, mode="nope")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        VeilTransform(face_model, lr=0)
+    with pytest.raises(ValueError, match="key"):
+        VeilTransform(face_model, key=b"short")
+    with pytest.raises(TypeError, match="nn.Module"):
+        VeilTransform(object())
+
+
+def test_bad_images(face_model):
+    t = _veil_fast(face_model)
+    with pytest.raises(ValueError, match=r"does not accept images of shape \[3, 25, 25\]"):
+        t(torch.zeros(3, 25, 25, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"does not accept images of shape \[1, 4, 4\]"):
+        t(torch.zeros(1, 4, 4, dtype=torch.uint8))
+    bad = torch.full((1, 25, 25), 0.5)
+    bad[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        t(bad)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        t(torch.full((1, 25, 25), 200.0))
+    with pytest.raises(TypeError, match="uint8 or float"):
+        t(torch.zeros(1, 25, 25, dtype=torch.int32))
+    with pytest.raises(ValueError, match="empty batch"):
+        t(torch.zeros(0, 1, 25, 25, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="mode 'L' or 'RGB'"):
+        t(PIL.Image.new("CMYK", (25, 25)))
+
+
+def test_model_output_must_be_logits():
+    class Conv(nn.Module):
+        def forward(self, x):
+            return x * 2  # [B, C, H, W], not [B, n]
+
+    with pytest.raises(ValueError, match=r"must return logits of shape \[B, n\]"):
+        VeilTransform(Conv(), **FAST)(torch.zeros(1, 8, 8, dtype=torch.uint8))
+
+
+def test_empty_dataset_and_bad_files(tmp_path, face_model):
+    with pytest.raises(ValueError, match="empty"):
+        VeiledDataset([], _veil_fast(face_model))
+    with pytest.raises(FileNotFoundError):
+        VeilTransform(str(tmp_path / "missing.pt"))
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"this is not an onnx file")
+    with pytest.raises(ValueError, match="ONNX model junk.onnx cannot be used"):
+        VeilTransform(str(junk))
+    notjit = tmp_path / "x.pt"
+    notjit.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a TorchScript file"):
+        VeilTransform(str(notjit))
