@@ -1,0 +1,460 @@
+"""The privacy audit: run real attacks on veiled images and report how much of each original they recover.
+
+    report = veil_transforms.audit.run(originals, veiled)          # cheap, keyless attacks
+    report = audit.run(originals, veiled, model=third_party_model,  # + logit-matching inversion
+                       learned=dict(public_images=..., public_labels=...,
+                                    veil_kwargs=veil.settings_for_attacker, make_model=LeNet5))
+    print(report.summary()); report.save("audit/"); assert report.passed
+
+``originals`` and ``veiled`` are matching batches ``[N, C, H, W]`` (uint8, or
+float in [0, 1]; tensors or numpy arrays; ``[N, H, W]`` is taken as grey).
+
+Each attack produces one or more *variants* (e.g. the fold and its inverse),
+and each variant is compared, by SSIM (scikit-image's, data range 1, on [0, 1]
+images), against one or more *references*: the original ``x`` always, and for
+attacks that work in another domain also the original taken to that domain
+(``fold(x)`` for fold attacks, ``sobel(x)`` for edges), because the attacker
+wants anything recognizable. A sample's score for an attack is the maximum
+over its variants and references; the audit fails if any attack's mean score
+reaches ``thresholds[0]`` (default 0.15) or any sample's score reaches
+``thresholds[1]`` (default 0.3; the paper's own bar for "same person,
+different photo" is an SSIM of about 0.3).
+
+Attacks (see :mod:`veil_transforms.attacks` for the functions):
+
+- ``identity``: the veiled image, and its inverse ``255 - x~``;
+- ``fold``: ``|2 x~ - 1|`` and its inverse (colour: per channel and channel-averaged);
+- ``fold_denoise``: the fold after a 3x3 median, a Gaussian (sigma 1), TV and
+  wavelet denoising (wavelet needs PyWavelets; skipped with a note otherwise),
+  and a 2-98 percentile contrast stretch, each with its inverse;
+- ``edges``: Sobel magnitude of the fold (and of its median) against that of
+  ``x`` and of ``fold(x)``;
+- ``sign_recovery``: signs chosen per pixel to make ``s * |x~|`` smooth, both global signs;
+- ``learned`` (opt-in, ``learned=dict(...)``): a U-Net trained on public data
+  veiled by the attacker with a surrogate model and own key;
+- ``inversion`` (opt-in, ``model=``): images optimised to match a veiled-data
+  model's outputs on the veiled images.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import attacks as A
+
+log = logging.getLogger(__name__)
+
+CHEAP = ("identity", "fold", "fold_denoise", "edges", "sign_recovery")
+EXPENSIVE = ("learned", "inversion")
+ALL = CHEAP + EXPENSIVE
+DEFAULT_THRESHOLDS = (0.15, 0.3)
+
+# options accepted by run(**options), with defaults
+OPTIONS = dict(
+    chunk=1024,  # samples per chunk for the cheap attacks (bounds memory)
+    sign_thresholds=(0.1, 0.2, 0.3),  # recover_signs(thresholds=)
+    tv_weight=0.1,  # fold + TV denoising weight
+    inversion_steps=150,
+    inversion_lr=0.05,
+    inversion_tv=0.05,
+    device="cpu",
+    worst=8,  # rows in worst.png
+    progress=False,
+)
+
+
+# --------------------------------------------------------------------------- references
+def _references(x01: np.ndarray) -> dict[str, Callable[[], np.ndarray]]:
+    """Lazily computed references: the original in each attack's own domain."""
+    cache: dict[str, np.ndarray] = {}
+
+    def lazy(name, fn):
+        def get():
+            if name not in cache:
+                cache[name] = fn()
+            return cache[name]
+
+        return get
+
+    fold = lazy("fold", lambda: A.fold01(x01))
+    fold_mean = lazy("fold_mean", lambda: np.repeat(fold().mean(1, keepdims=True), x01.shape[1], 1))
+    return {
+        "x": lambda: x01,
+        "fold(x)": fold,
+        "1-fold(x)": lazy("1-fold", lambda: 1 - fold()),
+        "fold_mean(x)": fold_mean,
+        "1-fold_mean(x)": lazy("1-fold_mean", lambda: 1 - fold_mean()),
+        "sobel(x)": lazy("sobel", lambda: A.sobel(x01)),
+        "sobel(fold(x))": lazy("sobel_fold", lambda: A.sobel(fold())),
+    }
+
+
+# --------------------------------------------------------------------------- attacks
+# Each attack: (veiled [0, 1] float64 [n, C, H, W], context) -> list of (variant, images, references).
+def _identity(v, ctx):
+    return [("x~", v, ("x",)), ("1-x~", 1 - v, ("x",))]
+
+
+def _fold(v, ctx):
+    f = A.fold01(v)
+    out = [("fold", f, ("fold(x)", "x")), ("1-fold", 1 - f, ("1-fold(x)", "x"))]
+    if v.shape[1] > 1:
+        fm = np.repeat(f.mean(1, keepdims=True), v.shape[1], 1)
+        out += [("fold_mean", fm, ("fold_mean(x)", "x")), ("1-fold_mean", 1 - fm, ("1-fold_mean(x)", "x"))]
+    return out
+
+
+def _fold_denoise(v, ctx):
+    f = A.fold01(v)
+    filters = {
+        "median3": A.median3,
+        "gauss1": A.gaussian,
+        "tv": lambda y: A.tv_denoise(y, ctx["tv_weight"]),
+        "stretch": A.contrast_stretch,
+    }
+    if A.wavelet_available():
+        filters["wavelet"] = A.wavelet_denoise
+    else:
+        ctx["notes"].add("fold_denoise: wavelet denoising skipped (PyWavelets is not installed)")
+    out = []
+    for name, fn in filters.items():
+        d = np.clip(fn(f), 0, 1)
+        out += [(f"fold+{name}", d, ("fold(x)", "x")), (f"1-(fold+{name})", 1 - d, ("1-fold(x)", "x"))]
+    return out
+
+
+def _edges(v, ctx):
+    f = A.fold01(v)
+    refs = ("sobel(x)", "sobel(fold(x))")
+    return [("sobel(fold)", A.sobel(f), refs), ("sobel(median3(fold))", A.sobel(A.median3(f)), refs)]
+
+
+def _sign_recovery(v, ctx):
+    s = A.recover_signs(A.fold01(v), thresholds=tuple(ctx["sign_thresholds"]))
+    return [("signs", (s + 1) / 2, ("x",)), ("-signs", (1 - s) / 2, ("x",))]
+
+
+def _learned(v, ctx):
+    out = A.apply_inverter(ctx["inverter"], torch.from_numpy(v).float(), device=ctx["device"]).double().numpy()
+    return [("unet", out, ("x",))]
+
+
+def _inversion(v, ctx):
+    z = A.logit_inversion(
+        ctx["model"], torch.from_numpy(v).float(), steps=ctx["inversion_steps"], lr=ctx["inversion_lr"],
+        tv_weight=ctx["inversion_tv"], device=ctx["device"],
+    ).double().numpy()
+    return [("inversion", z, ("x",)), ("1-inversion", 1 - z, ("x",))]
+
+
+ATTACKS: dict[str, Callable] = {
+    "identity": _identity, "fold": _fold, "fold_denoise": _fold_denoise, "edges": _edges,
+    "sign_recovery": _sign_recovery, "learned": _learned, "inversion": _inversion,
+}
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class AuditReport:
+    """What :func:`run` found. ``attacks[name]`` has ``mean_ssim``, ``max_ssim``,
+    ``mean_psnr``, ``ssim`` (per-sample array), ``psnr`` (per-sample array),
+    ``variants`` (mean SSIM per ``"<variant> vs <reference>"`` pair, e.g.
+    ``"fold vs fold(x)"``, the number FINDINGS.md reports), ``best_variant``
+    (the pair that most often scored highest) and ``seconds``."""
+
+    n: int
+    shape: tuple[int, ...]
+    thresholds: tuple[float, float]
+    attacks: dict[str, dict[str, Any]]
+    per_sample_max: np.ndarray
+    per_sample_attack: list[str]
+    reference_ssim: float
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    _images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # uint8 [N, C, H, W] each
+
+    @property
+    def max_mean_ssim(self) -> float:
+        """The highest per-attack mean score."""
+        return max(a["mean_ssim"] for a in self.attacks.values())
+
+    @property
+    def max_ssim(self) -> float:
+        """The highest score of any sample under any attack."""
+        return float(self.per_sample_max.max())
+
+    @property
+    def passed(self) -> bool:
+        """True if every attack's mean score is below ``thresholds[0]`` and every sample's below ``thresholds[1]``."""
+        return self.max_mean_ssim < self.thresholds[0] and self.max_ssim < self.thresholds[1]
+
+    @property
+    def worst_attack(self) -> str:
+        return max(self.attacks, key=lambda k: self.attacks[k]["mean_ssim"])
+
+    def _verdict(self, a: dict) -> str:
+        return "ok" if a["mean_ssim"] < self.thresholds[0] and a["max_ssim"] < self.thresholds[1] else "**LEAKS**"
+
+    def summary(self) -> str:
+        """A markdown report: verdict, one table row per attack, notes."""
+        t_mean, t_max = self.thresholds
+        lines = [
+            f"**Privacy audit: {'PASSED' if self.passed else 'FAILED'}** "
+            f"({self.n} samples of {'x'.join(map(str, self.shape))}; pass = every attack's mean SSIM < {t_mean:g} "
+            f"and every sample's SSIM < {t_max:g})",
+            "",
+            "| attack | mean SSIM | max SSIM | mean PSNR (dB) | best variant | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, a in self.attacks.items():
+            lines.append(
+                f"| {name} | {a['mean_ssim']:.3f} | {a['max_ssim']:.3f} | {a['mean_psnr']:.1f} | "
+                f"{a['best_variant']} | {self._verdict(a)} |"
+            )
+        lines += [
+            "",
+            f"Worst attack: {self.worst_attack} (mean SSIM {self.max_mean_ssim:.3f}); worst sample SSIM {self.max_ssim:.3f}.",
+            f"For scale: SSIM between different originals of this set (each against the next) is {self.reference_ssim:.3f} on average.",
+            "Scores are scikit-image SSIM on [0, 1] images; each sample's score is the max over an attack's "
+            "variants and references (x, and x in the attack's domain, e.g. fold(x)).",
+        ]
+        if self.notes:
+            lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
+        return "\n".join(lines) + "\n"
+
+    def as_dict(self, per_sample: bool = True) -> dict:
+        r = lambda v: None if not math.isfinite(v) else round(float(v), 5)  # noqa: E731
+        attacks = {}
+        for name, a in self.attacks.items():
+            d = {k: (r(v) if isinstance(v, float) else v) for k, v in a.items() if k not in ("ssim", "psnr", "variants")}
+            d["variants"] = {k: r(v) for k, v in a["variants"].items()}
+            d["verdict"] = "ok" if self._verdict(a) == "ok" else "leaks"
+            if per_sample:
+                d["ssim"] = [r(v) for v in a["ssim"]]
+                d["psnr"] = [r(v) for v in a["psnr"]]
+            attacks[name] = d
+        out = dict(
+            passed=self.passed, n=self.n, shape=list(self.shape), thresholds=dict(mean=self.thresholds[0], max=self.thresholds[1]),
+            max_mean_ssim=r(self.max_mean_ssim), max_ssim=r(self.max_ssim), worst_attack=self.worst_attack,
+            reference_ssim=r(self.reference_ssim), attacks=attacks, notes=list(self.notes), settings=self.settings,
+        )
+        if per_sample:
+            out["per_sample_max"] = [r(v) for v in self.per_sample_max]
+            out["per_sample_attack"] = list(self.per_sample_attack)
+        return out
+
+    def to_json(self, per_sample: bool = True, indent: int | None = 1) -> str:
+        return json.dumps(self.as_dict(per_sample), indent=indent, default=str)
+
+    def worst_indices(self, k: int = 8) -> np.ndarray:
+        return np.argsort(-self.per_sample_max, kind="stable")[:k]
+
+    def worst_grid(self, k: int = 8):
+        """A PIL image: for the ``k`` worst samples, the original, the veiled image and each attack's best output."""
+        from PIL import Image, ImageDraw
+
+        idx = self.worst_indices(k)
+        cols = ["original", "veiled"] + list(self.attacks)
+        imgs = [self._images["original"], self._images["veiled"]] + [self._images.get(a) for a in self.attacks]
+        C, H, W = self.shape
+        scale = max(1, math.ceil(64 / max(H, W)))
+        cw, ch = max(W * scale, 84) + 4, H * scale + 16
+        grid = Image.new("RGB", (cw * len(cols), 14 + ch * len(idx)), "white")
+        d = ImageDraw.Draw(grid)
+        for j, name in enumerate(cols):
+            d.text((j * cw + 2, 1), name[:14], fill="black")
+        for i, n in enumerate(idx):
+            for j, (name, im) in enumerate(zip(cols, imgs)):
+                if im is None:
+                    continue
+                a = im[n].transpose(1, 2, 0)
+                tile = Image.fromarray(a[..., 0] if C == 1 else a).convert("RGB")
+                tile = tile.resize((W * scale, H * scale), Image.NEAREST)
+                x0, y0 = j * cw + 2, 14 + i * ch
+                grid.paste(tile, (x0, y0))
+                label = f"#{n}" if name == "original" else "" if name == "veiled" else f"{self.attacks[name]['ssim'][n]:.2f}"
+                d.text((x0, y0 + H * scale + 2), label, fill="black")
+        return grid
+
+    def save(self, out_dir) -> Path:
+        """Write ``report.md``, ``report.json`` and ``worst.png`` into ``out_dir`` (created); returns it."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.md").write_text(self.summary())
+        (out / "report.json").write_text(self.to_json())
+        self.worst_grid(int(self.settings.get("worst", 8))).save(out / "worst.png")
+        return out
+
+
+# --------------------------------------------------------------------------- run
+def as_images01(x, what: str) -> np.ndarray:
+    """uint8 / [0, 1] float tensors or arrays ``[N, C, H, W]`` (or ``[N, H, W]``) -> float64 [0, 1] numpy."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise ValueError(f"{what}: expected a batch [N, C, H, W], got shape {x.shape}")
+    if len(x) == 0:
+        raise ValueError(f"{what}: empty batch")
+    if x.dtype == np.uint8:
+        return x.astype(np.float64) / 255.0
+    if not np.issubdtype(x.dtype, np.floating):
+        raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}")
+    x = x.astype(np.float64)
+    if not np.isfinite(x).all():
+        raise ValueError(f"{what}: contains NaN or inf")
+    if x.min() < -1e-6 or x.max() > 1 + 1e-6:
+        raise ValueError(f"{what}: float pixels must lie in [0, 1], got [{x.min():.3g}, {x.max():.3g}]")
+    return np.clip(x, 0, 1)
+
+
+def _u8(y: np.ndarray) -> np.ndarray:
+    return (np.clip(y, 0, 1) * 255).round().astype(np.uint8)
+
+
+def run(
+    originals,
+    veiled,
+    *,
+    attacks=None,
+    thresholds=DEFAULT_THRESHOLDS,
+    learned: dict | None = None,
+    model=None,
+    **options,
+) -> AuditReport:
+    """Attack ``veiled`` and score each attack's output against ``originals``; see the module docstring.
+
+    Args:
+        originals, veiled: matching batches ``[N, C, H, W]``, uint8 or [0, 1] float.
+        attacks: names to run (default: all cheap ones, plus ``learned`` and
+            ``inversion`` when their inputs are given).
+        thresholds: ``(mean, max)`` or ``dict(mean=..., max=...)`` SSIM bars.
+        learned: arguments of :func:`veil_transforms.attacks.learned_inverter`
+            (``public_images``, ``public_labels``, ``veil_kwargs``, ``make_model``,
+            optional ``epochs``, ``unet_epochs``, ``key``, ``seed``), or
+            ``inverter=`` an already trained inverter.
+        model: a model trained on veiled data (nn.Module, LocalModel or path),
+            taking [-1, 1] input; enables ``inversion``.
+        options: see ``OPTIONS`` (chunk, sign_thresholds, tv_weight,
+            inversion_steps, inversion_lr, inversion_tv, device, worst, progress).
+    """
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"run: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    if isinstance(thresholds, dict):
+        thresholds = (thresholds.get("mean", DEFAULT_THRESHOLDS[0]), thresholds.get("max", DEFAULT_THRESHOLDS[1]))
+    thresholds = tuple(float(t) for t in thresholds)
+    if len(thresholds) != 2:
+        raise ValueError(f"thresholds: expected (mean, max), got {thresholds}")
+    x01 = as_images01(originals, "originals")
+    v01 = as_images01(veiled, "veiled")
+    if x01.shape != v01.shape:
+        raise ValueError(f"originals {x01.shape} and veiled {v01.shape} differ in shape")
+    if attacks is None:
+        attacks = list(CHEAP) + (["learned"] if learned is not None else []) + (["inversion"] if model is not None else [])
+    elif isinstance(attacks, str):
+        attacks = [attacks]
+    attacks = list(dict.fromkeys(attacks))
+    bad = [a for a in attacks if a not in ATTACKS]
+    if bad:
+        raise ValueError(f"unknown attack(s) {bad}; known: {list(ATTACKS)}")
+    if not attacks:
+        raise ValueError("run: no attacks selected")
+    ctx: dict[str, Any] = {**opts, "notes": set()}
+    seconds: dict[str, float] = {}
+    if "learned" in attacks:
+        if learned is None:
+            raise ValueError("the 'learned' attack needs learned=dict(public_images=..., public_labels=..., veil_kwargs=..., make_model=...)")
+        t0 = time.perf_counter()
+        if "inverter" in learned:
+            ctx["inverter"] = learned["inverter"]
+        else:
+            missing = {"public_images", "public_labels", "make_model"} - set(learned)
+            if missing:
+                raise ValueError(f"learned: missing {sorted(missing)}")
+            kw = {k: v for k, v in learned.items() if k not in ("public_images", "public_labels")}
+            _, info = A.learned_inverter(
+                learned["public_images"], learned["public_labels"], torch.from_numpy(v01[:1]).float(),
+                device=opts["device"], return_info=True, **kw,
+            )
+            ctx["inverter"] = info["inverter"]
+            ctx["notes"].add(
+                f"learned: U-Net trained on {len(learned['public_images'])} public images veiled by a surrogate "
+                f"model under the attacker's own key"
+            )
+        seconds["learned"] = time.perf_counter() - t0
+    if "inversion" in attacks:
+        if model is None:
+            raise ValueError("the 'inversion' attack needs model= (a model trained on veiled data)")
+        from .model import as_local_model
+
+        ctx["model"] = as_local_model(model).to(opts["device"])
+
+    N = len(x01)
+    refs = _references(x01)
+    scores = {a: np.full(N, -np.inf) for a in attacks}
+    psnrs = {a: np.zeros(N) for a in attacks}
+    best_names: dict[str, list] = {a: [None] * N for a in attacks}
+    variant_scores: dict[str, dict[str, list]] = {a: {} for a in attacks}
+    images = {"original": _u8(x01), "veiled": _u8(v01)}
+    for a in attacks:
+        images[a] = np.zeros(x01.shape, np.uint8)
+    from .progress import bar
+
+    chunk = int(opts["chunk"])
+    with bar(total=len(attacks) * math.ceil(N / chunk), desc="audit", unit="step", disable=not opts["progress"]) as pb:
+        for s in range(0, N, chunk):
+            sl = slice(s, min(s + chunk, N))
+            vc = v01[sl]
+            for a in attacks:
+                t0 = time.perf_counter()
+                for vname, out, ref_names in ATTACKS[a](vc, ctx):
+                    for rname in ref_names:
+                        ref = refs[rname]()[sl]
+                        sc = A.ssim_batch(out, ref)
+                        variant_scores[a].setdefault(f"{vname} vs {rname}", []).append(sc)
+                        better = sc > scores[a][sl]
+                        if better.any():
+                            idx = np.flatnonzero(better)
+                            scores[a][sl][idx] = sc[idx]
+                            psnrs[a][sl][idx] = A.psnr_batch(out[idx], ref[idx])
+                            images[a][sl][idx] = _u8(out[idx])
+                            for i in idx:
+                                best_names[a][s + i] = f"{vname} vs {rname}"
+                seconds[a] = seconds.get(a, 0.0) + time.perf_counter() - t0
+                pb.update(1)
+
+    results = {}
+    for a in attacks:
+        var = {k: float(np.concatenate(parts).mean()) for k, parts in variant_scores[a].items()}
+        finite = psnrs[a][np.isfinite(psnrs[a])]
+        results[a] = dict(
+            mean_ssim=float(scores[a].mean()), max_ssim=float(scores[a].max()),
+            mean_psnr=float(finite.mean()) if len(finite) else float("inf"),
+            best_variant=Counter(best_names[a]).most_common(1)[0][0], variants=var,
+            seconds=round(seconds.get(a, 0.0), 2), ssim=scores[a], psnr=psnrs[a],
+        )
+    stacked = np.stack([scores[a] for a in attacks])
+    per_max = stacked.max(0)
+    per_attack = [attacks[i] for i in stacked.argmax(0)]
+    reference = float(A.ssim_batch(x01, np.roll(x01, 1, axis=0)).mean()) if N > 1 else float("nan")
+    settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
+    settings["attacks"] = attacks
+    return AuditReport(
+        n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
+        per_sample_attack=per_attack, reference_ssim=reference, notes=sorted(ctx["notes"]), settings=settings,
+        _images=images,
+    )
