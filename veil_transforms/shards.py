@@ -1,0 +1,938 @@
+"""Veiled WebDataset shards: write them (resumable, multi-process) and read them back.
+
+Writing (:func:`write_shards`, the engine behind ``veil-shard``):
+
+- the source (an ImageFolder tree, a flat folder with a labels CSV, or
+  WebDataset tar shards) is listed and sorted by relative path; shard ``i``
+  holds samples ``[i * shard_size, (i + 1) * shard_size)`` of that list, so
+  shard contents never depend on timing, resumes or the number of processes;
+- each sample is ``{"__key__": opaque key, "png": veiled PNG, "cls": label}``;
+  the opaque key is ``keys.opaque_key(key, relative path)``, so file names
+  (which can be people's names) never reach the shards;
+- a shard is written to ``.veil-NNNNNN.tar.tmp``, flushed, fsynced, renamed
+  and then recorded in ``manifest.json`` (rewritten atomically, under a file
+  lock, so several processes can share one OUT); a rerun skips recorded
+  shards and redoes the rest, so ``kill -9`` at any moment loses nothing and
+  duplicates nothing. A rerun with other veil parameters, another key or
+  another source listing is refused;
+- images are decoded by a thread pool ahead of the veil loop, and PNG
+  encoding + tar writing happen in a writer thread, so the veil loop does not
+  wait on I/O;
+- with ``rank``/``world_size`` several processes split the shards
+  (shard ``i`` -> rank ``i % world_size``); the output is identical to a
+  one-process run;
+- corrupt or unreadable images are skipped and listed in the manifest.
+  Every image is converted to the channel count of the first decodable image
+  (grey ``L`` -> 1 channel, anything else -> RGB); images of another height or
+  width are skipped as ``size mismatch`` (listed like corrupt ones).
+
+The manifest stays with the data owner (it lists skipped files by relative
+path); ``veil-export`` produces what a third party gets.
+
+Reading: :func:`load` returns a ``webdataset.WebDataset`` pipeline yielding
+``(uint8 tensor [C, H, W], int label)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import queue
+import re
+import tarfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from . import keys as _keys
+
+log = logging.getLogger(__name__)
+
+FORMAT = "veil-shards/1"
+SHARD_NAME = "veil-{:06d}.tar"
+MANIFEST = "manifest.json"
+RECEIPT = "receipt.json"
+LOCK = ".manifest.lock"
+IMAGE_EXTS = {"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm", "pbm", "pnm"}
+LABEL_EXTS = ("cls", "class", "label", "cls.txt", "label.txt")
+TAR_MTIME = 0  # fixed tar metadata: identical inputs give byte-identical shards
+# test hook: seconds to sleep per written sample (widens the windows a kill can hit)
+_THROTTLE_ENV = "_VEIL_SHARDS_TEST_THROTTLE"
+
+
+class ShardError(Exception):
+    """Bad input or state (missing model, empty source, mismatch on resume, ...): one line, no traceback."""
+
+
+class VerifyError(Exception):
+    """Shards do not match their manifest."""
+
+
+def library_version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def shard_name(index: int) -> str:
+    return SHARD_NAME.format(index)
+
+
+def default_key_file(out: str | os.PathLike) -> Path:
+    """``<parent>/<OUT name>.key``: beside OUT, never inside it."""
+    out = Path(out).absolute()
+    return out.parent / f"{out.name}.key"
+
+
+def is_inside(path: str | os.PathLike, directory: str | os.PathLike) -> bool:
+    """True if ``path`` is ``directory`` or below it (after resolving links)."""
+    p, d = Path(path).resolve(), Path(directory).resolve()
+    return p == d or d in p.parents
+
+
+# -- the source ------------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceItem:
+    rel: str  # relative path: the sort key and the opaque-key input
+    label: int
+    path: str  # the file, or the tar file holding it
+    offset: int = -1  # tar members: data offset and size
+    size: int = -1
+
+
+@dataclass
+class Source:
+    kind: str  # "imagefolder", "labels-csv" or "webdataset"
+    root: str
+    items: list[SourceItem]
+    classes: list[str] | None = None
+    labels_file: str | None = None
+    errors: list[str] = field(default_factory=list)
+
+    def listing_sha256(self) -> str:
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.rel}\t{it.label}\n".encode("utf-8"))
+        return h.hexdigest()
+
+    def read_bytes(self, item: SourceItem) -> bytes:
+        with open(item.path, "rb") as f:
+            if item.offset < 0:
+                return f.read()
+            f.seek(item.offset)
+            data = f.read(item.size)
+        if len(data) != item.size:
+            raise OSError(f"tar member truncated ({len(data)} of {item.size} bytes)")
+        return data
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def open_source(src: str | os.PathLike, labels: str | os.PathLike | None = None) -> Source:
+    """List a source: an ImageFolder tree, a flat folder + labels CSV, or WebDataset shards.
+
+    Raises :class:`ShardError` when ``src`` does not exist or holds no images.
+    """
+    s = str(src)
+    p = Path(s)
+    if labels is not None:
+        if not p.is_dir():
+            raise ShardError(f"source folder not found: {s}")
+        source = _labels_csv_source(p, Path(labels))
+    elif p.is_dir() and any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir()):
+        source = _imagefolder_source(p)
+    elif p.is_dir() and any(c.suffix == ".tar" for c in p.iterdir()):
+        source = _webdataset_source(sorted(str(c) for c in p.iterdir() if c.suffix == ".tar"), p)
+    elif p.is_file() and p.suffix == ".tar":
+        source = _webdataset_source([s], p.parent)
+    elif "{" in s and not p.exists():
+        import braceexpand
+
+        tars = [t for t in braceexpand.braceexpand(s)]
+        missing = [t for t in tars if not Path(t).is_file()]
+        if missing:
+            raise ShardError(f"source shard not found: {missing[0]}")
+        source = _webdataset_source(tars, None)
+    elif p.is_dir():
+        raise ShardError(
+            f"no images found in {s}: expected class sub-folders (ImageFolder), "
+            "a flat folder with --labels, or .tar shards"
+        )
+    else:
+        raise ShardError(f"source not found: {s}")
+    if not source.items:
+        raise ShardError(f"no images found in {s}")
+    source.items.sort(key=lambda it: it.rel)
+    rels = [it.rel for it in source.items]
+    if len(set(rels)) != len(rels):
+        raise ShardError(f"source {s} lists the same sample twice")
+    return source
+
+
+def _imagefolder_source(root: Path) -> Source:
+    classes = sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    items = []
+    for ci, c in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for fn in filenames:
+                if fn.startswith(".") or _ext(fn) not in IMAGE_EXTS:
+                    continue
+                full = Path(dirpath) / fn
+                items.append(SourceItem(full.relative_to(root).as_posix(), ci, str(full)))
+    return Source("imagefolder", str(root.resolve()), items, classes=classes)
+
+
+def _labels_csv_source(root: Path, labels: Path) -> Source:
+    if not labels.is_file():
+        raise ShardError(f"labels file not found: {labels}")
+    try:
+        with open(labels, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ShardError(f"cannot read labels file {labels}: {e}") from None
+    if not rows or not {"filename", "label"} <= set(rows[0]):
+        raise ShardError(f"labels file {labels} must have a header with columns filename,label")
+    raw = [(r["filename"].strip(), (r["label"] or "").strip()) for r in rows]
+    classes = None
+    try:
+        lab = [int(v) for _, v in raw]
+    except ValueError:
+        classes = sorted({v for _, v in raw})
+        index = {c: i for i, c in enumerate(classes)}
+        lab = [index[v] for _, v in raw]
+    items = []
+    root_r = root.resolve()
+    for (fn, _), y in zip(raw, lab):
+        full = (root / fn).resolve()
+        if not is_inside(full, root_r):
+            raise ShardError(f"labels file {labels} names a file outside {root}: {fn}")
+        items.append(SourceItem(full.relative_to(root_r).as_posix(), y, str(full)))
+    return Source("labels-csv", str(root_r), items, classes=classes, labels_file=str(labels.resolve()))
+
+
+_TAR_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key up to the first dot of the basename
+
+
+def _webdataset_source(tars: list[str], root: Path | None) -> Source:
+    items, errors = [], []
+    for t in tars:
+        name = Path(t).name if root is None else Path(t).resolve().relative_to(root.resolve()).as_posix()
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        label_data: dict[str, bytes] = {}
+        try:
+            with tarfile.open(t, "r:") as tf:
+                for m in tf:
+                    mt = _TAR_KEY.match(m.name)
+                    if not (m.isfile() and mt):
+                        continue
+                    k, e = mt.group(1), mt.group(2).lower()
+                    groups.setdefault(k, {})[e] = m
+                    if e in LABEL_EXTS and k not in label_data:
+                        label_data[k] = tf.extractfile(m).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            errors.append(f"{name}: {type(e).__name__}: {e}")
+            log.warning("source shard %s is damaged (%s); using the samples before the damage", name, e)
+        for k, g in groups.items():
+            img = next((g[e] for e in sorted(g) if e in IMAGE_EXTS), None)
+            if img is None:
+                continue
+            try:
+                y = int(label_data[k].decode().strip()) if k in label_data else -1
+            except ValueError:
+                y = -1  # skipped as "no label" when decoded
+            items.append(SourceItem(f"{name}/{k}", y, str(t), img.offset_data, img.size))
+    return Source("webdataset", str(root.resolve()) if root else "", items, errors=errors)
+
+
+# -- images ------------------------------------------------------------------------
+def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
+    """PNG/JPEG/... bytes -> uint8 ``[C, H, W]`` (grey -> 1 channel, else RGB; or forced ``channels``)."""
+    import PIL.Image
+    import PIL.ImageOps
+
+    with PIL.Image.open(io.BytesIO(data)) as im:
+        im.load()
+        im = PIL.ImageOps.exif_transpose(im)
+        if channels is None:
+            channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        if channels not in (1, 3):
+            raise ValueError(f"unsupported channel count {channels}")
+        want = "L" if channels == 1 else "RGB"
+        if im.mode != want:
+            if im.mode in ("I", "I;16", "F") and want == "L":
+                a = np.asarray(im, dtype=np.float64)
+                a = a / 257.0 if im.mode == "I;16" or a.max() > 255 else a
+                arr = np.clip(np.round(a), 0, 255).astype(np.uint8)
+                return arr[None]
+            im = im.convert(want)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def encode_png(chw: np.ndarray) -> bytes:
+    """uint8 ``[C, H, W]`` (C = 1 or 3) -> lossless PNG bytes with no metadata chunks."""
+    import PIL.Image
+
+    a = np.asarray(chw)
+    if a.dtype != np.uint8 or a.ndim != 3 or a.shape[0] not in (1, 3):
+        raise ValueError(f"encode_png: expected uint8 [1|3, H, W], got {a.dtype} {a.shape}")
+    hw = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.ascontiguousarray(hw)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
+    """Samples ``{"__key__", ext: bytes...}`` of a tar in file order (strict: raises on damage)."""
+    current: dict | None = None
+    with tarfile.open(path, "r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            mt = _TAR_KEY.match(m.name)
+            if not mt:
+                raise VerifyError(f"{Path(path).name}: unexpected member {m.name!r}")
+            key, ext = mt.groups()
+            if current is not None and current["__key__"] != key:
+                yield current
+                current = None
+            if current is None:
+                current = {"__key__": key}
+            current[ext] = tf.extractfile(m).read()
+    if current is not None:
+        yield current
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- atomic files and the manifest -----------------------------------------------
+def fsync_dir(directory: str | os.PathLike) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int = 0o644) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode("utf-8"), mode)
+
+
+@contextlib.contextmanager
+def manifest_lock(out: Path):
+    """An exclusive lock on OUT's manifest (fcntl; released by the OS if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows: single process only
+        yield
+        return
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_manifest(out: str | os.PathLike) -> dict:
+    path = Path(out) / MANIFEST
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ShardError(f"no {MANIFEST} in {out}: not a veil-shard output folder") from None
+    except (OSError, ValueError) as e:
+        raise ShardError(f"cannot read {path}: {e}") from None
+
+
+def _summarise(m: dict) -> dict:
+    m["shards"].sort(key=lambda s: s["index"])
+    m["skipped"] = [sk for s in m["shards"] for sk in s.get("skipped", [])]
+    m["num_veiled"] = sum(s["count"] for s in m["shards"])
+    m["num_skipped"] = len(m["skipped"])
+    m["complete"] = len(m["shards"]) == m["num_shards"]
+    return m
+
+
+# fields that must match for a rerun to continue an existing OUT
+_COMPAT = {
+    "format": "the output format",
+    "veil": "the veil parameters",
+    "model_sha256": "the local model file",
+    "key_fingerprint": "the key",
+    "shard_size": "--shard-size",
+}
+_COMPAT_SOURCE = {"listing_sha256": "the source listing (files or labels changed)", "sample_shape": "the image shape"}
+
+
+def _check_compatible(old: dict, new: dict, out: Path) -> None:
+    diffs = []
+    for k, what in _COMPAT.items():
+        if old.get(k) != new.get(k):
+            if k == "veil":
+                ov, nv = old.get(k) or {}, new.get(k) or {}
+                if {**ov, "model": None} == {**nv, "model": None}:
+                    continue  # only the model's file name changed; model_sha256 covers the weights
+                d = [f"{n}: {ov.get(n)!r} -> {nv.get(n)!r}" for n in sorted(set(ov) | set(nv)) if ov.get(n) != nv.get(n)]
+                diffs.append(f"{what} ({', '.join(d)})")
+            elif k == "key_fingerprint":
+                diffs.append(f"the key (fingerprint {old.get(k)} there, {new.get(k)} now)")
+            elif k == "shard_size":
+                diffs.append(f"{what} ({old.get(k)} -> {new.get(k)})")
+            else:
+                diffs.append(what)
+    for k, what in _COMPAT_SOURCE.items():
+        if (old.get("source") or {}).get(k) != (new.get("source") or {}).get(k):
+            diffs.append(what)
+    if diffs:
+        raise ShardError(
+            f"{out} already holds shards made with different settings: {'; '.join(diffs)}. "
+            "Rerun with the same settings and key to resume, or use a new OUT"
+        )
+    if old.get("library_version") != new.get("library_version"):
+        log.warning("%s was started with veil_transforms %s, this is %s",
+                    out, old.get("library_version"), new.get("library_version"))
+
+
+# -- the plan: everything validated before any work --------------------------------
+@dataclass
+class Plan:
+    out: Path
+    source: Source
+    veil: Any  # VeilTransform
+    key_file: Path
+    key_created: bool
+    header: dict
+    shard_size: int
+    num_shards: int
+
+    def shard_items(self, i: int) -> list[SourceItem]:
+        return self.source.items[i * self.shard_size : (i + 1) * self.shard_size]
+
+
+def _first_shape(source: Source) -> tuple[int, int, int]:
+    for it in source.items:
+        try:
+            return tuple(decode_image(source.read_bytes(it)).shape)  # type: ignore[return-value]
+        except Exception as e:  # noqa: BLE001 - corrupt files are expected here
+            log.debug("cannot decode %s: %s", it.rel, e)
+    raise ShardError(f"none of the {len(source.items)} images in {source.root or 'the source'} could be decoded")
+
+
+def _wait_for_key(path: Path, timeout: float = 300.0) -> bytes:
+    t0 = time.monotonic()
+    while True:
+        try:
+            return _keys.read_key_file(path)
+        except (FileNotFoundError, ValueError):
+            if time.monotonic() - t0 > timeout:
+                raise ShardError(f"key file {path} did not appear (rank 0 creates it)") from None
+            time.sleep(0.2)
+
+
+def prepare(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    model,
+    *,
+    labels: str | os.PathLike | None = None,
+    key_file: str | os.PathLike | None = None,
+    arch: str | None = None,
+    layer: str | None = None,
+    shard_size: int = 1000,
+    device=None,
+    create_key: bool = True,
+    **veil_kwargs,
+) -> Plan:
+    """Validate everything (model, source, shape, OUT, key, resume state) before any work.
+
+    Raises :class:`ShardError` with a one-line message on any bad input.
+    ``model`` is a path (TorchScript, state dict with ``arch``, ONNX) or an nn.Module.
+    """
+    from .model import LocalModel
+    from .transform import VeilTransform
+
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise ShardError(f"--shard-size must be an integer >= 1, got {shard_size!r}")
+    out = Path(out).absolute()
+    # 1. the model
+    model_sha = None
+    if isinstance(model, (str, os.PathLike)):
+        mp = Path(model)
+        if not mp.is_file():
+            raise ShardError(f"model file not found: {mp}")
+        try:
+            local = LocalModel.load(mp, layer, arch=arch)
+        except (ValueError, RuntimeError, OSError, ImportError) as e:
+            raise ShardError(f"cannot load model {mp}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        model_sha = file_sha256(mp)
+    else:
+        local = model
+    try:
+        veil = VeilTransform(local, key=_keys.new_key(), device=device, layer=layer, **veil_kwargs)
+    except (ValueError, TypeError) as e:
+        raise ShardError(str(e)) from None
+    if model_sha is None:  # an in-memory module: hash its weights
+        h = hashlib.sha256()
+        for k, v in sorted(veil.local_model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        model_sha = h.hexdigest()
+    # 2. the source, and the shape the model must take
+    source = open_source(src, labels)
+    shape = _first_shape(source)
+    try:
+        veil.check_shape(shape)
+    except ValueError as e:
+        raise ShardError(str(e).splitlines()[0]) from None
+    # 3. OUT and the key file
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"OUT {out} exists and is not a folder")
+    if is_inside(out, source.root or "/nonexistent-root") and source.kind != "webdataset":
+        raise ShardError(f"OUT {out} must not be inside the source folder {source.root}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ShardError(f"OUT {out} is not writable: {e.strerror or e}") from None
+    key_file = Path(key_file).absolute() if key_file is not None else default_key_file(out)
+    if is_inside(key_file, out):
+        raise ShardError(f"the key file {key_file} must not be inside OUT {out} (OUT may be shared)")
+    created = False
+    if not key_file.exists() and (out / MANIFEST).exists():
+        raise ShardError(
+            f"key file {key_file} not found, but {out} was started with a key "
+            f"(fingerprint {read_manifest(out).get('key_fingerprint')}): pass that key with --key-file"
+        )
+    try:
+        if key_file.exists() or not create_key:
+            key = _keys.read_key_file(key_file) if key_file.exists() else _wait_for_key(key_file)
+        else:
+            key_file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                key = _keys.read_key_file(key_file, create=True)
+                created = True
+            except FileExistsError:  # another rank was first
+                key = _wait_for_key(key_file)
+    except ShardError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ShardError(f"key file {key_file}: {e}") from None
+    veil.key = key
+    # 4. the manifest header (create, or check that a rerun continues the same job)
+    num_shards = (len(source.items) + shard_size - 1) // shard_size
+    header = {
+        "format": FORMAT,
+        "library_version": library_version(),
+        "veil": veil.settings,
+        "model_sha256": model_sha,
+        "key_fingerprint": _keys.key_fingerprint(key),
+        "shard_size": shard_size,
+        "num_shards": num_shards,
+        "source": {
+            "kind": source.kind, "path": source.root, "labels": source.labels_file,
+            "num_samples": len(source.items), "classes": source.classes, "sample_shape": list(shape),
+            "listing_sha256": source.listing_sha256(), "errors": source.errors,
+        },
+        "shards": [],
+    }
+    header = json.loads(json.dumps(header))  # the form it takes on disk
+    with manifest_lock(out):
+        if (out / MANIFEST).exists():
+            old = read_manifest(out)
+            _check_compatible(old, header, out)
+        else:
+            if any(out.glob("veil-*.tar")):
+                raise ShardError(f"OUT {out} holds shards but no {MANIFEST}: use an empty folder")
+            atomic_write_json(out / MANIFEST, _summarise(dict(header)))
+        for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards)
+
+
+# -- the engine ---------------------------------------------------------------------
+_ADDR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x...>" in PIL errors
+
+
+def _decode_job(source: Source, item: SourceItem, shape: tuple[int, int, int]):
+    if item.label < 0:
+        return None, "no label"
+    try:
+        arr = decode_image(source.read_bytes(item), channels=shape[0])
+    except Exception as e:  # noqa: BLE001 - anything wrong with a file means: skip it
+        msg = _ADDR.sub("", str(e).splitlines()[0] if str(e) else "").strip()
+        return None, f"corrupt: {type(e).__name__}: {msg}"[:200]
+    if arr.shape != shape:
+        return None, f"size mismatch: {list(arr.shape)} != {list(shape)}"
+    return arr, None
+
+
+def _prefetch(pool: ThreadPoolExecutor, fn, jobs: Iterable, window: int) -> Iterator:
+    """``fn(*job)`` for each job, in order, with at most ``window`` running ahead."""
+    pending: deque = deque()
+    it = iter(jobs)
+    for job in it:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= window:
+            break
+    while pending:
+        fut = pending.popleft()
+        for job in it:
+            pending.append(pool.submit(fn, *job))
+            break
+        yield fut.result()
+
+
+class _Writer(threading.Thread):
+    """Encodes PNGs and writes shards in the background; finishes shards atomically."""
+
+    def __init__(self, out: Path, on_done):
+        super().__init__(name="veil-shard-writer", daemon=True)
+        self.out, self.on_done = out, on_done
+        self.q: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
+
+    def put(self, msg) -> None:
+        while True:
+            if self.error is not None:
+                raise RuntimeError(f"shard writer failed: {self.error}") from self.error
+            try:
+                self.q.put(msg, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        import webdataset as wds
+
+        f = tw = None
+        tmp = None
+        count = 0
+        try:
+            while True:
+                msg = self.q.get()
+                if msg is None:
+                    return
+                kind = msg[0]
+                if kind == "begin":
+                    _, index = msg
+                    tmp = self.out / f".{shard_name(index)}.tmp"
+                    f = open(tmp, "wb")
+                    tw = wds.TarWriter(f, encoder=False, mtime=TAR_MTIME, user="veil", group="veil")
+                    count = 0
+                elif kind == "batch":
+                    _, okeys, labels, pixels = msg
+                    for k, y, a in zip(okeys, labels, pixels):
+                        tw.write({"__key__": k, "png": encode_png(a), "cls": str(int(y)).encode()})
+                        count += 1
+                        if self.throttle:
+                            time.sleep(self.throttle)
+                elif kind == "end":
+                    _, index, skipped = msg
+                    tw.close()
+                    f.flush()
+                    os.fsync(f.fileno())
+                    f.close()
+                    final = self.out / shard_name(index)
+                    sha, size = file_sha256(tmp), tmp.stat().st_size
+                    os.replace(tmp, final)
+                    fsync_dir(self.out)
+                    f = tw = None
+                    self.on_done({"index": index, "name": final.name, "count": count, "sha256": sha,
+                                  "bytes": size, "skipped": skipped})
+        except BaseException as e:  # noqa: BLE001 - reported to the veil loop
+            self.error = e
+            with contextlib.suppress(Exception):
+                if f is not None:
+                    f.close()
+            # drain so the producer never blocks
+            while True:
+                try:
+                    if self.q.get(timeout=0.1) is None:
+                        return
+                except queue.Empty:
+                    pass
+
+
+def record_shard(out: Path, entry: dict) -> dict:
+    """Add one finished shard to the manifest (atomically, under the lock)."""
+    with manifest_lock(out):
+        m = read_manifest(out)
+        m["shards"] = [s for s in m["shards"] if s["index"] != entry["index"]] + [entry]
+        m = _summarise(m)
+        atomic_write_json(out / MANIFEST, m)
+    return m
+
+
+def done_shards(plan: Plan) -> set[int]:
+    """Shards recorded in the manifest whose files are still there, whole."""
+    m = read_manifest(plan.out)
+    done = set()
+    for s in m["shards"]:
+        f = plan.out / s["name"]
+        if f.is_file() and f.stat().st_size == s["bytes"]:
+            done.add(s["index"])
+        else:
+            log.warning("shard %s is listed in the manifest but missing or damaged: writing it again", s["name"])
+    return done
+
+
+def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
+        io_workers: int | None = None, progress: bool = True) -> dict:
+    """Veil and write this rank's unfinished shards. Returns a summary dict."""
+    import torch
+
+    from .progress import bar
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ShardError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
+    if not (0 <= rank < world_size):
+        raise ShardError(f"rank {rank} out of range for world size {world_size}")
+    out, veil, source = plan.out, plan.veil, plan.source
+    shape = tuple(plan.header["source"]["sample_shape"])
+    done = done_shards(plan)
+    mine = [i for i in range(plan.num_shards) if i % world_size == rank and i not in done]
+    for i in range(plan.num_shards):  # leftovers of killed runs (only this rank's shards)
+        if i % world_size == rank:
+            with contextlib.suppress(FileNotFoundError):
+                (out / f".{shard_name(i)}.tmp").unlink()
+    t0 = time.perf_counter()
+    total = sum(len(plan.shard_items(i)) for i in mine)
+    stats = {"shards": 0, "veiled": 0, "skipped": 0}
+    last_manifest: dict = {}
+
+    def on_done(entry):
+        nonlocal last_manifest
+        last_manifest = record_shard(out, entry)
+        stats["shards"] += 1
+        log.info("wrote %s (%d samples, %d skipped)", entry["name"], entry["count"], len(entry["skipped"]))
+
+    if mine:
+        log.info("rank %d/%d: %d of %d shards to write (%d images)", rank, world_size, len(mine),
+                 plan.num_shards, total)
+    writer = _Writer(out, on_done)
+    writer.start()
+    workers = io_workers or min(8, max(2, (os.cpu_count() or 2)))
+    jobs = ((source, it, shape) for i in mine for it in plan.shard_items(i))
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="veil-decode") as pool, \
+                bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
+                    disable=not progress or rank != 0) as pb:
+            decoded = _prefetch(pool, _decode_job, jobs, window=2 * batch_size + workers)
+            for i in mine:
+                items = plan.shard_items(i)
+                writer.put(("begin", i))
+                skipped: list[dict] = []
+                batch: list[tuple[SourceItem, np.ndarray]] = []
+
+                def flush():
+                    x = torch.from_numpy(np.stack([a for _, a in batch]))
+                    v = veil.veil_batch(x).cpu().numpy()
+                    writer.put(("batch", [_keys.opaque_key(veil.key, it.rel) for it, _ in batch],
+                                [it.label for it, _ in batch], list(v)))
+                    stats["veiled"] += len(batch)
+                    pb.update(len(batch))
+                    batch.clear()
+
+                for it in items:
+                    arr, why = next(decoded)
+                    if arr is None:
+                        skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
+                        log.warning("skipping %s: %s", it.rel, why)
+                        stats["skipped"] += 1
+                        pb.update(1)
+                        continue
+                    batch.append((it, arr))
+                    if len(batch) == batch_size:
+                        flush()
+                if batch:
+                    flush()
+                writer.put(("end", i, skipped))
+    finally:
+        with contextlib.suppress(Exception):
+            writer.q.put(None, timeout=60)
+        writer.join()
+    if writer.error is not None:
+        raise RuntimeError(f"shard writer failed: {writer.error}") from writer.error
+    m = last_manifest or read_manifest(out)
+    return {
+        "out": str(out), "rank": rank, "world_size": world_size, "shards_written": stats["shards"],
+        "images_veiled": stats["veiled"], "images_skipped": stats["skipped"], "seconds": time.perf_counter() - t0,
+        "complete": bool(m.get("complete")), "num_shards": plan.num_shards,
+        "total_veiled": m.get("num_veiled", 0), "total_skipped": m.get("num_skipped", 0),
+    }
+
+
+def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
+                 io_workers: int | None = None, progress: bool = True, **kw) -> dict:
+    """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
+    plan = prepare(src, out, model, create_key=rank == 0, **kw)
+    return run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
+               progress=progress)
+
+
+# -- verification -------------------------------------------------------------------
+def verify(out: str | os.PathLike, *, require_complete: bool = True) -> dict:
+    """Check every shard in OUT against its manifest (sha256, sample counts, keys). Returns the manifest."""
+    out = Path(out)
+    m = read_manifest(out)
+    problems = []
+    if require_complete and not m.get("complete"):
+        problems.append(f"only {len(m['shards'])} of {m['num_shards']} shards are finished (rerun veil-shard)")
+    seen: set[str] = set()
+    for s in m["shards"]:
+        f = out / s["name"]
+        if not f.is_file():
+            problems.append(f"{s['name']}: missing")
+            continue
+        if file_sha256(f) != s["sha256"]:
+            problems.append(f"{s['name']}: sha256 differs from the manifest")
+            continue
+        try:
+            n = 0
+            for smp in read_tar_samples(f):
+                n += 1
+                if "png" not in smp or "cls" not in smp:
+                    problems.append(f"{s['name']}: sample {smp['__key__']} lacks png or cls")
+                if smp["__key__"] in seen:
+                    problems.append(f"{s['name']}: duplicate sample {smp['__key__']}")
+                seen.add(smp["__key__"])
+        except (tarfile.TarError, VerifyError, OSError) as e:
+            problems.append(f"{s['name']}: unreadable ({e})")
+            continue
+        if n != s["count"]:
+            problems.append(f"{s['name']}: {n} samples, the manifest says {s['count']}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise VerifyError(f"{out} does not match its manifest: " + "; ".join(problems[:5]) + more)
+    return m
+
+
+# -- reading ------------------------------------------------------------------------
+def shard_urls(urls) -> list[str] | str:
+    """A folder (its manifest.json / receipt.json, else its *.tar), a list of paths, a path or a brace pattern."""
+    if isinstance(urls, (str, os.PathLike)):
+        p = Path(urls)
+        if p.is_dir():
+            for name in (MANIFEST, RECEIPT):
+                if (p / name).is_file():
+                    meta = json.loads((p / name).read_text(encoding="utf-8"))
+                    names = [s["name"] for s in sorted(meta["shards"], key=lambda s: s.get("index", 0))]
+                    if not names:
+                        raise ValueError(f"{p / name} lists no finished shards")
+                    return [str(p / n) for n in names]
+            tars = sorted(str(t) for t in p.glob("*.tar"))
+            if not tars:
+                raise FileNotFoundError(f"no shards in {p}")
+            return tars
+        return str(urls) if "{" in str(urls) else [str(urls)]
+    out = [str(u) for u in urls]
+    if not out:
+        raise ValueError("no shard urls given")
+    return out
+
+
+class _ToTuple:
+    """webdataset sample -> (image, label[, key]); a class so DataLoader workers can pickle it."""
+
+    def __init__(self, decode: bool, with_keys: bool):
+        self.decode, self.with_keys = decode, with_keys
+
+    def __call__(self, sample: dict):
+        import torch
+
+        img = sample["png"]
+        if self.decode:
+            img = torch.from_numpy(decode_image(img))
+        y = int(sample["cls"].decode() if isinstance(sample["cls"], (bytes, bytearray)) else sample["cls"])
+        return (img, y, sample["__key__"]) if self.with_keys else (img, y)
+
+
+def load(
+    urls,
+    *,
+    decode: bool = True,
+    shuffle: int = 0,
+    split_by_node: bool = False,
+    shard_shuffle: bool | None = None,
+    seed: int | None = 0,
+    with_keys: bool = False,
+    handler=None,
+):
+    """A ``webdataset.WebDataset`` over veiled shards yielding ``(uint8 [C, H, W] tensor, int label)``.
+
+    Args:
+        urls: an OUT / DEST folder (its manifest or receipt lists the shards), a
+            list of tar paths, one path, or a brace pattern (``".../veil-{000000..000009}.tar"``).
+        decode: False yields the PNG bytes instead of a tensor.
+        shuffle: sample shuffle buffer size (0: keep the shard order).
+        split_by_node: split shards over DDP ranks (``webdataset.split_by_node``);
+            without it, a multi-rank job raises (each rank would see everything).
+        shard_shuffle: shuffle the shard order too (default: when ``shuffle`` > 0).
+        seed: seed for both shuffles (None: different every time).
+        with_keys: also yield each sample's opaque key.
+        handler: webdataset error handler (default: raise).
+
+    Shards are split over DataLoader workers; with more workers than shards some get none.
+    """
+    import webdataset as wds
+
+    shard_shuffle = bool(shuffle) if shard_shuffle is None else shard_shuffle
+    ds = wds.WebDataset(
+        shard_urls(urls),
+        shardshuffle=100 if shard_shuffle else False,
+        detshuffle=seed is not None,
+        seed=seed,
+        nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
+        workersplitter=wds.split_by_worker,
+        handler=handler or wds.reraise_exception,
+        empty_check=False,
+    )
+    if shuffle:
+        ds = ds.shuffle(shuffle, seed=seed) if seed is not None else ds.shuffle(shuffle)
+    return ds.map(_ToTuple(decode, with_keys))
