@@ -1,0 +1,43 @@
+"""Shared bits of the command-line tools: logging setup and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+
+def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
+    """Library logs to stderr: warnings by default, info with -v, errors only with --quiet."""
+    # torch's deprecation notices for torch.jit are noise for a CLI user
+    warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("veil_transforms")
+    logger.setLevel(level)
+    if not any(getattr(h, "_veil_cli", False) for h in logger.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        h._veil_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(h)
+    for h in logger.handlers:
+        if getattr(h, "_veil_cli", False):
+            h.setLevel(level)
+
+
+def one_line(e: BaseException | str) -> str:
+    s = str(e).strip()
+    if isinstance(e, BaseException) and not s:
+        s = type(e).__name__
+    return " ".join(s.split())
+
+
+def fail(prog: str, msg: BaseException | str, code: int = 2) -> int:
+    """Print ``prog: error: msg`` as one line on stderr and return ``code``."""
+    print(f"{prog}: error: {one_line(msg)}", file=sys.stderr, flush=True)
+    return code
+
+
+def debug() -> bool:
+    """VEIL_DEBUG=1 shows tracebacks instead of one-line errors."""
+    return os.environ.get("VEIL_DEBUG", "") not in ("", "0")

@@ -1,0 +1,235 @@
+"""veil-shard: veil a folder of images (or WebDataset shards) into veiled WebDataset shards.
+
+    veil-shard SRC OUT --model local_model.pt [--steps 300] [--shard-size 1000] [--nproc 2]
+
+SRC is an ImageFolder tree (one sub-folder per class; class index = sorted
+folder names), a flat folder with ``--labels labels.csv`` (columns
+filename,label), or existing WebDataset shards (a .tar, a folder of .tar, or a
+brace pattern). OUT receives ``veil-NNNNNN.tar`` shards and ``manifest.json``.
+
+The secret key lives in ``--key-file`` (default: ``<OUT>.key`` beside OUT,
+created with mode 0600 if absent; never inside OUT). Keep it: it maps the
+opaque sample keys back to file names and is needed to resume or extend OUT.
+
+Runs are resumable: rerun the same command after an interruption (even
+``kill -9``) and it continues where it stopped. Several processes split the
+work under ``torchrun --nproc_per_node N -m veil_transforms.tools.shard ...``
+or with ``--nproc N``; the result is identical to a one-process run.
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from datetime import timedelta
+
+from veil_transforms import functional as F
+from veil_transforms import keys as _keys
+from veil_transforms import shards
+
+from ._common import debug, fail, setup_logging
+
+PROG = "veil-shard"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Veil images into WebDataset shards (resumable, multi-process).",
+        epilog=(
+            "Corrupt or unreadable images, and images whose height/width differ from the first "
+            "decodable image, are skipped and listed in OUT/manifest.json; images are converted to "
+            "the channel count of the first one. Exit codes: 0 ok, 1 failure, 2 bad input."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("src", metavar="SRC", help="ImageFolder tree, flat folder (with --labels), or .tar shards")
+    p.add_argument("out", metavar="OUT", help="output folder for veil-NNNNNN.tar and manifest.json")
+    p.add_argument("--model", required=True, help="the local model F: TorchScript .pt, state dict .pt (with --arch) or .onnx")
+    p.add_argument("--arch", default=None, help="architecture of a state-dict model: lenet5 or a torchvision name")
+    p.add_argument("--layer", default=None, help="inner layer of F to match (default: the output logits)")
+    p.add_argument("--labels", default=None, help="CSV with columns filename,label for a flat SRC folder")
+    p.add_argument("--key-file", default=None,
+                   help="secret key file (hex); default: <OUT>.key beside OUT, created 0600 if absent")
+    p.add_argument("--p", type=float, default=F.PAPER["p"], help="pixel flip probability, in (0, 1)")
+    p.add_argument("--alpha", type=float, default=F.PAPER["alpha"], help="weight of the output-matching loss")
+    p.add_argument("--beta", type=float, default=F.PAPER["beta"], help="weight of the distance term")
+    p.add_argument("--steps", type=int, default=F.PAPER["steps"], help="gradient-iteration steps")
+    p.add_argument("--threshold", type=float, default=F.PAPER["threshold"], help="per-sample early-stop loss")
+    p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
+    p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
+    p.add_argument("--batch-size", type=int, default=256, help="images veiled together")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--io-workers", type=int, default=None, help="image decoding threads (default: min(8, CPUs))")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--nproc", type=int, default=1, help="processes to split the shards over (or use torchrun)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no key notice, only errors")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every shard")
+    return p
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun-style environment variables."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+    return 0, 1, 0
+
+
+def _device(arg: str, local_rank: int, world: int):
+    import torch
+
+    if arg == "auto":
+        if not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{local_rank % torch.cuda.device_count()}" if world > 1 else "cuda"
+    if arg == "cuda" and world > 1 and torch.cuda.is_available():
+        return f"cuda:{local_rank % torch.cuda.device_count()}"
+    return arg
+
+
+def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
+    return shards.prepare(
+        args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch,
+        layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
+        create_key=rank == 0, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
+        threshold=args.threshold, lr=args.lr, mode=args.mode,
+    )
+
+
+def _key_notice(plan: shards.Plan, quiet: bool) -> None:
+    if plan.key_created or not quiet:
+        state = "created a new key in" if plan.key_created else "key from"
+        print(f"{PROG}: {state} {plan.key_file} (fingerprint {_keys.key_fingerprint(plan.veil.key)}); "
+              "keep it secret and with the data owner", file=sys.stderr, flush=True)
+
+
+def _summary_line(out, seconds: float | None = None) -> str:
+    m = shards.read_manifest(out)
+    done = len(m["shards"])
+    s = (f"{PROG}: {m['num_veiled']} images veiled into {done}/{m['num_shards']} shards in {out}"
+         f" ({m['num_skipped']} skipped{', listed in manifest.json' if m['num_skipped'] else ''})")
+    if seconds is not None:
+        s += f" in {seconds:.1f} s"
+    return s if m["complete"] else s + " - incomplete, rerun to finish"
+
+
+def _spawn(args, argv: list[str]) -> int:
+    """--nproc N: validate and create the key here, then run N rank processes and wait for them."""
+    t0 = time.perf_counter()
+    plan = _prepare(args, rank=0, world=1, local_rank=0)
+    _key_notice(plan, args.quiet)
+    n = args.nproc
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    cmd = [sys.executable, "-m", "veil_transforms.tools.shard", *argv, "--nproc", "1",
+           "--key-file", str(plan.key_file)]
+    procs = []
+    try:
+        for r in range(n):
+            env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
+                       _VEIL_SHARD_CHILD="1")
+            if not args.threads:
+                env.setdefault("OMP_NUM_THREADS", threads)
+            for k in ("MASTER_ADDR", "MASTER_PORT"):  # the ranks coordinate through the manifest lock
+                env.pop(k, None)
+            procs.append(subprocess.Popen(cmd, env=env))
+        code = 0
+        while procs and code == 0:
+            for pr in list(procs):
+                rc = pr.poll()
+                if rc is None:
+                    continue
+                procs.remove(pr)
+                if rc != 0:
+                    code = rc if rc > 0 else 1
+            time.sleep(0.05)
+        if code != 0:
+            print(f"{PROG}: error: a rank failed (exit {code}); rerun the same command to resume",
+                  file=sys.stderr, flush=True)
+            return code
+    finally:
+        for pr in procs:  # only our own children
+            if pr.poll() is None:
+                pr.terminate()
+        for pr in procs:
+            try:
+                pr.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+    line = _summary_line(plan.out, time.perf_counter() - t0)
+    print(line, flush=True)
+    return 0 if shards.read_manifest(plan.out)["complete"] else 1
+
+
+def _init_dist(world: int) -> bool:
+    """Join torchrun's process group (gloo) for the final barrier; the work itself needs none."""
+    if world <= 1 or "MASTER_ADDR" not in os.environ:
+        return False
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    rank, world, local_rank = _dist_env()
+    child = os.environ.get("_VEIL_SHARD_CHILD") == "1"
+    if args.nproc < 1:
+        return fail(PROG, f"--nproc must be >= 1, got {args.nproc}")
+    if args.threads < 0:
+        return fail(PROG, f"--threads must be >= 0, got {args.threads}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    dist = False
+    t0 = time.perf_counter()
+    try:
+        if args.nproc > 1 and world == 1:
+            return _spawn(args, argv)
+        dist = _init_dist(world)
+        plan = _prepare(args, rank=rank, world=world, local_rank=local_rank)
+        if rank == 0 and not child:
+            _key_notice(plan, args.quiet)
+        summary = shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
+                             io_workers=args.io_workers, progress=not args.quiet)
+        if dist:
+            import torch.distributed as tdist
+
+            tdist.barrier()
+    except shards.ShardError as e:
+        return fail(PROG, e, 2)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, unless VEIL_DEBUG
+        if debug():
+            raise
+        return fail(PROG, f"{type(e).__name__}: {e} (rerun the same command to resume)", 1)
+    finally:
+        if dist:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+    if child or rank != 0:
+        return 0
+    print(_summary_line(plan.out, time.perf_counter() - t0), flush=True)
+    complete = shards.read_manifest(plan.out)["complete"]
+    return 0 if complete or (world > 1 and not dist) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
