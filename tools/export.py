@@ -1,0 +1,319 @@
+"""veil-export: check veiled shards and copy what a third party may see into DEST.
+
+    veil-export SHARDS DEST --originals SRC [--max-ssim 0.05] [--max-attack-ssim 0.3]
+
+1. Verifies every shard in SHARDS (a veil-shard OUT) against its manifest:
+   sha256, sample counts, unique keys. Any mismatch: exit 1.
+2. With ``--originals`` (the SRC given to veil-shard; the key file maps opaque
+   keys back to it) runs the privacy gate on every sample: SSIM(x, x~) must
+   be <= --max-ssim and the best attack's SSIM <= --max-attack-ssim. The
+   attacks come from ``veil_transforms.audit.run`` when that exists, else the
+   fold attack ``|2 x~ - 1|``. Over-threshold samples are listed by opaque key
+   and nothing is exported (exit 1) unless ``--force``.
+3. Writes DEST/veil-NNNNNN.tar with only the re-encoded veiled PNG (no
+   metadata), the label and the opaque key, plus DEST/receipt.json (counts,
+   sha256, veil parameters, gate results; never the key or file names).
+   The private map (file name <-> opaque key) goes OUTSIDE DEST (default:
+   ``<SHARDS>.private-map.csv`` beside SHARDS).
+
+DEST is assembled in a hidden folder beside it and renamed into place at the
+end, so a failed or refused export leaves no DEST behind.
+Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from veil_transforms import keys as _keys
+from veil_transforms import shards
+
+from ._common import debug, fail, setup_logging
+
+PROG = "veil-export"
+log = logging.getLogger("veil_transforms.export")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Verify veiled shards, run the privacy gate, and export them for a third party.",
+        epilog="Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("shards", metavar="SHARDS", help="a veil-shard output folder (with manifest.json)")
+    p.add_argument("dest", metavar="DEST", help="new (or empty) folder for the third party")
+    p.add_argument("--originals", default=None,
+                   help="the SRC given to veil-shard: enables the privacy gate and the private map")
+    p.add_argument("--labels", default=None, help="labels CSV of a flat SRC (default: the one veil-shard used)")
+    p.add_argument("--key-file", default=None, help="the key veil-shard used (default: <SHARDS>.key beside SHARDS)")
+    p.add_argument("--max-ssim", type=float, default=0.05, help="largest SSIM(x, x~) allowed per sample")
+    p.add_argument("--max-attack-ssim", type=float, default=0.3,
+                   help="largest SSIM between an attack's reconstruction and x allowed per sample")
+    p.add_argument("--force", action="store_true", help="export even if samples fail the gate (recorded in the receipt)")
+    p.add_argument("--private-map", default=None,
+                   help="where to write the file name <-> opaque key map (default: <SHARDS>.private-map.csv); never inside DEST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
+    return p
+
+
+# -- attacks ----------------------------------------------------------------------
+def fold(v: np.ndarray) -> np.ndarray:
+    """The fold attack: ``|2 v / 255 - 1|`` in [0, 1] (undoes the sign of a pixel flip)."""
+    return np.abs(2.0 * np.asarray(v, dtype=np.float64) / 255.0 - 1.0)
+
+
+def fold_attack_ssim(x: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Per-sample SSIM(fold(x~), fold(x)) for uint8 batches ``[N, C, H, W]``."""
+    from veil_transforms.metrics import ssim
+
+    return ssim(fold(x), fold(v))
+
+
+def _audit_runner():
+    """``veil_transforms.audit.run`` if it exists (and has a usable report), else None."""
+    try:
+        from veil_transforms import audit  # being written elsewhere; optional
+    except ImportError:
+        return None
+    run = getattr(audit, "run", None)
+    return run if callable(run) else None
+
+
+def attack_ssim(x: np.ndarray, v: np.ndarray, state: dict) -> np.ndarray:
+    """Per-sample max attack SSIM: the audit's when available, else the fold attack's."""
+    run = state.get("audit", _audit_runner()) if state.get("method") != "fold" else None
+    if run is not None:
+        import torch
+
+        try:
+            report = run(torch.from_numpy(x), torch.from_numpy(v))
+            out = np.asarray(report.per_sample_max, dtype=np.float64).reshape(-1)
+            if out.shape[0] != len(x) or not np.all(np.isfinite(out)):
+                raise ValueError(f"per_sample_max has shape {out.shape} for {len(x)} samples")
+            state["method"] = "audit"
+            state["audit"] = run
+            return out
+        except Exception as e:  # noqa: BLE001 - an audit problem must not hide the fold check
+            log.warning("veil_transforms.audit.run failed (%s: %s); using the fold attack", type(e).__name__, e)
+    state["method"] = "fold"
+    return fold_attack_ssim(x, v)
+
+
+# -- helpers ----------------------------------------------------------------------
+def default_private_map(shards_dir: Path) -> Path:
+    shards_dir = shards_dir.absolute()
+    return shards_dir.parent / f"{shards_dir.name}.private-map.csv"
+
+
+def _check_dest(dest: Path, shards_dir: Path) -> None:
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise shards.ShardError(f"DEST {dest} exists and is not an empty folder")
+    if shards.is_inside(dest, shards_dir) or shards.is_inside(shards_dir, dest):
+        raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
+
+
+def _private_map_path(arg, shards_dir: Path, dest: Path) -> Path:
+    pm = Path(arg).absolute() if arg else default_private_map(shards_dir)
+    if shards.is_inside(pm, dest) or shards.is_inside(pm.parent, dest):
+        raise shards.ShardError(f"the private map {pm} must not be inside DEST {dest}: DEST goes to the third party")
+    return pm
+
+
+def _originals(args, manifest: dict, shards_dir: Path):
+    """(key, {opaque key: SourceItem}, Source) for the gate, checked against the manifest."""
+    key_file = Path(args.key_file) if args.key_file else shards.default_key_file(shards_dir)
+    if not key_file.is_file():
+        raise shards.ShardError(f"key file not found: {key_file} (pass --key-file, the one veil-shard used)")
+    try:
+        key = _keys.read_key_file(key_file)
+    except (OSError, ValueError) as e:
+        raise shards.ShardError(f"key file {key_file}: {e}") from None
+    if _keys.key_fingerprint(key) != manifest.get("key_fingerprint"):
+        raise shards.ShardError(f"key file {key_file} is not the key these shards were made with")
+    labels = args.labels or (manifest["source"].get("labels") if manifest["source"].get("kind") == "labels-csv" else None)
+    source = shards.open_source(args.originals, labels)
+    if source.listing_sha256() != manifest["source"]["listing_sha256"]:
+        raise shards.ShardError(
+            f"--originals {args.originals} does not list the same files and labels as the SRC veil-shard used"
+        )
+    return key, {_keys.opaque_key(key, it.rel): it for it in source.items}, source
+
+
+def _original(source, item, channels: int) -> np.ndarray:
+    try:
+        return shards.decode_image(source.read_bytes(item), channels=channels)
+    except Exception as e:  # noqa: BLE001
+        raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {e})") from None
+
+
+def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tuple[str, int]:
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=shards.TAR_MTIME, user="veil", group="veil") as tw:
+            for k, a, y in samples:
+                tw.write({"__key__": k, "png": shards.encode_png(a), "cls": str(int(y)).encode()})
+        f.flush()
+        os.fsync(f.fileno())
+    return shards.file_sha256(path), path.stat().st_size
+
+
+def _stats(a: list[float]) -> dict:
+    if not a:
+        return {"mean": None, "max": None}
+    v = np.asarray(a, dtype=np.float64)
+    return {"mean": round(float(v.mean()), 6), "max": round(float(v.max()), 6)}
+
+
+# -- the export -------------------------------------------------------------------
+def export(args) -> int:
+    from veil_transforms.metrics import ssim
+    from veil_transforms.progress import bar
+
+    t0 = time.perf_counter()
+    shards_dir = Path(args.shards).absolute()
+    dest = Path(args.dest).absolute()
+    if not shards_dir.is_dir():
+        raise shards.ShardError(f"SHARDS folder not found: {shards_dir}")
+    for name, v in (("--max-ssim", args.max_ssim), ("--max-attack-ssim", args.max_attack_ssim)):
+        if not (np.isfinite(v) and -1.0 <= v <= 1.0):
+            raise shards.ShardError(f"{name} must lie in [-1, 1], got {v}")
+    manifest = shards.read_manifest(shards_dir)
+    _check_dest(dest, shards_dir)
+    pm_path = _private_map_path(args.private_map, shards_dir, dest)
+    gate = args.originals is not None
+    items = source = None
+    if gate:
+        _, items, source = _originals(args, manifest, shards_dir)
+    manifest = shards.verify(shards_dir)  # raises VerifyError
+    channels = int(manifest["source"]["sample_shape"][0])
+
+    staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging.mkdir()
+    try:
+        state: dict = {}
+        ssims: list[float] = []
+        attacks: list[float] = []
+        offenders: list[tuple[str, float, float]] = []
+        private_rows: list[tuple[str, str, int, str]] = []
+        out_shards = []
+        with bar(total=manifest["num_veiled"], desc="exporting", disable=args.quiet) as pb:
+            for s in manifest["shards"]:
+                samples = []
+                for smp in shards.read_tar_samples(shards_dir / s["name"]):
+                    k = smp["__key__"]
+                    a = shards.decode_image(smp["png"], channels=channels)
+                    samples.append((k, a, int(smp["cls"].decode())))
+                if gate:
+                    missing = [k for k, _, _ in samples if k not in items]
+                    if missing:
+                        raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
+                                                f"{args.originals} (e.g. {missing[0]})")
+                    x = np.stack([_original(source, items[k], channels) for k, _, _ in samples])
+                    v = np.stack([a for _, a, _ in samples])
+                    if x.shape != v.shape:
+                        raise shards.ShardError(f"originals of {s['name']} have shape {x.shape[1:]}, veiled {v.shape[1:]}")
+                    s_x = ssim(x, v)
+                    s_a = attack_ssim(x, v, state)
+                    for (k, _, y), a1, a2 in zip(samples, s_x, s_a):
+                        ssims.append(float(a1))
+                        attacks.append(float(a2))
+                        if a1 > args.max_ssim or a2 > args.max_attack_ssim:
+                            offenders.append((k, float(a1), float(a2)))
+                        private_rows.append((k, items[k].rel, y, s["name"]))
+                sha, size = _write_shard(staging / s["name"], samples)
+                out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
+                pb.update(len(samples))
+        if offenders and not args.force:
+            shutil.rmtree(staging, ignore_errors=True)
+            show = "\n".join(f"  {k}  ssim={a:.4f}  attack_ssim={b:.4f}" for k, a, b in offenders[:50])
+            more = f"\n  ... and {len(offenders) - 50} more" if len(offenders) > 50 else ""
+            print(f"{PROG}: refused: {len(offenders)} of {len(ssims)} samples exceed SSIM {args.max_ssim} or "
+                  f"attack SSIM {args.max_attack_ssim} ({state.get('method')}); nothing exported "
+                  f"(--force exports anyway):\n{show}{more}", file=sys.stderr, flush=True)
+            return 1
+        receipt = {
+            "format": "veil-export/1",
+            "library_version": shards.library_version(),
+            "created_unix": int(time.time()),
+            "num_samples": sum(s["count"] for s in out_shards),
+            "num_shards": len(out_shards),
+            "num_classes": len(manifest["source"]["classes"]) if manifest["source"].get("classes") else None,
+            "sample_shape": manifest["source"]["sample_shape"],
+            "shards": out_shards,
+            "veil": manifest["veil"],
+            "key_fingerprint": manifest["key_fingerprint"],
+            "gate": {
+                "run": gate,
+                "max_ssim": args.max_ssim,
+                "max_attack_ssim": args.max_attack_ssim,
+                "attack": state.get("method"),
+                "ssim": _stats(ssims),
+                "attack_ssim": _stats(attacks),
+                "over_threshold": len(offenders),
+                "forced": bool(args.force and offenders),
+            },
+        }
+        shards.atomic_write_json(staging / shards.RECEIPT, receipt)
+        shards.fsync_dir(staging)
+        if dest.exists():
+            dest.rmdir()  # empty, checked above
+        os.replace(staging, dest)
+        shards.fsync_dir(dest.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if gate:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["opaque_key", "path", "label", "shard"])
+        w.writerows(private_rows)
+        pm_path.parent.mkdir(parents=True, exist_ok=True)
+        shards.atomic_write_bytes(pm_path, buf.getvalue().encode("utf-8"), mode=0o600)
+        with contextlib.suppress(OSError):
+            os.chmod(pm_path, 0o600)
+    else:
+        print(f"{PROG}: warning: no --originals: privacy gate not run and no private map written",
+              file=sys.stderr, flush=True)
+    g = receipt["gate"]
+    gate_txt = (f"gate {g['attack']}: SSIM max {g['ssim']['max']}, attack SSIM max {g['attack_ssim']['max']}"
+                + (f", {g['over_threshold']} over threshold (forced)" if g["forced"] else "")) if gate else "no gate"
+    print(f"{PROG}: exported {receipt['num_samples']} samples in {receipt['num_shards']} shards to {dest} "
+          f"({gate_txt}){f'; private map: {pm_path}' if gate else ''} in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    try:
+        return export(args)
+    except shards.ShardError as e:
+        return fail(PROG, e, 2)
+    except shards.VerifyError as e:
+        return fail(PROG, e, 1)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001
+        if debug():
+            raise
+        return fail(PROG, f"{type(e).__name__}: {e}", 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
