@@ -1,0 +1,336 @@
+"""veil-audit: attack veiled images and report how much of the originals the attacks recover.
+
+    veil-audit --originals SRC --veiled SHARDS [--key-file KEY] [--model M] [--out report_dir]
+    veil-audit --originals x.npy --veiled x_veiled.npy
+
+SHARDS is a veil-shard output folder (``veil-NNNNNN.tar`` + ``manifest.json``)
+or a .tar; SRC is the folder it was made from (ImageFolder tree, or a flat
+folder with ``--labels``). Samples are matched through their opaque keys,
+which only the owner's key file can recompute (default: ``<SHARDS>.key``
+beside the shard folder, as veil-shard writes it). Alternatively both inputs
+are ``.npy`` / ``.pt`` uint8 arrays ``[N, C, H, W]`` matched by index.
+
+``--model`` (a model trained on the veiled data) adds the logit-matching
+inversion attack; ``--learned-public DIR`` (public images, ImageFolder
+layout, disjoint from the audited ones) adds the adaptive learned inverter,
+which veils them with the settings recorded in the shards' manifest.
+
+Exit codes: 0 the audit passed, 1 it failed (an attack recovers too much),
+2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from ._common import debug, fail, setup_logging
+
+PROG = "veil-audit"
+ARRAY_EXTS = (".npy", ".pt", ".pth")
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
+
+
+class InputError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from veil_transforms import audit
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Privacy audit: run keyless and adaptive attacks on veiled images and score them by SSIM.",
+        epilog="Exit codes: 0 passed, 1 failed (an attack recovers too much), 2 bad input.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--originals", required=True, help="source folder the shards were made from, or a .npy/.pt uint8 [N, C, H, W]")
+    p.add_argument("--veiled", required=True, help="veil-shard output folder or .tar, or a .npy/.pt uint8 [N, C, H, W]")
+    p.add_argument("--key-file", default=None, help="the owner's key file (default: <VEILED>.key beside the shard folder)")
+    p.add_argument("--labels", default=None, help="labels CSV, if SRC is a flat folder (as given to veil-shard)")
+    p.add_argument("--model", default=None, help="a model trained on veiled data (TorchScript .pt, state dict with --arch, or .onnx): adds the inversion attack")
+    p.add_argument("--arch", default=None, help="architecture of a state-dict --model (lenet5 or a torchvision name)")
+    p.add_argument("--out", default=None, help="folder for report.md, report.json and worst.png")
+    p.add_argument("--attacks", nargs="+", default=None, choices=list(audit.ATTACKS),
+                   help="attacks to run (default: all cheap ones, plus learned/inversion when their inputs are given)")
+    p.add_argument("--mean-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[0], help="fail if any attack's mean SSIM reaches this")
+    p.add_argument("--max-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[1], help="fail if any sample's SSIM reaches this")
+    p.add_argument("--limit", type=int, default=None, help="audit only the first N matched samples (sorted by key)")
+    p.add_argument("--learned-public", nargs="+", default=None, metavar="DIR",
+                   help="public images (ImageFolder folders, or a .pt holding (images, labels)) for the learned inverter")
+    p.add_argument("--learned-arch", default="lenet5", help="surrogate local model architecture for the learned inverter")
+    p.add_argument("--learned-epochs", type=int, default=10, help="surrogate training epochs")
+    p.add_argument("--unet-epochs", type=int, default=30, help="inverter training epochs")
+    p.add_argument("--inversion-steps", type=int, default=audit.OPTIONS["inversion_steps"], help="Adam steps of the inversion attack")
+    p.add_argument("--device", default="cpu", help="device for the learned and inversion attacks")
+    p.add_argument("--worst", type=int, default=8, help="rows (worst samples) in worst.png")
+    p.add_argument("--quiet", action="store_true", help="print only the verdict line")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    return p
+
+
+# -- inputs ---------------------------------------------------------------------------
+def load_array(path: str) -> np.ndarray:
+    """A .npy or .pt file holding uint8 (or [0, 1] float) images ``[N, C, H, W]``."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"file not found: {path}")
+    try:
+        if p.suffix == ".npy":
+            a = np.load(p, allow_pickle=False)
+        else:
+            import torch
+
+            a = torch.load(p, map_location="cpu", weights_only=True)
+            if isinstance(a, (tuple, list)):
+                a = a[0]
+            if isinstance(a, dict):
+                a = a.get("images", a.get("x"))
+            a = a.numpy() if hasattr(a, "numpy") else np.asarray(a)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+        raise InputError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if a is None or a.ndim not in (3, 4):
+        raise InputError(f"{path}: expected images [N, C, H, W], got shape {getattr(a, 'shape', None)}")
+    return a[:, None] if a.ndim == 3 else a
+
+
+def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
+    """Image bytes -> uint8 [C, H, W] (grey -> 1 channel, else RGB; or forced ``channels``)."""
+    import PIL.Image
+
+    with PIL.Image.open(io.BytesIO(data)) as im:
+        if channels is None:
+            channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
+    return a[None].copy() if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """Veiled samples ``{opaque key: uint8 [C, H, W]}`` of a shard folder or .tar, and its manifest (or {})."""
+    p = Path(path)
+    manifest = {}
+    if p.is_dir():
+        if (p / "manifest.json").is_file():
+            try:
+                manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read {p / 'manifest.json'}: {e}") from None
+        tars = sorted(p.glob("*.tar"))
+        if not tars:
+            raise InputError(f"no .tar shards in {path}")
+    elif p.is_file() and p.suffix == ".tar":
+        tars = [p]
+    else:
+        raise InputError(f"veiled shards not found: {path}")
+    out: dict[str, np.ndarray] = {}
+    for t in tars:
+        try:
+            with tarfile.open(t, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    key, ext = base.split(".", 1)
+                    if ext.lower() == "png":
+                        out[key] = _decode(tf.extractfile(m).read())
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise InputError(f"cannot read shard {t.name}: {e}") from None
+    if not out:
+        raise InputError(f"no png samples in {path}")
+    return out, manifest
+
+
+def list_originals(src: str, labels: str | None):
+    """``([(relative path, item)], source)`` for every image in SRC, named as veil-shard names them.
+
+    Uses :func:`veil_transforms.shards.open_source` when present (``item`` is its
+    ``SourceItem``, ``source`` reads it); otherwise walks the folder (``item`` is
+    the file path, ``source`` is None).
+    """
+    try:  # the shard writer's own listing, when available (handles every source kind it accepts)
+        from veil_transforms import shards
+
+        source = shards.open_source(src, labels)
+    except ImportError:
+        source = None
+    except Exception as e:  # noqa: BLE001 - its errors are bad input
+        raise InputError(str(e)) from None
+    if source is not None:
+        return [(it.rel, it) for it in source.items], source
+    root = Path(src)
+    if not root.is_dir():
+        raise InputError(f"originals folder not found: {src}")
+    items = [
+        (f.relative_to(root).as_posix(), str(f))
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_EXTS and not any(s.startswith(".") for s in f.relative_to(root).parts)
+    ]
+    return items, None
+
+
+def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(originals, veiled, manifest) as uint8 [N, C, H, W] arrays matched sample by sample."""
+    o_arr = Path(args.originals).suffix.lower() in ARRAY_EXTS
+    v_arr = Path(args.veiled).suffix.lower() in ARRAY_EXTS
+    if o_arr != v_arr:
+        raise InputError("--originals and --veiled must both be arrays (.npy/.pt) or a source folder and shards")
+    if o_arr:
+        x, v = load_array(args.originals), load_array(args.veiled)
+        if x.shape != v.shape:
+            raise InputError(f"--originals {x.shape} and --veiled {v.shape} differ in shape")
+        if args.limit:
+            x, v = x[: args.limit], v[: args.limit]
+        return x, v, {}
+    from veil_transforms import keys as _keys
+
+    veiled, manifest = read_shards(args.veiled)
+    key_file = Path(args.key_file) if args.key_file else Path(args.veiled.rstrip("/")).absolute().parent / f"{Path(args.veiled.rstrip('/')).name}.key"
+    try:
+        key = _keys.read_key_file(key_file)
+    except (OSError, ValueError) as e:
+        raise InputError(f"key file: {e} (pass the owner's key with --key-file)") from None
+    if manifest.get("key_fingerprint") and manifest["key_fingerprint"] != _keys.key_fingerprint(key):
+        raise InputError(f"key file {key_file} is not the key these shards were made with (fingerprints differ)")
+    items, source = list_originals(args.originals, args.labels)
+    pairs = []
+    for rel, ref in items:
+        k = _keys.opaque_key(key, rel)
+        if k in veiled:
+            pairs.append((k, ref))
+    if not pairs:
+        raise InputError(f"no sample of {args.veiled} matches an image of {args.originals} under this key")
+    pairs.sort()
+    unmatched = len(veiled) - len(pairs)
+    if args.limit:
+        pairs = pairs[: args.limit]
+    xs, vs = [], []
+    for k, ref in pairs:
+        v = veiled[k]
+        data = source.read_bytes(ref) if source is not None else Path(ref).read_bytes()
+        try:
+            x = _decode(data, v.shape[0])
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot decode an original ({type(e).__name__}: {e})") from None
+        if x.shape != v.shape:
+            raise InputError(f"an original has shape {x.shape} but its veiled image {v.shape}")
+        xs.append(x)
+        vs.append(v)
+    if unmatched:
+        print(f"{PROG}: note: {unmatched} veiled samples have no original in {args.originals}", file=sys.stderr)
+    return np.stack(xs), np.stack(vs), manifest
+
+
+def load_public(paths: list[str], channels: int, size: tuple[int, int]):
+    """Public images and labels (ImageFolder trees, or .pt files holding (images, labels))."""
+    import torch
+
+    xs, ys = [], []
+    offset = 0
+    for path in paths:
+        p = Path(path)
+        if p.is_file() and p.suffix in (".pt", ".pth"):
+            try:
+                obj = torch.load(p, map_location="cpu", weights_only=True)
+                x, y = (obj["images"], obj["labels"]) if isinstance(obj, dict) else obj
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"--learned-public {path}: expected a .pt holding (images, labels): {e}") from None
+            xs.append(torch.as_tensor(x))
+            ys.append(torch.as_tensor(y).long() + offset)
+            offset = int(torch.cat(ys).max()) + 1
+            continue
+        if not p.is_dir():
+            raise InputError(f"--learned-public folder not found: {path}")
+        classes = sorted(c.name for c in p.iterdir() if c.is_dir() and not c.name.startswith("."))
+        if not classes:
+            raise InputError(f"--learned-public {path}: expected class sub-folders (ImageFolder layout)")
+        for ci, c in enumerate(classes):
+            for f in sorted((p / c).rglob("*")):
+                if f.suffix.lower() in IMAGE_EXTS:
+                    a = _decode(f.read_bytes(), channels)
+                    if a.shape[1:] != size:
+                        raise InputError(f"--learned-public image {f} is {a.shape[1:]}, the audited images {size}")
+                    xs.append(torch.from_numpy(a)[None])
+                    ys.append(torch.tensor([ci + offset]))
+        offset += len(classes)
+    if not xs:
+        raise InputError("--learned-public holds no images")
+    x, y = torch.cat(xs), torch.cat(ys)
+    if tuple(x.shape[1:]) != (channels, *size):
+        raise InputError(f"--learned-public images are {tuple(x.shape[1:])}, the audited ones {(channels, *size)}")
+    return x, y
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet, args.verbose)
+    try:
+        import torch
+
+        from veil_transforms import audit
+
+        torch.set_flush_denormal(True)
+        if args.limit is not None and args.limit < 1:
+            raise InputError(f"--limit must be >= 1, got {args.limit}")
+        x, v, manifest = match(args)
+        kw = dict(attacks=args.attacks, thresholds=(args.mean_threshold, args.max_threshold), device=args.device,
+                  worst=args.worst, inversion_steps=args.inversion_steps, progress=not args.quiet)
+        if args.model:
+            from veil_transforms.model import LocalModel
+
+            try:
+                kw["model"] = LocalModel.load(args.model, arch=args.arch)
+            except (OSError, ValueError) as e:
+                raise InputError(f"--model: {e}") from None
+        if args.learned_public:
+            from veil_transforms import nets
+
+            px, py = load_public(args.learned_public, x.shape[1], tuple(x.shape[2:]))
+            n_cls = int(py.max()) + 1
+            arch = args.learned_arch
+
+            def make_model():
+                if arch.lower() in ("lenet5", "lenet-5", "lenet"):
+                    return nets.LeNet5(x.shape[1], n_cls)
+                return nets.build(arch, {"fc.weight": torch.zeros(n_cls, 1)})
+
+            settings = manifest.get("veil", {})
+            veil_kwargs = {k: settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode") if k in settings}
+            if not settings:
+                print(f"{PROG}: note: no manifest with veil settings; the learned inverter uses the library defaults",
+                      file=sys.stderr)
+            kw["learned"] = dict(public_images=px, public_labels=py, veil_kwargs=veil_kwargs, make_model=make_model,
+                                 epochs=args.learned_epochs, unet_epochs=args.unet_epochs)
+        try:
+            report = audit.run(x, v, **kw)
+        except (ValueError, TypeError) as e:
+            raise InputError(e) from None
+    except InputError as e:
+        if debug():
+            raise
+        return fail(PROG, e)
+    except KeyboardInterrupt:
+        return fail(PROG, "interrupted", 1)
+    if args.out:
+        report.save(args.out)
+    if not args.quiet:
+        print(report.summary())
+    verdict = "passed" if report.passed else "FAILED"
+    where = f"; report in {args.out}" if args.out else ""
+    print(f"{PROG}: audit {verdict}: worst attack {report.worst_attack} mean SSIM {report.max_mean_ssim:.3f}, "
+          f"max SSIM {report.max_ssim:.3f} over {report.n} samples{where}", flush=True)
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
