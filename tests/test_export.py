@@ -1,0 +1,230 @@
+"""veil-export: verification, the privacy gate, what DEST may (not) contain, the private map."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import PIL.Image
+import PIL.PngImagePlugin
+import pytest
+import torch
+
+from veil_transforms import keys, shards
+from veil_transforms.nets import LeNet5
+from veil_transforms.tools import export as export_cli
+from veil_transforms.tools import shard as shard_cli
+
+NAMES = ["alice_smith", "Bob Jones", "carol-secretname", "dmitri.k"]
+SECRETS = [b"Carol Confidential", b"DaveExifArtist", b"Sony-Secret-Camera"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _face_like(rng, n=16):
+    yy, xx = np.mgrid[:n, :n]
+    base = 255 * np.exp(-((yy - n / 2) ** 2 + (xx - n / 2) ** 2) / (2 * (n / 4) ** 2))
+    return np.clip(base + rng.normal(0, 20, (n, n)), 0, 255).astype(np.uint8)
+
+
+def _write_with_metadata(path, a, i):
+    im = PIL.Image.fromarray(a)
+    if i % 2 == 0:  # PNG with text chunks
+        info = PIL.PngImagePlugin.PngInfo()
+        info.add_text("Author", SECRETS[0].decode())
+        info.add_text("Comment", path.name)
+        im.save(path.parent / (path.name + ".png"), pnginfo=info)
+    else:  # JPEG with EXIF (lossy source is fine: veil-shard decodes it)
+        exif = PIL.Image.Exif()
+        exif[0x013B] = SECRETS[1].decode()  # Artist
+        exif[0x0110] = SECRETS[2].decode()  # Model
+        im.save(path.parent / (path.name + ".jpg"), exif=exif, quality=95)
+
+
+def _shard(root, src, out, p="0.5", steps="2"):
+    argv = [str(src), str(out), "--model", str(root / "model.pt"), "--key-file", str(root / "owner.key"),
+            "--steps", steps, "--p", p, "--shard-size", "5", "--quiet", "--threads", "1"]
+    assert shard_cli.main(argv) == 0
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    torch.jit.script(LeNet5(1, 2).eval()).save(str(root / "model.pt"))
+    keys.read_key_file(root / "owner.key", create=True)
+    rng = np.random.default_rng(0)
+    src = root / "src"
+    for c in ("Person A", "Person B"):
+        (src / c).mkdir(parents=True)
+    for i in range(12):
+        name = f"{NAMES[i % len(NAMES)]}_{i}"
+        _write_with_metadata(src / ("Person A", "Person B")[i % 2] / name, _face_like(rng), i)
+    _shard(root, src, root / "weak", p="0.01", steps="1")  # barely veiled: must fail the gate
+    return dict(root=root, src=src, key=keys.read_key_file(root / "owner.key"))
+
+
+def _export(data, shards_dir, dest, *extra):
+    return export_cli.main([str(shards_dir), str(dest), "--originals", str(data["src"]),
+                            "--key-file", str(data["root"] / "owner.key"), "--quiet", *extra])
+
+
+def _all_bytes(folder) -> bytes:
+    return b"".join(f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file())
+
+
+def test_gate_refuses_weak_veil_then_force_exports(data, tmp_path, capsys):
+    weak = data["root"] / "weak"
+    dest = tmp_path / "dest"
+    assert _export(data, weak, dest) == 1
+    err = capsys.readouterr().err
+    assert "refused" in err and "nothing exported" in err
+    m = shards.read_manifest(weak)
+    all_keys = {s["__key__"] for sh in m["shards"] for s in shards.read_tar_samples(weak / sh["name"])}
+    listed = {line.split()[0] for line in err.splitlines()[1:] if line.startswith("  ") and "ssim=" in line}
+    assert listed and listed <= all_keys  # offenders are named by opaque key
+    assert not dest.exists() and not list(tmp_path.glob(".dest.partial-*"))
+    # --force exports anyway and records it
+    assert _export(data, weak, dest, "--force") == 0
+    r = json.loads((dest / "receipt.json").read_text())
+    assert r["gate"]["run"] and r["gate"]["forced"] and r["gate"]["over_threshold"] == len(all_keys)
+    assert r["gate"]["ssim"]["max"] > 0.5
+    # and generous thresholds pass without --force
+    assert _export(data, weak, tmp_path / "dest2", "--max-ssim", "1", "--max-attack-ssim", "1") == 0
+
+
+def test_fold_attack_fallback(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(export_cli, "_audit_runner", lambda: None)
+    dest = tmp_path / "d"
+    assert _export(data, data["root"] / "weak", dest, "--force") == 0
+    g = json.loads((dest / "receipt.json").read_text())["gate"]
+    assert g["attack"] == "fold" and g["attack_ssim"]["max"] > 0.9
+    x = np.random.default_rng(0).integers(0, 256, (3, 1, 9, 9), dtype=np.uint8)
+    flipped = (255 - x).astype(np.uint8)  # a full sign flip: the fold undoes it exactly
+    assert np.allclose(export_cli.fold_attack_ssim(x, flipped), 1.0)
+
+
+def test_export_has_no_names_metadata_or_key(data, tmp_path):
+    strong = tmp_path / "strong"
+    _shard(data["root"], data["src"], strong)
+    dest = tmp_path / "third-party"
+    pm = tmp_path / "private" / "map.csv"
+    assert _export(data, strong, dest, "--force", "--private-map", str(pm)) == 0
+    assert all(s in _all_bytes(data["src"]) for s in SECRETS)  # the originals do carry metadata
+    blob = _all_bytes(dest)
+    key = data["key"]
+    forbidden = [n.encode() for n in NAMES] + SECRETS + [b"Person A", b"Person B", b"Exif", b"tEXt", b"iTXt",
+                                                           b"zTXt", key, key.hex().encode(), key.hex().upper().encode(),
+                                                           str(data["src"]).encode()]
+    for f in forbidden:
+        assert f not in blob, f
+    assert sorted(p.name for p in dest.iterdir()) == ["receipt.json", "veil-000000.tar", "veil-000001.tar",
+                                                      "veil-000002.tar"]
+    # every PNG has only the critical chunks
+    exported = {}
+    for t in sorted(dest.glob("*.tar")):
+        for s in shards.read_tar_samples(t):
+            assert set(s) == {"__key__", "png", "cls"}
+            png = s["png"]
+            chunks, pos = [], 8
+            while pos < len(png):
+                n = int.from_bytes(png[pos : pos + 4], "big")
+                chunks.append(png[pos + 4 : pos + 8])
+                pos += 12 + n
+            assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}, chunks
+            exported[s["__key__"]] = shards.decode_image(png)
+    # same pixels as the owner's shards
+    for sh in shards.read_manifest(strong)["shards"]:
+        for s in shards.read_tar_samples(strong / sh["name"]):
+            assert np.array_equal(exported[s["__key__"]], shards.decode_image(s["png"]))
+    r = json.loads((dest / "receipt.json").read_text())
+    assert r["num_samples"] == 12 and r["veil"]["steps"] == 2 and "key" not in r
+    assert r["key_fingerprint"] == keys.key_fingerprint(key)
+    for s in r["shards"]:
+        assert shards.file_sha256(dest / s["name"]) == s["sha256"]
+    # the reader takes DEST (via its receipt)
+    assert len(list(shards.load(dest))) == 12
+    # the private map: outside DEST, owner-only, complete
+    assert stat.S_IMODE(os.stat(pm).st_mode) == 0o600
+    rows = list(csv.DictReader(pm.open()))
+    assert {r["opaque_key"] for r in rows} == set(exported)
+    for row in rows:
+        assert row["opaque_key"] == keys.opaque_key(key, row["path"])
+    assert any("alice_smith" in row["path"] for row in rows)
+
+
+def test_default_private_map_beside_shards(data, tmp_path):
+    weak = tmp_path / "w"
+    shutil.copytree(data["root"] / "weak", weak)
+    assert _export(data, weak, tmp_path / "d", "--force") == 0
+    assert (tmp_path / "w.private-map.csv").is_file()
+    assert not list((tmp_path / "d").glob("*.csv"))
+
+
+def test_verification_failures_exit_1(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(data["root"] / "weak", bad)
+    t = bad / "veil-000001.tar"
+    b = bytearray(t.read_bytes())
+    b[600] ^= 0xFF
+    t.write_bytes(bytes(b))
+    assert _export(data, bad, tmp_path / "d1", "--force") == 1
+    err = capsys.readouterr().err
+    assert "veil-000001.tar: sha256 differs" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d1").exists()
+    # a count that does not match
+    bad2 = tmp_path / "bad2"
+    shutil.copytree(data["root"] / "weak", bad2)
+    m = json.loads((bad2 / "manifest.json").read_text())
+    m["shards"][0]["count"] += 1
+    (bad2 / "manifest.json").write_text(json.dumps(m))
+    assert _export(data, bad2, tmp_path / "d2") == 1
+    assert "the manifest says" in capsys.readouterr().err
+    # a missing shard
+    bad3 = tmp_path / "bad3"
+    shutil.copytree(data["root"] / "weak", bad3)
+    (bad3 / "veil-000002.tar").unlink()
+    assert _export(data, bad3, tmp_path / "d3", "--force") == 1
+    assert "missing" in capsys.readouterr().err
+
+
+def test_bad_input_exit_2(data, tmp_path, capsys):
+    weak = data["root"] / "weak"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    other = tmp_path / "other.key"
+    keys.read_key_file(other, create=True)
+    extra = tmp_path / "src2"
+    shutil.copytree(data["src"], extra)
+    PIL.Image.fromarray(np.zeros((16, 16), np.uint8)).save(extra / "Person A" / "new.png")
+    cases = [
+        ([str(weak), str(tmp_path / "full"), "--force"], "not an empty folder"),
+        ([str(weak), str(tmp_path / "d"), "--private-map", str(tmp_path / "d" / "m.csv")], "must not be inside DEST"),
+        ([str(weak), str(weak / "sub")], "must not contain"),
+        ([str(tmp_path / "nothing"), str(tmp_path / "d")], "not found"),
+        ([str(weak), str(tmp_path / "d"), "--originals", str(data["src"]), "--key-file", str(other)], "not the key"),
+        ([str(weak), str(tmp_path / "d"), "--originals", str(extra), "--key-file", str(data["root"] / "owner.key")],
+         "does not list the same files"),
+    ]
+    for argv, needle in cases:
+        assert export_cli.main([*argv, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_export_without_originals_warns_and_skips_gate(data, tmp_path, capsys):
+    dest = tmp_path / "d"
+    assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet"]) == 0
+    assert "privacy gate not run" in capsys.readouterr().err
+    assert json.loads((dest / "receipt.json").read_text())["gate"]["run"] is False

@@ -1,0 +1,344 @@
+"""veil-shard and the shard reader: kill -9 + resume, 2 processes, bad input, corrupt files, DataLoader workers."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from veil_transforms import keys, shards
+from veil_transforms.nets import LeNet5
+from veil_transforms.tools import shard as shard_cli
+from veil_transforms.transform import VeilTransform
+
+N_GOOD = 60
+SHARD_SIZE = 4
+COMMON = ["--steps", "3", "--shard-size", str(SHARD_SIZE), "--batch-size", "3", "--quiet", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _torch_state():
+    """Run in-process veils like the subprocesses do (1 thread, no denormal flushing); restore after."""
+    threads = torch.get_num_threads()
+    torch.set_flush_denormal(False)
+    yield
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)  # conftest's session setting
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    PIL.Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard")
+    torch.manual_seed(0)
+    torch.jit.script(LeNet5(1, 3).eval()).save(str(root / "model.pt"))
+    torch.jit.script(LeNet5(3, 3).eval()).save(str(root / "rgb_model.pt"))
+    rng = np.random.default_rng(0)
+    src = root / "src"
+    for i in range(N_GOOD):
+        d = src / f"class{i % 3}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"img{i:03d}.png").write_bytes(_png(rng.integers(0, 256, (12, 12), dtype=np.uint8)))
+    (src / "class0" / "img007b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")  # corrupt
+    (src / "class1" / "img030b.png").write_bytes(_png(rng.integers(0, 256, (12, 12), dtype=np.uint8))[:60])  # truncated
+    (src / "class2" / "img050b.png").write_bytes(_png(rng.integers(0, 256, (10, 10), dtype=np.uint8)))  # other size
+    (src / "class2" / "notes.txt").write_text("not an image")
+    key_file = root / "owner.key"
+    keys.read_key_file(key_file, create=True)
+    ref = root / "ref"
+    base = [str(src), "--model", str(root / "model.pt"), "--key-file", str(key_file)]
+    assert shard_cli.main([base[0], str(ref), *base[1:], *COMMON]) == 0
+    return dict(root=root, src=src, model=root / "model.pt", key_file=key_file, ref=ref, base=base)
+
+
+def _argv(data, out) -> list[str]:
+    b = data["base"]
+    return [b[0], str(out), *b[1:], *COMMON]
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
+    """opaque key -> (label, pixel bytes) over every shard in OUT's manifest."""
+    got: dict[str, tuple[int, bytes]] = {}
+    for s in shards.read_manifest(out)["shards"]:
+        for smp in shards.read_tar_samples(out / s["name"]):
+            assert smp["__key__"] not in got, "duplicate sample"
+            got[smp["__key__"]] = (int(smp["cls"]), shards.decode_image(smp["png"]).tobytes())
+    return got
+
+
+def shas(out: Path) -> list[tuple[str, int, str]]:
+    return [(s["name"], s["count"], s["sha256"]) for s in shards.read_manifest(out)["shards"]]
+
+
+# -- the reference run --------------------------------------------------------------
+def test_manifest_keys_assignment_and_pixels(data):
+    ref, key = data["ref"], keys.read_key_file(data["key_file"])
+    m = shards.verify(ref)  # sha256 and counts match the files
+    assert m["complete"] and m["num_shards"] == 16 and len(m["shards"]) == 16
+    assert m["num_veiled"] == N_GOOD and m["num_skipped"] == 3
+    assert m["key_fingerprint"] == keys.key_fingerprint(key)
+    assert key.hex() not in (ref / "manifest.json").read_text()
+    assert m["veil"]["steps"] == 3 and m["source"]["classes"] == ["class0", "class1", "class2"]
+    assert m["source"]["sample_shape"] == [1, 12, 12] and m["source"]["num_samples"] == N_GOOD + 3
+    source = shards.open_source(data["src"])
+    for s in m["shards"]:  # shard i holds sorted samples [4i, 4i + 4), minus the skipped ones
+        part = source.items[s["index"] * SHARD_SIZE : (s["index"] + 1) * SHARD_SIZE]
+        skipped = {sk["path"] for sk in s["skipped"]}
+        want = [(keys.opaque_key(key, it.rel), it.label) for it in part if it.rel not in skipped]
+        got = [(smp["__key__"], int(smp["cls"])) for smp in shards.read_tar_samples(ref / s["name"])]
+        assert got == want
+        names = tarfile.open(ref / s["name"]).getnames()
+        assert all(n.count(".") == 1 and not n.startswith("img") for n in names)
+    # the pixels are the veil's output for the same batch
+    first = shards.read_manifest(ref)["shards"][0]
+    smp = list(shards.read_tar_samples(ref / first["name"]))[:3]
+    rel = {keys.opaque_key(key, it.rel): it for it in source.items}
+    x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(rel[s["__key__"]]))) for s in smp])
+    veil = VeilTransform(str(data["model"]), key=key, steps=3, device="cpu")
+    v = veil.veil_batch(x).numpy()
+    assert np.array_equal(v, np.stack([shards.decode_image(s["png"]) for s in smp]))
+    assert not np.array_equal(v, x.numpy())
+
+
+def test_corrupt_and_mismatched_files_are_skipped_and_listed(data):
+    m = shards.read_manifest(data["ref"])
+    by_path = {sk["path"]: sk["reason"] for sk in m["skipped"]}
+    assert set(by_path) == {"class0/img007b.png", "class1/img030b.png", "class2/img050b.png"}
+    assert by_path["class0/img007b.png"].startswith("corrupt")
+    assert by_path["class1/img030b.png"].startswith("corrupt")
+    assert by_path["class2/img050b.png"].startswith("size mismatch")
+    assert all("0x" not in r for r in by_path.values())
+    key = keys.read_key_file(data["key_file"])
+    assert {sk["key"] for sk in m["skipped"]} == {keys.opaque_key(key, p) for p in by_path}
+
+
+# -- kill -9 and resume ----------------------------------------------------------------
+def _spawn(data, out: Path, throttle: float) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env[shards._THROTTLE_ENV] = str(throttle)
+    return subprocess.Popen([sys.executable, "-m", "veil_transforms.tools.shard", *_argv(data, out)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _recorded(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (OSError, ValueError):
+        return -1
+
+
+def _tmps(out: Path) -> list[Path]:
+    return list(out.glob(".veil-*.tar.tmp")) if out.exists() else []
+
+
+def _kill_when(proc: subprocess.Popen, cond, timeout: float = 90.0) -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"sharder exited (rc {proc.returncode}) before the kill point: {err.decode()[-2000:]}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            pytest.fail("kill point not reached in time")
+        time.sleep(0.003)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill9_at_several_points_then_resume_equals_uninterrupted(data, tmp_path):
+    out = tmp_path / "out"
+    # 1. killed while the first shard is being written: nothing recorded, a .tmp left behind
+    p = _spawn(data, out, throttle=0.05)
+    _kill_when(p, lambda: _recorded(out) == 0 and _tmps(out))
+    assert _recorded(out) == 0 and _tmps(out)
+    # 2. killed right after a shard was recorded
+    p = _spawn(data, out, throttle=0.02)
+    _kill_when(p, lambda: _recorded(out) >= 1)
+    after2 = _recorded(out)
+    assert 1 <= after2 < 16
+    # 3. killed mid-write, several shards later
+    p = _spawn(data, out, throttle=0.02)
+    _kill_when(p, lambda: _recorded(out) >= after2 + 3 and _tmps(out))
+    assert after2 + 3 <= _recorded(out) < 16
+    # finish (in-process); a kill never loses or duplicates samples
+    assert shard_cli.main(_argv(data, out)) == 0
+    assert not _tmps(out)
+    shards.verify(out)
+    assert snapshot(out) == snapshot(data["ref"])
+    assert shas(out) == shas(data["ref"])  # byte-identical shards
+    # a rerun of a finished job does nothing
+    before = {f: f.stat().st_mtime_ns for f in out.glob("veil-*.tar")}
+    assert shard_cli.main(_argv(data, out)) == 0
+    assert {f: f.stat().st_mtime_ns for f in out.glob("veil-*.tar")} == before
+
+
+def test_two_processes_equal_one(data, tmp_path):
+    out = tmp_path / "out2"
+    assert shard_cli.main([*_argv(data, out), "--nproc", "2"]) == 0
+    shards.verify(out)
+    assert snapshot(out) == snapshot(data["ref"])
+    assert shas(out) == shas(data["ref"])
+    assert not list(out.glob("*.json.*")) and not _tmps(out)
+
+
+def test_ranks_split_shards_and_resume_with_another_world_size(data, tmp_path):
+    """Rank logic in-process: rank 1 of 3 first, then a 1-process rerun fills in the rest."""
+    out = tmp_path / "out3"
+    argv = _argv(data, out)
+    plan = shard_cli._prepare(shard_cli.build_parser().parse_args(argv), rank=0, world=1, local_rank=0)
+    s = shards.run(plan, rank=1, world_size=3, batch_size=3, progress=False)
+    assert not s["complete"]
+    assert sorted(x["index"] for x in shards.read_manifest(out)["shards"]) == list(range(1, 16, 3))
+    assert shard_cli.main(argv) == 0
+    assert shas(out) == shas(data["ref"])
+
+
+# -- bad input: exit code 2 and one line ---------------------------------------------------
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("veil-shard: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(data, tmp_path, capsys):
+    b = data["base"]
+    src, model, kf = b[0], data["model"], data["key_file"]
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "OUT is a file": [src, str(tmp_path / "afile"), "--model", str(model), "--key-file", str(kf)],
+        "OUT below a file": [src, str(tmp_path / "afile" / "sub"), "--model", str(model), "--key-file", str(kf)],
+        "missing model": [src, str(tmp_path / "o1"), "--model", str(tmp_path / "nope.pt")],
+        "empty SRC": [str(tmp_path / "empty"), str(tmp_path / "o2"), "--model", str(model)],
+        "missing SRC": [str(tmp_path / "nowhere"), str(tmp_path / "o3"), "--model", str(model)],
+        "channel mismatch": [src, str(tmp_path / "o4"), "--model", str(data["root"] / "rgb_model.pt")],
+        "key inside OUT": [src, str(tmp_path / "o5"), "--model", str(model), "--key-file", str(tmp_path / "o5" / "k")],
+        "bad p": [src, str(tmp_path / "o6"), "--model", str(model), "--p", "1.5"],
+    }
+    for what, argv in cases.items():
+        assert shard_cli.main([*argv, *COMMON[:-3]]) == 2, what
+        err = _one_line_error(capsys)
+        if what == "channel mismatch":
+            assert "does not accept" in err
+    # nothing was created for inputs refused before OUT
+    for o in ("o1", "o2", "o3", "o4", "o6"):
+        assert not (tmp_path / o).exists() and not (tmp_path / f"{o}.key").exists(), o
+
+
+def test_resume_with_other_params_or_key_is_refused(data, tmp_path, capsys):
+    ref = data["ref"]
+    before = (ref / "manifest.json").read_bytes()
+    other_key = tmp_path / "other.key"
+    keys.read_key_file(other_key, create=True)
+    b = data["base"]
+    for argv, needle in [
+        ([b[0], str(ref), *b[1:], *COMMON, "--steps", "4"], "steps: 3 -> 4"),
+        ([b[0], str(ref), *b[1:], *COMMON, "--p", "0.3"], "p: 0.5 -> 0.3"),
+        ([b[0], str(ref), *b[1:], *COMMON, "--shard-size", "5"], "--shard-size"),
+        ([b[0], str(ref), "--model", str(data["model"]), "--key-file", str(other_key), *COMMON], "the key"),
+        ([b[0], str(ref), "--model", str(data["model"]), "--key-file", str(tmp_path / "gone.key"), *COMMON], "not found"),
+        ([b[0], str(ref), "--model", str(data["root"] / "rgb_model.pt"), "--key-file", str(data["key_file"]), *COMMON],
+         "does not accept"),
+    ]:
+        assert shard_cli.main(argv) == 2
+        assert needle in _one_line_error(capsys)
+    assert (ref / "manifest.json").read_bytes() == before
+    assert not (tmp_path / "gone.key").exists()
+
+
+def test_all_images_corrupt(tmp_path, data, capsys):
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "x.png").write_bytes(b"nope")
+    assert shard_cli.main([str(tmp_path / "src"), str(tmp_path / "o"), "--model", str(data["model"])]) == 2
+    assert "could be decoded" in _one_line_error(capsys)
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        shard_cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--shard-size" in out and "(default: 1000)" in out and "--nproc" in out
+
+
+# -- other sources -------------------------------------------------------------------------
+def test_labels_csv_and_tar_sources(data, tmp_path):
+    rng = np.random.default_rng(1)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = ["filename,label"]
+    tar_path = tmp_path / "src.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for i in range(6):
+            png = _png(rng.integers(0, 256, (12, 12), dtype=np.uint8))
+            (flat / f"Person Name {i}.png").write_bytes(png)
+            rows.append(f"Person Name {i}.png,{['cat', 'dog'][i % 2]}")
+            for name, payload in ((f"s{i:02d}.png", png), (f"s{i:02d}.cls", str(i % 2).encode())):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    common = ["--model", str(data["model"]), "--key-file", str(data["key_file"]), "--steps", "1", "--quiet"]
+    assert shard_cli.main([str(flat), str(tmp_path / "o1"), "--labels", str(tmp_path / "labels.csv"), *common]) == 0
+    m = shards.read_manifest(tmp_path / "o1")
+    assert m["source"]["kind"] == "labels-csv" and m["source"]["classes"] == ["cat", "dog"] and m["num_veiled"] == 6
+    got = list(shards.load(tmp_path / "o1"))
+    assert sorted(y for _, y in got) == [0, 0, 0, 1, 1, 1]
+    assert b"Person" not in (tmp_path / "o1" / "veil-000000.tar").read_bytes()
+    assert shard_cli.main([str(tar_path), str(tmp_path / "o2"), *common]) == 0
+    m = shards.read_manifest(tmp_path / "o2")
+    assert m["source"]["kind"] == "webdataset" and m["num_veiled"] == 6
+    assert sorted(y for _, y in shards.load(tmp_path / "o2")) == [0, 0, 0, 1, 1, 1]
+
+
+# -- the reader ------------------------------------------------------------------------------
+def test_reader_in_dataloader_with_two_workers(data):
+    ref = data["ref"]
+    want = snapshot(ref)
+    dl = torch.utils.data.DataLoader(shards.load(ref, with_keys=True), batch_size=7, num_workers=2)
+    seen = {}
+    for x, y, k in dl:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (1, 12, 12)
+        for xi, yi, ki in zip(x, y, k):
+            seen[ki] = (int(yi), xi.numpy().tobytes())
+    assert seen == want
+    # other url forms, shuffling, raw bytes
+    names = [str(ref / s["name"]) for s in shards.read_manifest(ref)["shards"]]
+    assert len(list(shards.load(names))) == N_GOOD
+    assert len(list(shards.load(str(ref / "veil-{000000..000015}.tar")))) == N_GOOD
+    assert len(list(shards.load(names[0]))) == shards.read_manifest(ref)["shards"][0]["count"]
+    shuffled = [int(y) for _, y in shards.load(ref, shuffle=20, seed=1)]
+    assert sorted(shuffled) == sorted(v[0] for v in want.values())
+    img, y = next(iter(shards.load(ref, decode=False)))
+    assert isinstance(img, bytes) and img[:4] == b"\x89PNG"
+
+
+def test_reader_splits_by_node(data, monkeypatch):
+    ref = data["ref"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    seen = []
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        seen.append({k for _, _, k in shards.load(ref, split_by_node=True, with_keys=True)})
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == N_GOOD
+    with pytest.raises(ValueError):
+        list(shards.load(ref))  # multi-rank without split_by_node: refuse rather than duplicate
