@@ -200,6 +200,18 @@ def test_two_processes_equal_one(data, tmp_path):
     assert not list(out.glob("*.json.*")) and not _tmps(out)
 
 
+def test_torchrun_two_ranks_equal_one(data, tmp_path):
+    out = tmp_path / "outT"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "veil_transforms.tools.shard", *_argv(data, out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "16/16 shards" in r.stdout  # rank 0 reports after the barrier
+    assert snapshot(out) == snapshot(data["ref"])
+    assert shas(out) == shas(data["ref"])
+
+
 def test_ranks_split_shards_and_resume_with_another_world_size(data, tmp_path):
     """Rank logic in-process: rank 1 of 3 first, then a 1-process rerun fills in the rest."""
     out = tmp_path / "out3"

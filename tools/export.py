@@ -43,6 +43,7 @@ from veil_transforms import shards
 from ._common import debug, fail, setup_logging
 
 PROG = "veil-export"
+EPS = 1e-9  # SSIM of identical images can come out a hair above 1.0
 log = logging.getLogger("veil_transforms.export")
 
 
@@ -203,6 +204,8 @@ def export(args) -> int:
 
     staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # from an export that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     staging.mkdir()
     try:
         state: dict = {}
@@ -232,7 +235,7 @@ def export(args) -> int:
                     for (k, _, y), a1, a2 in zip(samples, s_x, s_a):
                         ssims.append(float(a1))
                         attacks.append(float(a2))
-                        if a1 > args.max_ssim or a2 > args.max_attack_ssim:
+                        if a1 > args.max_ssim + EPS or a2 > args.max_attack_ssim + EPS:
                             offenders.append((k, float(a1), float(a2)))
                         private_rows.append((k, items[k].rel, y, s["name"]))
                 sha, size = _write_shard(staging / s["name"], samples)

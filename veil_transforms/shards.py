@@ -460,6 +460,33 @@ def _first_shape(source: Source) -> tuple[int, int, int]:
     raise ShardError(f"none of the {len(source.items)} images in {source.root or 'the source'} could be decoded")
 
 
+def create_key_file(path: Path) -> bytes:
+    """Write a new key file (mode 0600) atomically: it appears whole or not at all.
+
+    Raises FileExistsError if ``path`` exists. Falls back to
+    ``keys.read_key_file(create=True)`` where hard links are not supported.
+    """
+    key = _keys.new_key()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # atomic, and refuses to replace an existing key
+        except FileExistsError:
+            raise
+        except OSError:  # no hard links here
+            return _keys.read_key_file(path, create=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    fsync_dir(path.parent)
+    return key
+
+
 def _wait_for_key(path: Path, timeout: float = 300.0) -> bytes:
     t0 = time.monotonic()
     while True:
@@ -553,7 +580,7 @@ def prepare(
         else:
             key_file.parent.mkdir(parents=True, exist_ok=True)
             try:
-                key = _keys.read_key_file(key_file, create=True)
+                key = create_key_file(key_file)
                 created = True
             except FileExistsError:  # another rank was first
                 key = _wait_for_key(key_file)
