@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", nargs="?", default="veil-demo-out", help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer veil steps and epochs (for tests)")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
-    p.add_argument("--steps", type=int, default=None, help="veil steps (default: 300, or 40 with --quick)")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: 40, or 15 with --quick)")
+    p.add_argument("--steps", type=int, default=None, help="veil steps; None: 300, or 40 with --quick")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs; None: 40, or 15 with --quick")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (LeNet-sized work runs fastest on one, and a busy machine makes more much slower)")

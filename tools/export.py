@@ -58,14 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dest", metavar="DEST", help="new (or empty) folder for the third party")
     p.add_argument("--originals", default=None,
                    help="the SRC given to veil-shard: enables the privacy gate and the private map")
-    p.add_argument("--labels", default=None, help="labels CSV of a flat SRC (default: the one veil-shard used)")
-    p.add_argument("--key-file", default=None, help="the key veil-shard used (default: <SHARDS>.key beside SHARDS)")
+    p.add_argument("--labels", default=None, help="labels CSV of a flat SRC; None: the one veil-shard used")
+    p.add_argument("--key-file", default=None, help="the key veil-shard used; None: <SHARDS>.key beside SHARDS")
     p.add_argument("--max-ssim", type=float, default=0.05, help="largest SSIM(x, x~) allowed per sample")
     p.add_argument("--max-attack-ssim", type=float, default=0.3,
                    help="largest SSIM between an attack's reconstruction and x allowed per sample")
     p.add_argument("--force", action="store_true", help="export even if samples fail the gate (recorded in the receipt)")
     p.add_argument("--private-map", default=None,
-                   help="where to write the file name <-> opaque key map (default: <SHARDS>.private-map.csv); never inside DEST")
+                   help="where to write the file name <-> opaque key map; None: <SHARDS>.private-map.csv beside SHARDS; never inside DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
     return p
 
