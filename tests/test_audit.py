@@ -356,3 +356,15 @@ def test_wavelet_skipped_with_a_note_without_pywavelets(faces, monkeypatch):
     r = audit.run(x, rpf(x), attacks=["fold_denoise"])
     assert any("PyWavelets" in n for n in r.notes) and "PyWavelets" in r.summary()
     assert not any("wavelet" in k for k in r.attacks["fold_denoise"]["variants"])
+
+
+def test_reidentification(faces):
+    x = faces[0][:30]
+    r = audit.run(x, rpf(x), attacks=["identity", "fold"], reid_gallery=20)
+    assert r.attacks["fold"]["reid_top1"] == 1.0 and r.attacks["fold"]["reid_chance"] == 1 / 20
+    assert r.attacks["identity"]["reid_top1"] < 0.5
+    assert "re-id top-1" in r.summary() and "gallery of 20" in r.summary()
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8)
+    assert audit.run(x, noise, attacks=["fold"], reid_gallery=20).attacks["fold"]["reid_top1"] <= 0.25
+    assert "reid_top1" not in audit.run(x, noise, attacks=["fold"], reid_gallery=0).attacks["fold"]

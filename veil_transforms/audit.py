@@ -69,6 +69,7 @@ OPTIONS = dict(
     inversion_tv=0.05,
     device="cpu",
     worst=8,  # rows in worst.png
+    reid_gallery=100,  # originals in the re-identification gallery (0: skip)
     progress=False,
 )
 
@@ -213,12 +214,13 @@ class AuditReport:
             f"({self.n} samples of {'x'.join(map(str, self.shape))}; pass = every attack's mean SSIM < {t_mean:g} "
             f"and every sample's SSIM < {t_max:g})",
             "",
-            "| attack | mean SSIM | max SSIM | mean PSNR (dB) | best variant | verdict |",
-            "|---|---|---|---|---|---|",
+            f"| attack | mean SSIM | max SSIM | mean PSNR (dB) | re-id top-1 | best variant | verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, a in self.attacks.items():
+            reid = f"{100 * a['reid_top1']:.0f}%" if a.get("reid_top1") is not None else "-"
             lines.append(
-                f"| {name} | {a['mean_ssim']:.3f} | {a['max_ssim']:.3f} | {a['mean_psnr']:.1f} | "
+                f"| {name} | {a['mean_ssim']:.3f} | {a['max_ssim']:.3f} | {a['mean_psnr']:.1f} | {reid} | "
                 f"{a['best_variant']} | {self._verdict(a)} |"
             )
         lines += [
@@ -228,6 +230,12 @@ class AuditReport:
             "Scores are scikit-image SSIM on [0, 1] images; each sample's score is the max over an attack's "
             "variants and references (x, and x in the attack's domain, e.g. fold(x)).",
         ]
+        g = self.settings.get("reid_gallery_size")
+        if g:
+            lines.append(
+                f"Re-id top-1: how often an attack's output (its variant with the best mean, for every sample) is more "
+                f"similar to its own original than to any other of a gallery of {g} (chance {100 / g:.0f}%)."
+            )
         if self.notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
@@ -324,6 +332,23 @@ def _u8(y: np.ndarray) -> np.ndarray:
     return (np.clip(y, 0, 1) * 255).round().astype(np.uint8)
 
 
+def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -> float:
+    """Top-1 re-identification rate of one fixed (variant, reference) pair over a gallery.
+
+    The attack is rerun on the gallery's veiled images; output ``i`` is scored
+    against the reference of every original ``j``; a hit is ``argmax_j == i``.
+    """
+    vname, rname = pair.split(" vs ", 1)
+    out = next(o for n, o, _ in ATTACKS[attack](v01, ctx) if n == vname)
+    ref = _references(x01)[rname]()
+    G = len(x01)
+    hits = 0
+    for i in range(G):
+        sc = A.ssim_batch(np.broadcast_to(out[i], ref.shape), ref)
+        hits += int(np.argmax(sc) == i)
+    return hits / G
+
+
 def run(
     originals,
     veiled,
@@ -348,7 +373,8 @@ def run(
         model: a model trained on veiled data (nn.Module, LocalModel or path),
             taking [-1, 1] input; enables ``inversion``.
         options: see ``OPTIONS`` (chunk, sign_thresholds, tv_weight,
-            inversion_steps, inversion_lr, inversion_tv, device, worst, progress).
+            inversion_steps, inversion_lr, inversion_tv, device, worst,
+            reid_gallery, progress).
     """
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -393,7 +419,8 @@ def run(
             ctx["inverter"] = info["inverter"]
             ctx["notes"].add(
                 f"learned: U-Net trained on {len(learned['public_images'])} public images veiled by a surrogate "
-                f"model under the attacker's own key"
+                f"model under the attacker's own key ("
+                + ", ".join(f"{k} {v:.0f} s" for k, v in info["seconds"].items() if k != "apply") + ")"
             )
         seconds["learned"] = time.perf_counter() - t0
     if "inversion" in attacks:
@@ -447,12 +474,19 @@ def run(
             best_variant=Counter(best_names[a]).most_common(1)[0][0], variants=var,
             seconds=round(seconds.get(a, 0.0), 2), ssim=scores[a], psnr=psnrs[a],
         )
+    G = min(int(opts["reid_gallery"]), N)
+    if G > 1:
+        for a in attacks:
+            pair = max(results[a]["variants"], key=results[a]["variants"].get)
+            results[a]["reid_top1"], results[a]["reid_variant"] = _reid(a, pair, x01[:G], v01[:G], ctx), pair
+            results[a]["reid_chance"] = 1.0 / G
     stacked = np.stack([scores[a] for a in attacks])
     per_max = stacked.max(0)
     per_attack = [attacks[i] for i in stacked.argmax(0)]
     reference = float(A.ssim_batch(x01, np.roll(x01, 1, axis=0)).mean()) if N > 1 else float("nan")
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
+    settings["reid_gallery_size"] = G if G > 1 else 0
     return AuditReport(
         n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
         per_sample_attack=per_attack, reference_ssim=reference, notes=sorted(ctx["notes"]), settings=settings,
