@@ -1,0 +1,388 @@
+"""ONNX import: the interpreter matches onnxruntime and the torch model, gives input
+gradients, and runs any batch size, across exporters (legacy opset 13/17, dynamo)."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+torchvision = pytest.importorskip("torchvision")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from veil_transforms.onnx_import import SUPPORTED_OPS, load_onnx  # noqa: E402
+
+EXPORT_BATCH = 2
+
+
+class ClassicLeNet5(nn.Module):
+    """LeNet-5 with the classic ``x.view(x.size(0), -1)`` flatten: the legacy exporter
+    bakes the export batch into a ``Reshape[2, -1]`` (the fixed-batch trap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 6, 5, padding=2), nn.Conv2d(6, 16, 5)
+        self.f1, self.f2, self.f3 = nn.Linear(400, 120), nn.Linear(120, 84), nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+        x = x.view(x.size(0), -1)
+        return self.f3(torch.relu(self.f2(torch.relu(self.f1(x)))))
+
+
+def _narrow_classifier(model, in_features, hidden=256):
+    """AlexNet/VGG keep their layer structure, with 4096 -> ``hidden`` wide Linears (speed)."""
+    lin = [i for i, m in enumerate(model.classifier) if isinstance(m, nn.Linear)]
+    dims = [in_features, hidden, hidden, 10]
+    for k, i in enumerate(lin):
+        model.classifier[i] = nn.Linear(dims[k], dims[k + 1])
+    return model
+
+
+def _build(name):
+    tv = torchvision.models
+    if name == "lenet":
+        return ClassicLeNet5(), (1, 28, 28)
+    if name == "lenet5_nets":
+        nets = pytest.importorskip("veil_transforms.nets")
+        return nets.LeNet5(1, 10), (1, 28, 28)
+    if name == "alexnet":  # at 64x64 the features are 1x1: the legacy exporter cannot do AdaptiveAvgPool(6)
+        m = tv.alexnet(weights=None, num_classes=10)
+        m.avgpool = nn.AdaptiveAvgPool2d(1)
+        return _narrow_classifier(m, 256), (3, 64, 64)
+    if name == "vgg11":
+        m = tv.vgg11(weights=None, num_classes=10)
+        m.avgpool = nn.AdaptiveAvgPool2d(1)
+        return _narrow_classifier(m, 512), (3, 32, 32)
+    if name == "vgg11_stockpool":  # stock AdaptiveAvgPool2d(7) on 2x2 features: GatherND/Where/Gather in dynamo
+        return _narrow_classifier(tv.vgg11(weights=None, num_classes=10), 512 * 7 * 7), (3, 64, 64)
+    if name == "resnet18":
+        return tv.resnet18(weights=None, num_classes=10), (3, 64, 64)
+    if name == "mobilenet_v3_small":
+        return tv.mobilenet_v3_small(weights=None, num_classes=10), (3, 64, 64)
+    if name == "vit_tiny":
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
+                                 mlp_dim=64, num_classes=10), (3, 32, 32)
+    raise KeyError(name)
+
+
+def _randomize(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        if hasattr(model, "heads"):  # torchvision's ViT zero-initializes its head
+            model.heads.head.weight.normal_(0, 0.2)
+    return model.eval()
+
+
+def _export(model, shape, path, exporter, dynamic=False):
+    x = torch.randn(EXPORT_BATCH, *shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            pytest.importorskip("onnxscript")
+            torch.onnx.export(model, (x,), str(path), dynamo=True, verbose=False)
+        else:
+            kw = {"input_names": ["x"], "dynamic_axes": {"x": {0: "batch"}}} if dynamic else {}
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=int(exporter[-2:]), **kw)
+
+
+class _Cache:
+    def __init__(self, tmp):
+        self.tmp, self.items = tmp, {}
+
+    def get(self, name, exporter, dynamic=False):
+        key = (name, exporter, dynamic)
+        if key not in self.items:
+            torch.manual_seed(0)
+            model, shape = _build(name)
+            _randomize(model)
+            path = self.tmp / f"{name}_{exporter}{'_dyn' if dynamic else ''}.onnx"
+            _export(model, shape, path, exporter, dynamic)
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                module = load_onnx(path)
+            self.items[key] = (model, shape, path, module, [str(x.message) for x in w])
+        return self.items[key]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return _Cache(tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # the suite shares two cores; OpenMP spinning under load is slow
+    yield
+    torch.set_num_threads(n)
+
+
+def _ort_session(src):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _ort(path, x):
+    sess = _ort_session(str(path))
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+EXPORTERS = ["legacy13", "legacy17", "dynamo"]
+MATRIX = [(n, e) for n in ("lenet", "alexnet", "vgg11", "resnet18", "mobilenet_v3_small") for e in EXPORTERS]
+MATRIX += [("lenet5_nets", "legacy17"), ("lenet5_nets", "dynamo"), ("vgg11_stockpool", "dynamo")]
+
+
+@pytest.mark.parametrize("name,exporter", MATRIX)
+def test_matches_onnxruntime_and_torch(cache, name, exporter):
+    model, shape, path, m, warns = cache.get(name, exporter)
+    assert not [w for w in warns if "chunks" in w], warns  # batch-agnostic without the chunk fallback
+    assert not list(m.parameters()) and len(list(m.buffers())) > 0  # frozen weights as buffers
+    torch.manual_seed(1)
+    x = torch.randn(EXPORT_BATCH, *shape)
+    with torch.no_grad():
+        y = m(x)
+    assert y.dtype == torch.float32
+    assert _rel(y, _ort(path, x)) < 1e-4
+
+    # input gradient: finite, non-zero, equal to the torch model's
+    xg = x.clone().requires_grad_(True)
+    w = torch.randn(y.shape)
+    (g,) = torch.autograd.grad((m(xg) * w).sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad((model(xr) * w).sum(), xr)
+    assert torch.isfinite(g).all() and g.abs().max() > 0
+    assert float((g - gr).norm() / gr.norm()) < 1e-2
+
+    # any batch size, although the graph was exported at batch 2
+    for b in (1, 3, 5):
+        xb = torch.randn(b, *shape)
+        with torch.no_grad():
+            yb, ref = m(xb), model(xb)
+        assert yb.shape == ref.shape
+        assert _rel(yb, ref) < 1e-4, (b, _rel(yb, ref))
+
+
+def test_batch_sizes_with_gradient(cache):
+    """Odd batch sizes through the fixed-batch Reshape: gradients per sample stay correct."""
+    model, shape, _, m, _ = cache.get("lenet", "legacy13")
+    x = torch.randn(5, *shape, requires_grad=True)
+    (g,) = torch.autograd.grad(m(x)[:, 3].sum(), x)
+    xr = x.detach().clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(model(xr)[:, 3].sum(), xr)
+    assert float((g - gr).norm() / gr.norm()) < 1e-4
+
+
+def test_dynamic_batch_export(cache):
+    model, shape, _, m, warns = cache.get("lenet", "legacy17", dynamic=True)
+    assert not warns
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        assert _rel(m(x), model(x)) < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy17", "dynamo"])
+def test_vit_fixed_batch_falls_back_to_chunks(cache, exporter):
+    """Transformers exported at a fixed batch fold it into attention reshapes: still correct."""
+    model, shape, path, m, warns = cache.get("vit_tiny", exporter)
+    x = torch.randn(EXPORT_BATCH, *shape)
+    with torch.no_grad():
+        assert _rel(m(x), _ort(path, x)) < 1e-4
+        for b in (1, 3):
+            xb = torch.randn(b, *shape)
+            assert _rel(m(xb), model(xb)) < 1e-4
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(m(xg).square().sum(), xg)
+    xr = x.clone().requires_grad_(True)
+    (gr,) = torch.autograd.grad(model(xr).square().sum(), xr)
+    assert float((g - gr).norm() / gr.norm()) < 1e-2
+
+
+def test_pickle_and_deepcopy(cache):
+    model, shape, _, m, _ = cache.get("resnet18", "legacy17")
+    x = torch.randn(2, *shape)
+    with torch.no_grad():
+        y = m(x)
+        for clone in (pickle.loads(pickle.dumps(m)), copy.deepcopy(m)):
+            assert torch.equal(clone(x), y)
+    m2 = copy.deepcopy(m).to(torch.device("cpu"))
+    assert all(not p.requires_grad for p in m2.buffers())
+
+
+def test_integer_constants_keep_a_host_copy(cache):
+    _, shape, _, m, _ = cache.get("lenet", "dynamo")
+    # integer shape constants keep a CPU copy for host-side shape arithmetic
+    assert all(t.device.type == "cpu" for t in m._host_consts.values())
+    assert any(not t.is_floating_point() for t in m._host_consts.values())
+
+
+@pytest.mark.parametrize("name,exporter", [("lenet", "legacy13"), ("vgg11_stockpool", "dynamo"),
+                                           ("mobilenet_v3_small", "legacy17"), ("vit_tiny", "legacy17")])
+def test_meta_device_no_host_reads(cache, name, exporter):
+    """CPU stand-in for "no GPU sync": on the meta device, reading any data tensor's values
+    (``.item()``, ``.tolist()``, ``.cpu()``) raises, so shape arithmetic must stay on host."""
+    _, shape, _, m, _ = cache.get(name, exporter)
+    mm = copy.deepcopy(m).to("meta")
+    for b in (1, 3):
+        x = torch.randn(b, *shape, device="meta", requires_grad=True)
+        y = mm(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert y.shape[0] == b and g.shape == x.shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,exporter", [("lenet", "legacy13"), ("vgg11_stockpool", "dynamo"),
+                                           ("mobilenet_v3_small", "legacy17")])
+def test_cuda_forward_backward_without_sync(cache, name, exporter):
+    model, shape, _, m, _ = cache.get(name, exporter)
+    dev = torch.device("cuda")
+    mg = copy.deepcopy(m).to(dev)
+    x = torch.randn(3, *shape)
+    ref = m(x).detach()
+    xg = x.to(dev).requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = mg(xg)
+        (g,) = torch.autograd.grad(y.sum(), xg)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert _rel(y.detach().cpu(), ref) < 1e-3
+    assert torch.isfinite(g).all()
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+def _save(tmp_path, model, name="m.onnx"):
+    p = tmp_path / name
+    onnx.save(model, str(p))
+    return p
+
+
+def _model(nodes, inputs, outputs, inits=(), extra_opsets=()):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    opsets = [helper.make_opsetid("", 17), *[helper.make_opsetid(d, 1) for d in extra_opsets]]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=8)
+
+
+def _vi(name, shape=(1, 3, 4, 4)):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
+
+
+def test_garbage_bytes_and_file(tmp_path):
+    junk = b"\x00\x01 definitely not an onnx model \xff" * 7
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        load_onnx(junk)
+    p = tmp_path / "junk.onnx"
+    p.write_bytes(junk)
+    with pytest.raises(ValueError, match="not a valid ONNX model"):
+        load_onnx(p)
+
+
+def test_unsupported_ops_are_all_listed(tmp_path):
+    w = helper.make_tensor("w", TensorProto.FLOAT, [3, 3, 1, 1], [0.1] * 9)
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"]),
+        helper.make_node("Foo", ["a"], ["b"]),
+        helper.make_node("FusedConv", ["b", "w"], ["y"], domain="com.microsoft", activation="Relu"),
+    ]
+    model = _model(nodes, [_vi("x")], [_vi("y")], [w], extra_opsets=["com.microsoft"])
+    for src in (model.SerializeToString(), _save(tmp_path, model)):
+        with pytest.raises(ValueError, match="unsupported ONNX ops") as e:
+            load_onnx(src)
+        assert "Foo" in str(e.value) and "FusedConv (com.microsoft)" in str(e.value)
+    with pytest.raises(ValueError, match="Foo"):
+        load_onnx(model.SerializeToString(), check=False)
+
+
+def test_two_float_inputs_rejected():
+    model = _model([helper.make_node("Add", ["a", "b"], ["y"])], [_vi("a"), _vi("b")], [_vi("y")])
+    with pytest.raises(ValueError, match="exactly one float"):
+        load_onnx(model.SerializeToString())
+
+
+def test_parity_failure_is_reported(monkeypatch):
+    from veil_transforms import onnx_import
+
+    model = _model([helper.make_node("Sigmoid", ["x"], ["y"])], [_vi("x")], [_vi("y")])
+    assert load_onnx(model.SerializeToString())(torch.zeros(2, 3, 4, 4)).shape == (2, 3, 4, 4)
+    monkeypatch.setitem(onnx_import._OPS, "Sigmoid", lambda ctx, node, v: torch.tanh(v[0]))
+    with pytest.raises(ValueError, match="differs from onnxruntime"):
+        load_onnx(model.SerializeToString())
+
+
+def test_zero_gradient_rejected():
+    zero = helper.make_tensor("z", TensorProto.FLOAT, [1], [0.0])
+    model = _model([helper.make_node("Mul", ["x", "z"], ["y"])], [_vi("x")], [_vi("y")], [zero])
+    with pytest.raises(ValueError, match="gradient"):
+        load_onnx(model.SerializeToString())
+
+
+def test_small_ops_against_onnxruntime():
+    """A grab-bag graph of ops the CNN exports above do not use."""
+    f = TensorProto.FLOAT
+    inits = [
+        helper.make_tensor("pads", TensorProto.INT64, [8], [0, 0, 1, 0, 0, 0, 0, 2]),
+        helper.make_tensor("starts", TensorProto.INT64, [2], [3, 0]),
+        helper.make_tensor("ends", TensorProto.INT64, [2], [-100, 4]),
+        helper.make_tensor("axes", TensorProto.INT64, [2], [3, 1]),
+        helper.make_tensor("steps", TensorProto.INT64, [2], [-2, 2]),
+        helper.make_tensor("scale", f, [4], [1.0, 2.0, 0.5, -1.0]),
+        helper.make_tensor("bias", f, [4], [0.1, 0.0, -0.1, 0.2]),
+        helper.make_tensor("slope", f, [3, 1, 1], [0.1, 0.2, 0.3]),
+        helper.make_tensor("idx", TensorProto.INT64, [2], [-1, 0]),
+    ]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect"),  # (1,3,5,6)
+        helper.make_node("PRelu", ["p", "slope"], ["pr"]),
+        helper.make_node("AveragePool", ["pr"], ["ap"], kernel_shape=[2, 2], strides=[2, 2],
+                         pads=[0, 1, 1, 0], ceil_mode=1),
+        helper.make_node("Slice", ["ap", "starts", "ends", "axes", "steps"], ["s"]),
+        helper.make_node("LayerNormalization", ["x", "scale", "bias"], ["ln"], axis=-1),
+        helper.make_node("Gather", ["ln", "idx"], ["gl"], axis=2),
+        helper.make_node("ReduceMax", ["gl"], ["rm"], axes=[2], keepdims=1),
+        helper.make_node("Softmax", ["gl"], ["sm"], axis=1),
+        helper.make_node("Mul", ["sm", "rm"], ["m1"]),
+        helper.make_node("Elu", ["m1"], ["e"]),
+        helper.make_node("Flatten", ["e"], ["fe"], axis=1),
+        helper.make_node("Flatten", ["s"], ["fs"], axis=1),
+        helper.make_node("Concat", ["fe", "fs"], ["y"], axis=1),
+    ]
+    model = _model(nodes, [_vi("x", (2, 3, 4, 4))], [helper.make_tensor_value_info("y", f, [2, 36])], inits)
+    onnx.checker.check_model(model)
+    m = load_onnx(model.SerializeToString())
+    x = torch.randn(2, 3, 4, 4)
+    sess = _ort_session(model.SerializeToString())
+    ref = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+    assert _rel(m(x), ref) < 1e-5
+
+
+def test_supported_ops_cover_the_usual_suspects():
+    need = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "HardSigmoid",
+            "HardSwish", "Clip", "Tanh", "Erf", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
+            "BatchNormalization", "Reshape", "Flatten", "Transpose", "Concat", "Slice", "Gather",
+            "Squeeze", "Unsqueeze", "Shape", "Constant", "ConstantOfShape", "Cast", "Identity", "Dropout",
+            "LayerNormalization", "Softmax", "ReduceMean", "Pad", "Expand", "Where", "Equal", "Sqrt",
+            "Pow", "Split", "GatherND"}
+    assert need <= SUPPORTED_OPS
