@@ -368,3 +368,10 @@ def test_reidentification(faces):
     noise = torch.randint(0, 256, x.shape, generator=g, dtype=torch.uint8)
     assert audit.run(x, noise, attacks=["fold"], reid_gallery=20).attacks["fold"]["reid_top1"] <= 0.25
     assert "reid_top1" not in audit.run(x, noise, attacks=["fold"], reid_gallery=0).attacks["fold"]
+
+
+def test_blank_guess_baseline(faces):
+    x = faces[0][:20]
+    r = audit.run(x, torch.zeros_like(x), attacks=["identity"])  # a veil that reveals nothing
+    assert r.blank_ssim >= r.attacks["identity"]["mean_ssim"] - 1e-9  # black is one of the blank guesses
+    assert "blank guess" in r.summary() and "blank_ssim" in json.loads(r.to_json(per_sample=False))

@@ -352,9 +352,12 @@ def recover_signs(
 
 # --------------------------------------------------------------------------- learned inverter
 class UNet(nn.Module):
-    """A small 2-level U-Net: ``[B, in_ch, H, W]`` -> ``[B, out_ch, H, W]`` in [0, 1] (sigmoid).
+    """A small 2-level U-Net: ``[B, in_ch, H, W]`` -> ``[B, out_ch, H, W]``, images in [0, 1].
 
-    Any H, W (skip connections are resized to match, so odd sizes work).
+    Any H, W (skip connections are resized to match, so odd sizes work). The
+    head is linear (plus 0.5) while training, clamped to [0, 1] in eval mode: a
+    sigmoid saturates on mostly-black targets such as MNIST and the net dies
+    into a constant black output.
     """
 
     def __init__(self, in_ch: int, out_ch: int, width: int = 16):
@@ -376,7 +379,8 @@ class UNet(nn.Module):
         m = self.mid(nn.functional.max_pool2d(e2, 2, ceil_mode=True))
         d2 = self.dec2(torch.cat([self.up2(up(m, e2)), e2], 1))
         d1 = self.dec1(torch.cat([self.up1(up(d2, e1)), e1], 1))
-        return torch.sigmoid(self.head(d1))
+        out = self.head(d1) + 0.5
+        return out if self.training else out.clamp(0, 1)
 
 
 def _as_float01(x) -> torch.Tensor:
