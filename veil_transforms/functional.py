@@ -10,7 +10,10 @@ kernels).
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -115,6 +118,8 @@ def gradient_iteration(
     steps: int = PAPER["steps"],
     threshold: float = PAPER["threshold"],
     return_stats: bool = False,
+    precision: str = "fp32",
+    cuda_graph: bool = False,
 ):
     """SGD on x~ for ``steps`` steps of Eq. (3), each sample stopping on its own.
 
@@ -123,28 +128,52 @@ def gradient_iteration(
     below ``threshold`` takes that update and then stops. Samples that stopped
     are dropped from the batch, so converged samples cost nothing.
 
+    Fast options (opt-in; see benchmarks/throughput.py):
+
+    * ``precision="bf16"``: F's forward (and so its backward) runs under
+      ``torch.autocast`` in bfloat16. x~, F's outputs as used in the loss, the
+      loss and the update stay float32. Same veil up to bf16 rounding of the
+      gradient (tests/test_fastpath.py).
+    * ``cuda_graph=True``: one step on the whole batch is captured as a CUDA
+      graph and replayed; stopped samples are masked instead of dropped. Once
+      half the batch has stopped, the loop goes on eagerly with compaction.
+      Needs static shapes and a model that never syncs with the host; if the
+      capture fails it warns and goes on eagerly. On other devices the same
+      masked loop runs eagerly (no speed-up; it exists to be tested).
+
     Returns x~ (unclamped, normalized), and with ``return_stats`` also a dict
     with per-sample ``steps`` taken and last ``loss``.
     """
     check_steps(steps)
+    check_precision(precision)
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
+
+    def loss_grad(xa, xo, tg):
+        with _autocast(xa.device.type, precision):
+            f = model(xa)
+        loss = paper_loss(f.float(), tg, xa, xo, alpha, beta)
+        (grad,) = torch.autograd.grad(loss.sum(), xa)
+        return loss, grad
+
     with torch.enable_grad(), frozen(model):
-        with torch.no_grad():
-            target = model(x)
+        with torch.no_grad(), _autocast(x.device.type, precision):
+            target = model(x).float()
         xt = x_start.detach().clone()
         n = xt.shape[0]
         active = torch.arange(n, device=xt.device)
         taken = torch.zeros(n, dtype=torch.long, device=xt.device)
         last = torch.full((n,), math.nan, device=xt.device)
-        for _ in range(steps):
+        done = 0
+        if cuda_graph:
+            done, active = _masked_steps(loss_grad, xt, x, target, taken, last, lr, threshold, steps)
+        for _ in range(steps - done):
             if active.numel() == 0:
                 break
             full = active.numel() == n
             xa = (xt if full else xt[active]).detach().requires_grad_(True)
             xo, tg = (x, target) if full else (x[active], target[active])
-            loss = paper_loss(model(xa), tg, xa, xo, alpha, beta)
-            (grad,) = torch.autograd.grad(loss.sum(), xa)
+            loss, grad = loss_grad(xa, xo, tg)
             with torch.no_grad():
                 xt[active] = xa - lr * grad
                 taken[active] += 1
@@ -154,6 +183,115 @@ def gradient_iteration(
     if return_stats:
         return xt, {"steps": taken, "loss": last}
     return xt
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _autocast(device_type: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    # no weight-cast cache: it must not outlive a CUDA-graph capture (and frozen weights are not cached anyway)
+    return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
+
+
+def _masked_steps(loss_grad, xt, x, target, taken, last, lr, threshold, steps, warmup=3, block=10):
+    """The first steps of gradient_iteration on the whole batch, stopped samples masked (not dropped).
+
+    On CUDA: ``warmup`` eager steps on a side stream, then one step captured as
+    a CUDA graph and replayed. Every ``block`` steps the host checks how many
+    samples are still active and hands over to the eager, compacting loop once
+    half have stopped. Updates ``xt``, ``taken``, ``last`` in place; returns
+    (steps done, indices of the samples still active).
+    """
+    n = xt.shape[0]
+    on = torch.ones(n, dtype=torch.bool, device=xt.device)
+    shape = (n,) + (1,) * (xt.ndim - 1)
+
+    def step():
+        xa = xt.detach().requires_grad_(True)
+        loss, grad = loss_grad(xa, x, target)
+        with torch.no_grad():
+            xt.copy_(torch.where(on.view(shape), xa - lr * grad, xa))
+            taken.add_(on)
+            last.copy_(torch.where(on, loss, last))
+            on.logical_and_(loss >= threshold)
+
+    run, done = step, 0
+    if xt.is_cuda and steps > warmup + 1:
+        side = torch.cuda.Stream(xt.device)
+        side.wait_stream(torch.cuda.current_stream(xt.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(xt.device).wait_stream(side)
+        done = warmup
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(xt.device), torch.cuda.graph(graph):
+                step()
+            run = graph.replay
+        except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
+            warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=3)
+            return done, on.nonzero().squeeze(1)
+    while done < steps:
+        for _ in range(min(block, steps - done)):
+            run()
+        done = min(done + block, steps)
+        if int(on.sum()) <= n // 2:
+            break
+    return done, on.nonzero().squeeze(1)
+
+
+def auto_batch_size(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    sample_shape,
+    device: torch.device | str,
+    *,
+    precision: str = "fp32",
+    limit: int = 1 << 16,
+    cpu_default: int = 512,
+) -> int:
+    """The largest power-of-two batch (<= ``limit``) for which one veil step fits in memory.
+
+    On CUDA: a step on 8 samples gives the memory per sample, the first guess
+    is the power of two that fills 80% of free memory, and the guess is halved
+    on out-of-memory errors. On other devices returns ``cpu_default`` (on the
+    CPU cache-sized batches are fastest, see :func:`veil`).
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return cpu_default
+    sample_shape = tuple(int(s) for s in sample_shape)
+
+    def try_batch(b):
+        z = torch.zeros((b, *sample_shape), device=device)
+        if z.ndim == 4:
+            z = z.contiguous(memory_format=torch.channels_last)
+        gradient_iteration(model, z, z, steps=1, threshold=-math.inf, precision=precision)
+
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    try_batch(8)
+    per_sample = max(1, (torch.cuda.max_memory_allocated(device) - base) // 8)
+    free, _ = torch.cuda.mem_get_info(device)
+    b = 1 << int(math.log2(max(1, min(limit, 0.8 * free // per_sample))))
+    while b > 1:
+        try:
+            try_batch(b)
+            return b
+        except RuntimeError as e:  # torch.cuda.OutOfMemoryError, or cuDNN failing to get a workspace
+            if "out of memory" not in str(e).lower():
+                raise
+        torch.cuda.empty_cache()  # outside the except block, so the traceback's tensors are gone
+        b //= 2
+    return 1
 
 
 def check_steps(steps: int) -> None:
@@ -176,7 +314,9 @@ def veil(
     output: str = "uint8",
     mode: str = "paper",
     device: torch.device | str | None = None,
-    chunk: int | None = None,
+    chunk: int | str | None = None,
+    precision: str = "fp32",
+    cuda_graph: bool = False,
 ) -> torch.Tensor:
     """Veil a batch ``[B, C, H, W]`` of uint8 or [0, 1] float images (Algorithm 1).
 
@@ -187,8 +327,13 @@ def veil(
 
     The loop runs on ``device`` in channels-last layout, in sub-batches of
     ``chunk`` samples (default: the whole batch on a GPU, 512 on the CPU, where
-    cache-sized batches run about 1.5x faster). Samples are independent, so
-    chunking does not change the result beyond float rounding.
+    cache-sized batches run about 1.5x faster; ``"auto"``: :func:`auto_batch_size`).
+    Samples are independent, so chunking does not change the result beyond
+    float rounding.
+
+    Speed options (see :func:`gradient_iteration`): ``precision="bf16"`` runs
+    F under bf16 autocast, ``cuda_graph=True`` replays the step as a CUDA graph
+    on CUDA devices (ignored elsewhere). Defaults give the exact fp32 loop.
     """
     if images.ndim != 4:
         raise ValueError(f"veil expects a batch [B, C, H, W], got shape {tuple(images.shape)}")
@@ -201,6 +346,7 @@ def veil(
         raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    check_precision(precision)
     if (key is None) == (generator is None):
         raise ValueError("veil: pass exactly one of key= (secret bytes) or generator=")
     in_dtype = images.dtype
@@ -211,9 +357,19 @@ def veil(
     x0 = random_pixel_flip(xn, p, generator, uniform=None if u is None else u.to(device))
     if chunk is None:
         chunk = len(xn) if device.type == "cuda" else 512
+    elif chunk == "auto":
+        chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision)
     gia = MODES[mode]
+    fast = {}  # only non-default speed options, so modes without them keep working
+    if precision != "fp32":
+        fast["precision"] = precision
+    if cuda_graph and device.type == "cuda":
+        fast["cuda_graph"] = True
+    unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
+    if unsupported:
+        raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
     xt = torch.cat([
-        gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold)
+        gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)
         for s in range(0, len(xn), chunk)
     ])
     if in_dtype == torch.uint8:
