@@ -21,15 +21,17 @@ ap.add_argument("--n-test", type=int, default=2000)
 ap.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
 ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
 ap.add_argument("--epochs", type=int, default=15)
+ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 args = ap.parse_args()
+dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
 torch.set_flush_denormal(True)
 train, test = mnist_split(args.n_train, args.n_test)
 from veil_transforms.training import fit
 
-F = fit(LeNet5(), *train, epochs=args.epochs, seed=1234)
+F = fit(LeNet5(), *train, epochs=args.epochs, seed=1234, device=args.device)
 rows = []
 for lr in args.lrs:
-    r = utility_experiment(LeNet5, train, test, local_model=F, veil_kwargs={"lr": lr}, epochs=args.epochs, seeds=args.seeds)
+    r = utility_experiment(LeNet5, train, test, local_model=F, veil_kwargs={"lr": lr}, epochs=args.epochs, seeds=args.seeds, device=args.device)
     r = {k: v for k, v in r.items() if k not in ("veiled_train", "local_model")}
     r["lr"] = lr
     rows.append(r)
@@ -38,9 +40,9 @@ out = Path(__file__).parent / "results"
 out.mkdir(exist_ok=True)
 (out / "lr_sweep.json").write_text(json.dumps(rows, indent=1))
 lines = [
-    f"# GIA step size sweep, MNIST {args.n_train}/{args.n_test}, LeNet-5, paper mode, seeds {args.seeds}",
+    f"# GIA step size sweep, MNIST {args.n_train}/{args.n_test}, LeNet-5, paper mode, seeds {args.seeds}, on {dev_name}",
     "", "Command: `python benchmarks/lr_sweep.py " + " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()) + "`", "",
-    "| lr | baseline acc (X) | veiled model on X~ | veiled model on X | SSIM(X, X~) mean | F agreement | veil s (CPU) |",
+    "| lr | baseline acc (X) | veiled model on X~ | veiled model on X | SSIM(X, X~) mean | F agreement | veil s |",
     "|---|---|---|---|---|---|---|",
 ]
 for r in rows:
