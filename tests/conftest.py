@@ -18,6 +18,7 @@ def faces():
 def face_model(faces):
     """A LeNet-5 briefly trained on the faces, so logits are confident and the veil has work to do."""
     x, y = faces
+    torch.manual_seed(0)
     return fit(LeNet5(1, 2), x, y, epochs=20, seed=0)
 
 
