@@ -51,6 +51,9 @@ class VeilTransform(v2.Transform):
         output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
             ``"float"`` keeps full precision for float inputs.
         mode: ``"paper"`` is exactly the paper's Algorithm 1.
+        precision, cuda_graph: opt-in GPU speed levers (``"bf16"`` autocast for
+            F's forward; CUDA-graph replay of the whole-batch step); see
+            ``benchmarks/results/throughput_cuda.md`` for what they buy.
 
     Convention: uint8 pixels in [0, 255] or float pixels in [0, 1]; channels
     first for tensors, channels last for numpy arrays.
@@ -73,6 +76,8 @@ class VeilTransform(v2.Transform):
         device: torch.device | str | None = None,
         output: str = "uint8",
         mode: str = "paper",
+        precision: str = "fp32",
+        cuda_graph: bool = False,
     ) -> None:
         super().__init__()
         F.check_p(p)
@@ -81,6 +86,8 @@ class VeilTransform(v2.Transform):
             raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
         if mode not in F.MODES:
             raise ValueError(f"mode must be one of {sorted(F.MODES)}, got {mode!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         for name, v in (("alpha", alpha), ("beta", beta), ("lr", lr), ("threshold", threshold)):
             if not isinstance(v, (int, float)) or not np.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -91,6 +98,7 @@ class VeilTransform(v2.Transform):
         self.key = _keys.as_key(key)
         self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
         self.threshold, self.lr, self.output, self.mode = float(threshold), float(lr), output, mode
+        self.precision, self.cuda_graph = precision, bool(cuda_graph)
 
     @property
     def layer(self) -> str | None:
@@ -102,7 +110,7 @@ class VeilTransform(v2.Transform):
         return dict(
             mode=self.mode, p=self.p, alpha=self.alpha, beta=self.beta, steps=self.steps,
             threshold=self.threshold, lr=self.lr, layer=self.layer, output=self.output,
-            model=self.local_model.name,
+            model=self.local_model.name, precision=self.precision,
         )
 
     def extra_repr(self) -> str:
@@ -130,7 +138,7 @@ class VeilTransform(v2.Transform):
         return F.veil(
             self.local_model, images, key=self.key, p=self.p, alpha=self.alpha, beta=self.beta,
             lr=self.lr, steps=self.steps, threshold=self.threshold, output=self.output, mode=self.mode,
-            device=self.device,
+            device=self.device, precision=self.precision, cuda_graph=self.cuda_graph,
         )
 
     # -- v2.Transform hooks ----------------------------------------------------
