@@ -381,3 +381,5 @@ def veil(
 
 # mode name -> gradient-iteration function with gradient_iteration's signature.
 MODES: dict[str, Callable] = {"paper": gradient_iteration}
+
+from . import hardened as _hardened  # noqa: E402,F401 - registers mode "hardened"

@@ -1,0 +1,97 @@
+"""The "hardened" veil mode (veil_transforms/hardened.py): registration, per-sample independence,
+determinism, the one-time-pad start, and privacy against the cheap keyless attacks on real faces."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from veil_transforms import VeilTransform
+from veil_transforms import functional as VF
+from veil_transforms import hardened as H
+from veil_transforms.metrics import ssim
+from veil_transforms.training import predict
+
+KEY = bytes(range(32))
+
+
+def test_registered():
+    assert VF.MODES["hardened"] is H.hardened_iteration
+    t = VeilTransform(torch.nn.Flatten(), mode="hardened", key=KEY, device="cpu")
+    assert t.settings["mode"] == "hardened"
+
+
+def test_batched_equals_one_at_a_time_and_repeatable(faces, face_model):
+    x = faces[0][:12]
+    a = VF.veil(face_model, x, key=KEY, mode="hardened")
+    b = torch.cat([VF.veil(face_model, x[i : i + 1], key=KEY, mode="hardened") for i in range(len(x))])
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert (a.int() - b.int()).abs().max() <= 1  # float rounding in batch-size-dependent kernels only
+    assert torch.equal(a, VF.veil(face_model, x, key=KEY, mode="hardened"))  # bit-identical on a repeat
+    other = VF.veil(face_model, x, key=bytes(range(1, 33)), mode="hardened")
+    assert (other.int() - a.int()).abs().float().mean() > 40  # another key: an unrelated veil
+
+
+def test_pad_is_per_sample_and_independent_of_the_image(faces):
+    xn = VF.normalize(faces[0][:32])
+    x0 = VF.random_pixel_flip(xn, uniform=VF.keyed_uniforms(KEY, xn))
+    pad = H.one_time_pad(x0, xn)
+    assert torch.equal(pad[5:6], H.one_time_pad(x0[5:6], xn[5:6]))
+    assert pad.min() >= -1 and pad.max() < 1
+    # uniform on [-1, 1): mean 0, variance 1/3, and uncorrelated with the image, pixel by pixel
+    assert abs(float(pad.mean())) < 0.02 and abs(float(pad.var()) - 1 / 3) < 0.02
+    corr = np.corrcoef(pad.flatten().numpy(), xn.flatten().numpy())[0, 1]
+    assert abs(corr) < 0.03
+    fold_corr = np.corrcoef(pad.abs().flatten().numpy(), xn.abs().flatten().numpy())[0, 1]
+    assert abs(fold_corr) < 0.03  # the paper's start has |x0| = |x| exactly
+
+
+def test_update_never_sees_the_pixels():
+    """With an F that ignores its input, x~ is the pad: x enters only through F(x) (beta is unused)."""
+
+    class Const(torch.nn.Module):
+        def forward(self, z):
+            return z.flatten(1)[:, :3] * 0 + 1.0
+
+    g = torch.Generator().manual_seed(0)
+    xn = torch.rand(4, 1, 9, 9, generator=g) * 2 - 1
+    x0 = VF.random_pixel_flip(xn, generator=g)
+    for beta in (0.0, 0.001, 10.0):
+        out = H.hardened_iteration(Const(), x0, xn, beta=beta, steps=5, threshold=-math.inf)
+        assert torch.equal(out, H.one_time_pad(x0, xn))
+
+
+def test_stats_and_early_stop(faces, face_model):
+    xn = VF.normalize(faces[0][:8])
+    x0 = VF.random_pixel_flip(xn, uniform=VF.keyed_uniforms(KEY, xn))
+    _, st = H.hardened_iteration(face_model, x0, xn, steps=7, threshold=-math.inf, return_stats=True)
+    assert st["steps"].tolist() == [7] * 8
+    _, st = H.hardened_iteration(face_model, x0, xn, steps=300, threshold=math.inf, return_stats=True)
+    assert st["steps"].tolist() == [1] * 8
+
+
+def test_fold_and_cheap_attacks_fail_on_real_faces(faces, face_model):
+    """64 real LFW crops: the fold shows nothing, the veil keeps F's decision, every cheap attack stays low."""
+    from veil_transforms import audit
+
+    x = faces[0][:64]
+    v = VF.veil(face_model, x, key=KEY, mode="hardened", threshold=0.0, steps=100)
+    fold = lambda t: VF.denormalize(VF.normalize(t).abs() * 2 - 1)  # noqa: E731
+    assert ssim(fold(v), fold(x)).mean() < 0.1
+    assert ssim(v, x).mean() < 0.05
+    paper = VF.veil(face_model, x, key=KEY, threshold=0.0, steps=100)
+    assert ssim(fold(paper), fold(x)).mean() > 0.3  # the weakness the mode removes
+    agree = (predict(face_model, v) == predict(face_model, x)).float().mean()
+    assert agree >= 0.9
+    report = audit.run(x, v, reid_gallery=0)
+    assert report.max_mean_ssim < 0.15, report.summary()
+
+
+def test_noise_augment():
+    aug = H.noise_augment(0.5)
+    xb = torch.zeros(1000, 1, 4, 4)
+    out = aug(xb, torch.Generator().manual_seed(0))
+    assert abs(float(out.std()) - 0.5) < 0.02
+    with pytest.raises(ValueError):
+        H.noise_augment(-1)

@@ -1,0 +1,167 @@
+"""The ``"hardened"`` veil mode: a keyed one-time pad instead of sign flips.
+
+Why: the paper's start ``x * m`` (``m = +-1``) keeps ``|x|``, so
+``fold(x~) = |2 x~ - 1|`` shows the image (FINDINGS.md). Penalising the fold's
+SSIM inside the gradient iteration hides it from that one attack but leaves
+``x~`` a function of ``x`` that the next attack may undo.
+
+What: the hardened mode starts from a *one-time pad*,
+
+    x0 = ((x + 1 + 2 u) mod 2) - 1,        u ~ U[0, 1)^(C x H x W),
+
+with ``u`` a SHAKE-256 stream derived from the sample's secret flip mask
+(itself derived from the key and the image, :mod:`veil_transforms.keys`). For
+any ``x``, ``x0`` is uniform on ``[-1, 1)`` and independent of ``x``. The
+gradient iteration then runs the paper's SGD on ``alpha * ||F(x~) - F(x)||_1``
+alone, unclamped, with the paper's per-sample early stop. The paper's
+``- beta * ||x~ - x||_2`` term is dropped: its gradient ``(x~ - x) / ||x~ - x||``
+is the only place where the pixels of ``x`` would enter the update.
+
+So ``x~`` depends on ``x`` only through ``F(x)`` (the target logits) and the
+pad: without the key, no attack (fold, denoising, sign recovery, a learned
+inverter) can recover more of ``x`` than ``F(x)`` itself reveals, whatever
+attack is tried later. What ``F(x)`` reveals is mostly the class, which the
+third party holds anyway as the label.
+
+Per-sample independence: the pad is a function of the sample's own mask bits,
+every loss term is per sample and the early stop is per sample, so veiling a
+batch equals veiling each sample alone (up to float rounding in
+batch-size-dependent kernels) and the same key + image gives the same veil.
+
+Third party: training on hardened veils works best with Gaussian input noise
+(:func:`noise_augment`, sigma 0.6 on the [-1, 1] scale) and about twice the
+usual epochs; see ``benchmarks/frontier.py`` for the measured numbers.
+
+Importing this module registers ``MODES["hardened"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .model import frozen
+
+# Recommended third-party recipe for hardened veils (measured in benchmarks/frontier.py).
+NOISE_SIGMA = 0.6
+EPOCH_FACTOR = 2
+
+_PAD_TAG = b"veil-hardened-pad-v1"
+
+
+def flip_mask(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The secret flip mask (``True`` = flipped) behind ``x_start = x * m``.
+
+    Where ``x == 0`` the flip is invisible and the bit reads ``False``.
+    """
+    return (x_start * x) < 0
+
+
+def pad_uniforms(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-sample uniforms in [0, 1), same shape as ``x``, from each sample's own mask bits.
+
+    ``u_i = SHAKE-256(tag || shape || packbits(mask_i))`` read as little-endian
+    uint32 / 2^32. The mask bits are a keyed pseudo-random stream, so ``u`` is
+    secret without the key; and ``u_i`` depends on sample ``i`` only.
+    """
+    bits = flip_mask(x_start, x).flatten(1).to("cpu").numpy()
+    shape = tuple(x.shape[1:])
+    n = int(np.prod(shape))
+    head = _PAD_TAG + np.asarray(shape, dtype=np.int64).tobytes()
+    out = np.empty((len(bits), n), dtype=np.float32)
+    for i, row in enumerate(bits):
+        raw = hashlib.shake_256(head + np.packbits(row).tobytes()).digest(4 * n)
+        out[i] = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
+    return torch.from_numpy(out).view(-1, *shape).to(device=x.device, dtype=x.dtype)
+
+
+def one_time_pad(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The hardened start ``((x + 1 + 2u) mod 2) - 1``: uniform on [-1, 1), independent of ``x``."""
+    u = pad_uniforms(x_start, x)
+    return torch.remainder(x + 1 + 2 * u, 2.0) - 1
+
+
+def hardened_iteration(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x_start: torch.Tensor,
+    x: torch.Tensor,
+    *,
+    alpha: float = 0.999,
+    beta: float = 0.001,
+    lr: float = 0.1,
+    steps: int = 300,
+    threshold: float = 0.3,
+    return_stats: bool = False,
+    **_fast,
+):
+    """Gradient iteration of the hardened mode (same signature as ``functional.gradient_iteration``).
+
+    ``x_start`` is the key-flipped image ``x * m`` and ``x`` the original, both
+    normalized ``[B, C, H, W]``. Starts from :func:`one_time_pad`, then takes
+    up to ``steps`` SGD steps of size ``lr`` on ``alpha * ||F(x~) - F(x)||_1``;
+    a sample whose loss (before its update) is below ``threshold`` takes that
+    update and stops, as in Algorithm 1. ``beta`` is accepted for signature
+    compatibility and not used (see the module docstring). Speed options of the
+    paper mode (``precision``, ``cuda_graph``) are accepted and ignored.
+
+    Returns x~ (normalized, unclamped), and with ``return_stats`` also a dict
+    with per-sample ``steps`` taken and last ``loss``.
+    """
+    from .functional import check_steps
+
+    check_steps(steps)
+    if x_start.shape != x.shape:
+        raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
+    del beta
+    with torch.enable_grad(), frozen(model):
+        with torch.no_grad():
+            target = model(x)
+        xt = one_time_pad(x_start, x)
+        n = xt.shape[0]
+        active = torch.arange(n, device=xt.device)
+        taken = torch.zeros(n, dtype=torch.long, device=xt.device)
+        last = torch.full((n,), math.nan, device=xt.device)
+        for _ in range(steps):
+            if active.numel() == 0:
+                break
+            full = active.numel() == n
+            xa = (xt if full else xt[active]).detach().requires_grad_(True)
+            tg = target if full else target[active]
+            loss = alpha * (model(xa) - tg).abs().flatten(1).sum(1)
+            (grad,) = torch.autograd.grad(loss.sum(), xa)
+            with torch.no_grad():
+                xt[active] = xa - lr * grad
+                taken[active] += 1
+                last[active] = loss
+                active = active[loss >= threshold]
+    xt = xt.detach()
+    if return_stats:
+        return xt, {"steps": taken, "loss": last}
+    return xt
+
+
+def noise_augment(sigma: float = NOISE_SIGMA) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """Third-party training augmentation for hardened veils: ``x + sigma * N(0, 1)`` on [-1, 1] inputs.
+
+    Returns an ``augment(x, generator)`` callable for :func:`veil_transforms.training.fit`.
+    """
+    if not (isinstance(sigma, (int, float)) and sigma >= 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+
+    def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return xb + sigma * torch.randn(xb.shape, generator=g).to(xb)
+
+    return augment
+
+
+def _register() -> None:
+    from . import functional
+
+    functional.MODES.setdefault("hardened", hardened_iteration)
+
+
+_register()
