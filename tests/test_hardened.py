@@ -95,3 +95,11 @@ def test_noise_augment():
     assert abs(float(out.std()) - 0.5) < 0.02
     with pytest.raises(ValueError):
         H.noise_augment(-1)
+
+
+def test_copy_keys():
+    ks = H.copy_keys(KEY, 4)
+    assert len(set(ks)) == 4 and all(len(k) == 32 for k in ks)
+    assert H.copy_keys(KEY, 2) == ks[:2]
+    with pytest.raises(ValueError):
+        H.copy_keys(KEY, 0)
