@@ -102,10 +102,15 @@ def keyed_uniforms(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:
 
 
 def paper_loss(f, target, x_tilde, x, alpha, beta):
-    """Per-sample L = alpha * ||F(x~) - F(x)||_1 - beta * ||x~ - x||_2 (Eq. 2)."""
-    l1 = (f - target).abs().flatten(1).sum(1)
-    l2 = (x_tilde - x).flatten(1).norm(dim=1)
-    return alpha * l1 - beta * l2
+    """Per-sample L = alpha * ||F(x~) - F(x)||_1 - beta * ||x~ - x||_2 (Eq. 2).
+
+    With ``beta == 0`` the distance term is left out entirely, so the pixels of
+    ``x`` do not enter the gradient (the hardened mode relies on this).
+    """
+    l1 = alpha * (f - target).abs().flatten(1).sum(1)
+    if beta == 0:
+        return l1
+    return l1 - beta * (x_tilde - x).flatten(1).norm(dim=1)
 
 
 def gradient_iteration(

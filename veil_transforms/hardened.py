@@ -112,52 +112,26 @@ def hardened_iteration(
     steps: int = 300,
     threshold: float = 0.3,
     return_stats: bool = False,
-    **_fast,
+    **fast,
 ):
     """Gradient iteration of the hardened mode (same signature as ``functional.gradient_iteration``).
 
     ``x_start`` is the key-flipped image ``x * m`` and ``x`` the original, both
-    normalized ``[B, C, H, W]``. Starts from :func:`one_time_pad`, then takes
-    up to ``steps`` SGD steps of size ``lr`` on ``alpha * ||F(x~) - F(x)||_1``;
-    a sample whose loss (before its update) is below ``threshold`` takes that
-    update and stops, as in Algorithm 1. ``beta`` is accepted for signature
-    compatibility and not used (see the module docstring). Speed options of the
-    paper mode (``precision``, ``cuda_graph``) are accepted and ignored.
-
-    Returns x~ (normalized, unclamped), and with ``return_stats`` also a dict
-    with per-sample ``steps`` taken and last ``loss``.
+    normalized ``[B, C, H, W]``. Starts from :func:`one_time_pad`, then runs the
+    library's gradient iteration on ``alpha * ||F(x~) - F(x)||_1`` alone
+    (``beta`` is accepted for signature compatibility and replaced by 0, see
+    the module docstring): same per-sample early stop, compaction and speed
+    options (``precision``, ``cuda_graph``) as the paper mode.
     """
-    from .functional import check_steps
-
-    check_steps(steps)
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
+    from .functional import gradient_iteration
+
     del beta
-    with torch.enable_grad(), frozen(model):
-        with torch.no_grad():
-            target = model(x)
-        xt = one_time_pad(x_start, x)
-        n = xt.shape[0]
-        active = torch.arange(n, device=xt.device)
-        taken = torch.zeros(n, dtype=torch.long, device=xt.device)
-        last = torch.full((n,), math.nan, device=xt.device)
-        for _ in range(steps):
-            if active.numel() == 0:
-                break
-            full = active.numel() == n
-            xa = (xt if full else xt[active]).detach().requires_grad_(True)
-            tg = target if full else target[active]
-            loss = alpha * (model(xa) - tg).abs().flatten(1).sum(1)
-            (grad,) = torch.autograd.grad(loss.sum(), xa)
-            with torch.no_grad():
-                xt[active] = xa - lr * grad
-                taken[active] += 1
-                last[active] = loss
-                active = active[loss >= threshold]
-    xt = xt.detach()
-    if return_stats:
-        return xt, {"steps": taken, "loss": last}
-    return xt
+    return gradient_iteration(
+        model, one_time_pad(x_start, x), x, alpha=alpha, beta=0.0, lr=lr, steps=steps,
+        threshold=threshold, return_stats=return_stats, **fast,
+    )
 
 
 def copy_keys(key: bytes, k: int) -> list[bytes]:
