@@ -191,3 +191,111 @@ def test_auto_batch_size_cuda():
     images = torch.randint(0, 256, (600, 1, 28, 28), dtype=torch.uint8)
     out = F.veil(m, images, generator=torch.Generator().manual_seed(0), steps=3, device="cuda", chunk="auto")
     assert out.shape == images.shape
+
+
+# -- result-preserving levers, checked on the CPU --------------------------------------------
+class SmallBN(torch.nn.Module):
+    """conv -> BN -> ReLU -> conv -> BN -> pool -> linear, with non-trivial BN statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.c2, self.b2 = torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 3)
+        g = torch.Generator().manual_seed(0)
+        for b in (self.b1, self.b2):
+            b.running_mean.copy_(torch.randn(8, generator=g))
+            b.running_var.copy_(torch.rand(8, generator=g) + 0.5)
+            b.weight.data.copy_(torch.rand(8, generator=g) + 0.5)
+            b.bias.data.copy_(torch.randn(8, generator=g))
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = self.b2(self.c2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_fold_batchnorm_same_function_and_same_veil(faces):
+    torch.manual_seed(0)
+    m = SmallBN().eval()
+    folded = F.fold_batchnorm(m)
+    assert not any(isinstance(q, torch.nn.BatchNorm2d) for q in folded.modules())
+    assert isinstance(m.b1, torch.nn.BatchNorm2d)  # the original is untouched
+    xn = F.normalize(faces[0][:32])
+    with torch.no_grad():
+        assert torch.allclose(folded(xn), m(xn), atol=1e-5)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ref = F.veil(m, faces[0][:32], generator=g(), steps=30, device="cpu", output="float")
+    got = F.veil(m, faces[0][:32], generator=g(), steps=30, device="cpu", output="float", fold_bn=True)
+    assert float((got - ref).abs().max()) * 255 <= 1.0  # at most one grey level anywhere
+    assert F.fold_batchnorm(m) is folded  # cached while the weights are unchanged
+    with torch.no_grad():
+        m.c1.weight.mul_(2)  # the owner keeps training F: the folded copy must follow
+    again = F.fold_batchnorm(m)
+    assert again is not folded
+    with torch.no_grad():
+        assert torch.allclose(again(xn), m(xn), atol=1e-4)
+    assert m.training is False and all(p.requires_grad for p in m.parameters())
+
+
+def test_fold_batchnorm_leaves_other_models_alone(trained):
+    assert F.fold_batchnorm(trained) is trained  # no BatchNorm
+
+    class Untraceable(SmallBN):
+        def forward(self, x):
+            if float(x.sum()) > 1e9:  # data-dependent control flow: torch.fx cannot trace it
+                return x
+            return super().forward(x)
+
+    m = Untraceable().eval()
+    with pytest.warns(UserWarning, match="BatchNorm not folded"):
+        assert F.fold_batchnorm(m) is m
+
+
+def test_compile_gives_the_same_veil(faces):
+    """torch.compile of F and the loss (inductor on the CPU here) == the eager loop, within float rounding."""
+    pytest.importorskip("torch._inductor")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv2d(1, 4, 3)
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x)).amax((2, 3)))
+
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    xn = F.normalize(faces[0][:16])
+    x0 = F.random_pixel_flip(xn, 0.5, torch.Generator().manual_seed(2))
+    kw = dict(steps=12, threshold=0.05, return_stats=True)
+    ref, s_ref = F.gradient_iteration(m, x0, xn, **kw)
+    try:
+        got, s_got = F.gradient_iteration(m, x0, xn, compile=True, **kw)
+    except Exception as e:  # noqa: BLE001 - no C++ compiler for inductor's CPU backend here
+        pytest.skip(f"torch.compile unavailable: {type(e).__name__}")
+    assert torch.equal(s_got["steps"], s_ref["steps"])
+    assert torch.allclose(got, ref, atol=1e-4), float((got - ref).abs().max())
+
+
+def test_precomputed_uniforms_and_threshold_minus_inf(faces, trained):
+    from veil_transforms import VeilTransform
+
+    x = faces[0][:8]
+    t = VeilTransform(trained, key=bytes(range(32)), steps=5, threshold=-math.inf, device="cpu")
+    u = t.uniforms(x)
+    assert torch.equal(t.veil_batch(x, u), t.veil_batch(x))
+    with pytest.raises(ValueError, match="uniforms"):
+        t.veil_batch(x, u[:4])
+    with pytest.raises(ValueError, match="threshold"):
+        VeilTransform(trained, threshold=math.nan)
+
+
+def test_batched_keyed_uniforms_equal_per_sample():
+    from veil_transforms import keys
+
+    key = keys.new_key()
+    xn = F.normalize(torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8))
+    one = torch.stack([keys.keyed_uniform(key, keys.sample_digest(key, s), (3, 7, 9)) for s in xn])
+    assert torch.equal(F.keyed_uniforms(key, xn), one)

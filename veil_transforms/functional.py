@@ -14,6 +14,7 @@ import contextlib
 import inspect
 import math
 import warnings
+import weakref
 from typing import Callable
 
 import torch
@@ -95,10 +96,13 @@ def check_p(p: float) -> None:
 
 
 def keyed_uniforms(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:
-    """Per-sample uniforms for a batch ``[B, C, H, W]`` of normalized images, from the key."""
-    shape = tuple(x_norm.shape[1:])
-    cpu = x_norm.detach().to("cpu")
-    return torch.stack([_keys.keyed_uniform(key, _keys.sample_digest(key, s), shape) for s in cpu])
+    """Per-sample uniforms for a batch ``[B, C, H, W]`` of normalized images, from the key.
+
+    Equal to stacking :func:`keys.keyed_uniform` of each sample's
+    :func:`keys.sample_digest` (one hash pair per sample; the conversion to
+    floats is done once for the whole batch).
+    """
+    return _keys.keyed_uniforms_batch(key, x_norm)
 
 
 def paper_loss(f, target, x_tilde, x, alpha, beta):
@@ -126,13 +130,20 @@ def gradient_iteration(
     return_stats: bool = False,
     precision: str = "fp32",
     cuda_graph: bool = False,
+    compile: bool = False,
 ):
     """SGD on x~ for ``steps`` steps of Eq. (3), each sample stopping on its own.
 
     ``x_start`` is the flipped image and ``x`` the original, both normalized and
     ``[B, ...]``. As in Algorithm 1, a sample whose loss (before its update) is
-    below ``threshold`` takes that update and then stops. Samples that stopped
-    are dropped from the batch, so converged samples cost nothing.
+    below ``threshold`` takes that update and then stops.
+
+    The loop never waits for the device inside a step: a stopped sample is
+    masked (its update is a no-op), and the host looks at how many samples are
+    still active only every step on the CPU and every ``CHECK_EVERY`` steps on
+    a GPU. When some have stopped, the batch is compacted to the active ones
+    (with ``cuda_graph``: once half have stopped, since each compaction
+    re-captures the graph), so converged samples stop costing time.
 
     Fast options (opt-in; see benchmarks/throughput.py):
 
@@ -140,12 +151,13 @@ def gradient_iteration(
       ``torch.autocast`` in bfloat16. x~, F's outputs as used in the loss, the
       loss and the update stay float32. Same veil up to bf16 rounding of the
       gradient (tests/test_fastpath.py).
-    * ``cuda_graph=True``: one step on the whole batch is captured as a CUDA
-      graph and replayed; stopped samples are masked instead of dropped. Once
-      half the batch has stopped, the loop goes on eagerly with compaction.
-      Needs static shapes and a model that never syncs with the host; if the
-      capture fails it warns and goes on eagerly. On other devices the same
-      masked loop runs eagerly (no speed-up; it exists to be tested).
+    * ``cuda_graph=True``: one step is captured as a CUDA graph and replayed.
+      Needs a model that never syncs with the host; if the capture fails it
+      warns and goes on eagerly. Ignored off CUDA.
+    * ``compile=True``: F's forward with the loss goes through
+      ``torch.compile`` (inductor fuses the elementwise work around the
+      convolutions, forward and backward). Costs a compilation of tens of
+      seconds the first time per model and input shape; pays for long runs.
 
     Returns x~ (unclamped, normalized), and with ``return_stats`` also a dict
     with per-sample ``steps`` taken and last ``loss``.
@@ -154,41 +166,126 @@ def gradient_iteration(
     check_precision(precision)
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
-
-    def loss_grad(xa, xo, tg):
-        with _autocast(xa.device.type, precision):
-            f = model(xa)
-        loss = paper_loss(f.float(), tg, xa, xo, alpha, beta)
-        (grad,) = torch.autograd.grad(loss.sum(), xa)
-        return loss, grad
-
-    with torch.enable_grad(), frozen(model):
+    loss_fn = _loss_fn(model, alpha, beta, precision, compile)
+    graph = bool(cuda_graph) and x.is_cuda
+    with torch.enable_grad(), frozen(model), _cudnn_benchmark(x.is_cuda):
         with torch.no_grad(), _autocast(x.device.type, precision):
             target = model(x).float()
         xt = x_start.detach().clone()
         n = xt.shape[0]
-        active = torch.arange(n, device=xt.device)
         taken = torch.zeros(n, dtype=torch.long, device=xt.device)
         last = torch.full((n,), math.nan, device=xt.device)
-        done = 0
-        if cuda_graph:
-            done, active = _masked_steps(loss_grad, xt, x, target, taken, last, lr, threshold, steps)
-        for _ in range(steps - done):
-            if active.numel() == 0:
+        idx, done = None, 0  # idx: the samples still active (None: all of them)
+        while done < steps:
+            if idx is None:
+                part = (xt, x, target, taken, last)
+            else:
+                part = tuple(t[idx] for t in (xt, x, target, taken, last))
+            ran, on = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done, graph=graph)
+            if idx is not None:
+                xt[idx], taken[idx], last[idx] = part[0], part[3], part[4]
+            done += ran
+            keep = on.nonzero().squeeze(1)
+            idx = keep if idx is None else idx[keep]
+            if idx.numel() == 0:
                 break
-            full = active.numel() == n
-            xa = (xt if full else xt[active]).detach().requires_grad_(True)
-            xo, tg = (x, target) if full else (x[active], target[active])
-            loss, grad = loss_grad(xa, xo, tg)
-            with torch.no_grad():
-                xt[active] = xa - lr * grad
-                taken[active] += 1
-                last[active] = loss
-                active = active[loss >= threshold]
     xt = xt.detach()
     if return_stats:
         return xt, {"steps": taken, "loss": last}
     return xt
+
+
+# on a GPU the host reads the number of active samples every this many steps
+CHECK_EVERY = 10
+
+
+def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3):
+    """Masked steps on one batch until ``steps`` are done or it is worth compacting.
+
+    Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of
+    the samples still active). Eager on the CPU: checks after every step and
+    returns as soon as one sample stopped. On CUDA: checks every
+    ``CHECK_EVERY`` steps; with ``graph``, ``warmup`` eager steps on a side
+    stream, then one step captured as a CUDA graph and replayed, returning
+    once half the batch has stopped.
+    """
+    n = xt.shape[0]
+    on = torch.ones(n, dtype=torch.bool, device=xt.device)
+    shape = (n,) + (1,) * (xt.ndim - 1)
+
+    def step():
+        xa = xt.detach().requires_grad_(True)
+        loss = loss_fn(xa, x, target)
+        (grad,) = torch.autograd.grad(loss.sum(), xa)
+        with torch.no_grad():
+            loss = loss.detach()
+            xt.copy_(torch.where(on.view(shape), xa - lr * grad, xa))
+            taken.add_(on)
+            last.copy_(torch.where(on, loss, last))
+            on.logical_and_(loss >= threshold)
+
+    every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (1, n - 1)
+    run, done = step, 0
+    if graph and steps > warmup + 1:
+        side = torch.cuda.Stream(xt.device)
+        side.wait_stream(torch.cuda.current_stream(xt.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(xt.device).wait_stream(side)
+        done = warmup
+        if int(on.sum()) <= enough:
+            return done, on
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.device(xt.device), torch.cuda.graph(g):
+                step()
+            run = g.replay
+        except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
+            warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=4)
+            torch.cuda.synchronize(xt.device)
+            enough = n - 1
+    while done < steps:
+        for _ in range(min(every, steps - done)):
+            run()
+        done = min(done + every, steps)
+        if int(on.sum()) <= enough:
+            break
+    return done, on
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool):
+    """cuDNN picks the fastest kernels for the loop's shapes (the loop runs each shape hundreds of times)."""
+    if not on:
+        yield
+        return
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
+
+
+_COMPILED: dict = {}
+
+
+def _loss_fn(model, alpha, beta, precision, compile):
+    """``(x~, x, target) -> per-sample loss`` with F under ``precision``; through torch.compile if asked."""
+    if not compile:
+        return lambda xa, xo, tg: _model_loss(model, xa, xo, tg, alpha, beta, precision)
+    k = (float(alpha), float(beta), precision)
+    if k not in _COMPILED:  # one compiled function; torch.compile keeps a specialisation per model and shape
+        _COMPILED[k] = torch.compile(lambda m, xa, xo, tg: _model_loss(m, xa, xo, tg, *k))
+    fn = _COMPILED[k]
+    return lambda xa, xo, tg: fn(model, xa, xo, tg)
+
+
+def _model_loss(model, xa, xo, tg, alpha, beta, precision):
+    with _autocast(xa.device.type, precision):
+        f = model(xa)
+    return paper_loss(f.float(), tg, xa, xo, alpha, beta)
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -204,54 +301,6 @@ def _autocast(device_type: str, precision: str):
         return contextlib.nullcontext()
     # no weight-cast cache: it must not outlive a CUDA-graph capture (and frozen weights are not cached anyway)
     return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
-
-
-def _masked_steps(loss_grad, xt, x, target, taken, last, lr, threshold, steps, warmup=3, block=10):
-    """The first steps of gradient_iteration on the whole batch, stopped samples masked (not dropped).
-
-    On CUDA: ``warmup`` eager steps on a side stream, then one step captured as
-    a CUDA graph and replayed. Every ``block`` steps the host checks how many
-    samples are still active and hands over to the eager, compacting loop once
-    half have stopped. Updates ``xt``, ``taken``, ``last`` in place; returns
-    (steps done, indices of the samples still active).
-    """
-    n = xt.shape[0]
-    on = torch.ones(n, dtype=torch.bool, device=xt.device)
-    shape = (n,) + (1,) * (xt.ndim - 1)
-
-    def step():
-        xa = xt.detach().requires_grad_(True)
-        loss, grad = loss_grad(xa, x, target)
-        with torch.no_grad():
-            xt.copy_(torch.where(on.view(shape), xa - lr * grad, xa))
-            taken.add_(on)
-            last.copy_(torch.where(on, loss, last))
-            on.logical_and_(loss >= threshold)
-
-    run, done = step, 0
-    if xt.is_cuda and steps > warmup + 1:
-        side = torch.cuda.Stream(xt.device)
-        side.wait_stream(torch.cuda.current_stream(xt.device))
-        with torch.cuda.stream(side):
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream(xt.device).wait_stream(side)
-        done = warmup
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.device(xt.device), torch.cuda.graph(graph):
-                step()
-            run = graph.replay
-        except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
-            warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=3)
-            return done, on.nonzero().squeeze(1)
-    while done < steps:
-        for _ in range(min(block, steps - done)):
-            run()
-        done = min(done + block, steps)
-        if int(on.sum()) <= n // 2:
-            break
-    return done, on.nonzero().squeeze(1)
 
 
 def auto_batch_size(
@@ -323,15 +372,22 @@ def veil(
     chunk: int | str | None = None,
     precision: str = "fp32",
     cuda_graph: bool = False,
+    compile: bool = False,
+    channels_last: bool | None = None,
+    fold_bn: bool = False,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Veil a batch ``[B, C, H, W]`` of uint8 or [0, 1] float images (Algorithm 1).
 
     The flip mask comes from ``key`` (per-sample, derived from the key and the
     image, see :mod:`veil_transforms.keys`) or, for experiments, ``generator``.
+    ``uniforms`` may carry ``keyed_uniforms(key, normalize(images))``
+    computed ahead (say, in another thread while the GPU works).
     Returns uint8 images for uint8 input; float input gives float in [0, 1],
     snapped to the 256-level grid when ``output == "uint8"``.
 
-    The loop runs on ``device`` in channels-last layout, in sub-batches of
+    The loop runs on ``device`` (in channels-last layout when ``channels_last``;
+    default: for inputs of 3 or more channels), in sub-batches of
     ``chunk`` samples (default: the whole batch on a GPU, 512 on the CPU, where
     cache-sized batches run about 1.5x faster; ``"auto"``: :func:`auto_batch_size`).
     Samples are independent, so chunking does not change the result beyond
@@ -339,7 +395,10 @@ def veil(
 
     Speed options (see :func:`gradient_iteration`): ``precision="bf16"`` runs
     F under bf16 autocast, ``cuda_graph=True`` replays the step as a CUDA graph
-    on CUDA devices (ignored elsewhere). Defaults give the exact fp32 loop.
+    on CUDA devices (ignored elsewhere), ``compile=True`` runs F and the loss
+    through ``torch.compile``, ``fold_bn=True`` folds F's BatchNorm layers into
+    the convolutions before them (:func:`fold_batchnorm`). Defaults give the
+    exact fp32 loop.
     """
     if images.ndim != 4:
         raise ValueError(f"veil expects a batch [B, C, H, W], got shape {tuple(images.shape)}")
@@ -358,8 +417,15 @@ def veil(
     in_dtype = images.dtype
     device = torch.device(device) if device is not None else images.device
     xn = normalize(images)
-    u = keyed_uniforms(key, xn) if key is not None else None
-    xn = xn.to(device).contiguous(memory_format=torch.channels_last)
+    if uniforms is not None:
+        if key is None or tuple(uniforms.shape) != tuple(images.shape):
+            raise ValueError("veil: uniforms= must come with key= and have the images' shape")
+        u = uniforms
+    else:
+        u = keyed_uniforms(key, xn) if key is not None else None
+    if channels_last is None:
+        channels_last = xn.shape[1] >= 3
+    xn = xn.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x0 = random_pixel_flip(xn, p, generator, uniform=None if u is None else u.to(device))
     if chunk is None:
         chunk = len(xn) if device.type == "cuda" else 512
@@ -371,6 +437,10 @@ def veil(
         fast["precision"] = precision
     if cuda_graph and device.type == "cuda":
         fast["cuda_graph"] = True
+    if compile:
+        fast["compile"] = True
+    if fold_bn:
+        model = fold_batchnorm(model)
     unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
     if unsupported:
         raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
@@ -382,6 +452,44 @@ def veil(
         return denormalize(xt, torch.uint8).to(images.device)
     out = denormalize(xt, torch.uint8).float() / 255.0 if output == "uint8" else denormalize(xt, torch.float32)
     return out.to(device=images.device, dtype=in_dtype)
+
+
+_FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def fold_batchnorm(model):
+    """F with every eval-mode BatchNorm folded into the convolution or linear layer before it.
+
+    Exact up to float rounding (F is in eval mode during the veil, so each
+    BatchNorm is a fixed per-channel affine map), and it removes one pass over
+    every activation, forward and backward. Uses ``torch.fx`` (symbolic
+    tracing); a model that cannot be traced, or has no BatchNorm, is returned
+    as is. The folded copy is cached per model and rebuilt when any of its
+    parameters or buffers changes (tensor version counters).
+    """
+    if not isinstance(model, torch.nn.Module) or not any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()
+    ):
+        return model
+    sig = tuple((id(t), t._version) for t in (*model.parameters(), *model.buffers()))
+    hit = _FOLDED.get(model)
+    if hit is not None and hit[0] == sig:
+        return model if hit[1] is None else hit[1]
+    from torch.fx.experimental.optimization import fuse
+
+    was_training = model.training
+    model.eval()
+    try:
+        folded = fuse(model)
+        for prm in folded.parameters():
+            prm.requires_grad_(False)
+    except Exception as e:  # noqa: BLE001 - untraceable model: use it unchanged
+        warnings.warn(f"fold_bn: cannot trace {type(model).__name__} ({type(e).__name__}); BatchNorm not folded", stacklevel=3)
+        folded = None
+    finally:
+        model.train(was_training)
+    _FOLDED[model] = (sig, folded)  # None: keep the model (no reference to it in the cache)
+    return model if folded is None else folded
 
 
 # mode name -> gradient-iteration function with gradient_iteration's signature.

@@ -72,9 +72,11 @@ def key_fingerprint(key: bytes) -> str:
     return hashlib.sha256(b"veil-fingerprint" + key).hexdigest()[:16]
 
 
-def sample_digest(key: bytes, x_norm: torch.Tensor) -> bytes:
+def sample_digest(key: bytes, x_norm: torch.Tensor | np.ndarray) -> bytes:
     """HMAC of one normalized sample ``[C, H, W]`` (float32 contents and shape)."""
-    a = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
+    if isinstance(x_norm, torch.Tensor):
+        x_norm = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
+    a = np.ascontiguousarray(x_norm, dtype=np.float32)
     h = hmac.new(key, b"veil-sample", hashlib.sha256)
     h.update(np.asarray(a.shape, dtype=np.int64).tobytes())
     h.update(a.tobytes())
@@ -95,3 +97,13 @@ def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Te
     raw = hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n)
     u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
     return torch.from_numpy(u.astype(np.float32).reshape(shape))
+
+
+def keyed_uniforms_batch(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:
+    """:func:`keyed_uniform` of :func:`sample_digest` for each sample of ``[B, ...]``, stacked."""
+    shape = tuple(x_norm.shape[1:])
+    n = int(np.prod(shape))
+    cpu = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
+    raw = b"".join(hashlib.shake_256(b"veil-mask" + key + sample_digest(key, a)).digest(4 * n) for a in cpu)
+    u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
+    return torch.from_numpy(u.astype(np.float32).reshape((len(cpu), *shape)))

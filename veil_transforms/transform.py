@@ -51,9 +51,12 @@ class VeilTransform(v2.Transform):
         output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
             ``"float"`` keeps full precision for float inputs.
         mode: ``"paper"`` is exactly the paper's Algorithm 1.
-        precision, cuda_graph: opt-in GPU speed levers (``"bf16"`` autocast for
-            F's forward; CUDA-graph replay of the whole-batch step); see
-            ``benchmarks/results/throughput_cuda.md`` for what they buy.
+        precision, cuda_graph, compile, fold_bn: opt-in GPU speed levers
+            (``"bf16"`` autocast for F's forward; CUDA-graph replay of the
+            step; ``torch.compile`` of F and the loss; BatchNorm folded into
+            the convolutions); see ``benchmarks/results/throughput_cuda.md``
+            for what they buy. Only ``precision`` changes the veil beyond
+            float rounding.
 
     Convention: uint8 pixels in [0, 255] or float pixels in [0, 1]; channels
     first for tensors, channels last for numpy arrays.
@@ -78,6 +81,8 @@ class VeilTransform(v2.Transform):
         mode: str = "paper",
         precision: str = "fp32",
         cuda_graph: bool = False,
+        compile: bool = False,
+        fold_bn: bool = False,
     ) -> None:
         super().__init__()
         F.check_p(p)
@@ -88,9 +93,11 @@ class VeilTransform(v2.Transform):
             raise ValueError(f"mode must be one of {sorted(F.MODES)}, got {mode!r}")
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        for name, v in (("alpha", alpha), ("beta", beta), ("lr", lr), ("threshold", threshold)):
+        for name, v in (("alpha", alpha), ("beta", beta), ("lr", lr)):
             if not isinstance(v, (int, float)) or not np.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if not isinstance(threshold, (int, float)) or np.isnan(threshold) or threshold == np.inf:
+            raise ValueError(f"threshold must be a number or -inf (never stop early), got {threshold!r}")
         if lr <= 0:
             raise ValueError(f"lr must be > 0, got {lr!r}")
         self.device = torch.device(device) if device is not None else default_device()
@@ -99,6 +106,7 @@ class VeilTransform(v2.Transform):
         self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
         self.threshold, self.lr, self.output, self.mode = float(threshold), float(lr), output, mode
         self.precision, self.cuda_graph = precision, bool(cuda_graph)
+        self.compile, self.fold_bn = bool(compile), bool(fold_bn)
 
     @property
     def layer(self) -> str | None:
@@ -129,8 +137,11 @@ class VeilTransform(v2.Transform):
         """Raise ValueError if F does not take images of ``sample_shape`` (C, H, W)."""
         self.local_model.check_input(tuple(sample_shape))
 
-    def veil_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """Veil a ``[B, C, H, W]`` uint8 / float tensor; returns the same dtype, device and shape."""
+    def veil_batch(self, images: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+        """Veil a ``[B, C, H, W]`` uint8 / float tensor; returns the same dtype, device and shape.
+
+        ``uniforms``: :meth:`uniforms` of the same images, if computed ahead.
+        """
         F.check_pixels(images, "images")
         if images.ndim != 4:
             raise ValueError(f"veil_batch expects [B, C, H, W], got {tuple(images.shape)}")
@@ -139,7 +150,12 @@ class VeilTransform(v2.Transform):
             self.local_model, images, key=self.key, p=self.p, alpha=self.alpha, beta=self.beta,
             lr=self.lr, steps=self.steps, threshold=self.threshold, output=self.output, mode=self.mode,
             device=self.device, precision=self.precision, cuda_graph=self.cuda_graph,
+            compile=self.compile, fold_bn=self.fold_bn, uniforms=uniforms,
         )
+
+    def uniforms(self, images: torch.Tensor) -> torch.Tensor:
+        """The key's per-sample uniforms for ``[B, C, H, W]`` images (CPU work; see :meth:`veil_batch`)."""
+        return F.keyed_uniforms(self.key, F.normalize(images))
 
     # -- v2.Transform hooks ----------------------------------------------------
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
