@@ -354,3 +354,20 @@ def test_reader_splits_by_node(data, monkeypatch):
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == N_GOOD
     with pytest.raises(ValueError):
         list(shards.load(ref))  # multi-rank without split_by_node: refuse rather than duplicate
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 17, 5), (1, 1, 1)])
+def test_png_encoder_round_trip_and_no_metadata(shape):
+    import struct
+
+    a = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    png = shards.encode_png(a)
+    assert np.array_equal(shards.decode_image(png, channels=shape[0]), a)
+    chunks, pos = [], 8  # only IHDR, IDAT, IEND: nothing but pixels in the file
+    while pos < len(png):
+        (n,) = struct.unpack(">I", png[pos : pos + 4])
+        chunks.append(png[pos + 4 : pos + 8])
+        pos += 12 + n
+    assert chunks == [b"IHDR", b"IDAT", b"IEND"]
+    with pytest.raises(ValueError, match="uint8"):
+        shards.encode_png(a.astype(np.float32))

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
     p.add_argument("--batch-size", type=int, default=256, help="images veiled together")
+    p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
+                   help="F's arithmetic in the loop; bf16 is faster on GPUs, same veil up to bf16 rounding")
+    p.add_argument("--fast", action="store_true",
+                   help="GPU speed levers that keep the veil (up to float rounding): CUDA graph, "
+                        "torch.compile, BatchNorm folding; costs a compilation up front")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--io-workers", type=int, default=None, help="image decoding threads; None: min(8, CPUs)")
@@ -99,7 +104,8 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
         args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch,
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
         create_key=rank == 0, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
-        threshold=args.threshold, lr=args.lr, mode=args.mode,
+        threshold=args.threshold, lr=args.lr, mode=args.mode, precision=args.precision,
+        cuda_graph=args.fast, compile=args.fast, fold_bn=args.fast,
     )
 
 

@@ -44,9 +44,11 @@ import logging
 import os
 import queue
 import re
+import struct
 import tarfile
 import threading
 import time
+import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -283,17 +285,30 @@ def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
     return arr[None].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
 
 
-def encode_png(chw: np.ndarray) -> bytes:
-    """uint8 ``[C, H, W]`` (C = 1 or 3) -> lossless PNG bytes with no metadata chunks."""
-    import PIL.Image
+# zlib level of the PNGs we write: veiled pixels are close to noise, so level 1 is 2x faster
+# than 6 for ~7% more bytes (MNIST-sized veils: 24 vs 48 us, 423 vs 394 bytes)
+PNG_LEVEL = 1
 
+
+def encode_png(chw: np.ndarray, level: int = PNG_LEVEL) -> bytes:
+    """uint8 ``[C, H, W]`` (C = 1 or 3) -> lossless 8-bit grey/RGB PNG bytes with no metadata chunks.
+
+    Written directly (signature, IHDR, one IDAT, IEND; filter "none" on every
+    row) rather than through PIL: 4x faster for small images, and nothing but
+    the pixels can end up in the file.
+    """
     a = np.asarray(chw)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[0] not in (1, 3):
         raise ValueError(f"encode_png: expected uint8 [1|3, H, W], got {a.dtype} {a.shape}")
-    hw = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
-    buf = io.BytesIO()
-    PIL.Image.fromarray(np.ascontiguousarray(hw)).save(buf, format="PNG")
-    return buf.getvalue()
+    c, h, w = a.shape
+    raw = np.zeros((h, 1 + w * c), np.uint8)  # a 0 (no filter) byte before each row
+    raw[:, 1:] = a[0] if c == 1 else a.transpose(1, 2, 0).reshape(h, w * 3)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if c == 1 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), level)) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(tag)))
 
 
 def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
@@ -786,25 +801,43 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     writer.start()
     workers = io_workers or min(8, max(2, (os.cpu_count() or 2)))
     jobs = ((source, it, shape) for i in mine for it in plan.shard_items(i))
+    inflight: deque = deque()
+
+    def veil_and_write(x, u, okeys, labels):  # on the "veil-gpu" thread, in submission order
+        v = veil.veil_batch(x, u).cpu().numpy()
+        writer.put(("batch", okeys, labels, list(v)))
+
+    def drain(limit: int, pb) -> None:
+        while len(inflight) > limit:
+            fut, n = inflight.popleft()
+            fut.result()  # re-raises the veil's or the writer's error here
+            stats["veiled"] += n
+            pb.update(n)
+
     try:
+        # Three stages overlap: decoding threads, one thread driving the GPU (the veil), and the
+        # writer (PNG + tar). This thread batches decoded images and derives their keyed masks (CPU
+        # hashing) while the previous batch is on the GPU. Messages to the writer all go through
+        # the veil thread, so they keep their order.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="veil-decode") as pool, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-gpu") as gpu, \
                 bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
                     disable=not progress or rank != 0) as pb:
             decoded = _prefetch(pool, _decode_job, jobs, window=2 * batch_size + workers)
             for i in mine:
                 items = plan.shard_items(i)
-                writer.put(("begin", i))
+                gpu.submit(writer.put, ("begin", i))
                 skipped: list[dict] = []
                 batch: list[tuple[SourceItem, np.ndarray]] = []
 
                 def flush():
                     x = torch.from_numpy(np.stack([a for _, a in batch]))
-                    v = veil.veil_batch(x).cpu().numpy()
-                    writer.put(("batch", [_keys.opaque_key(veil.key, it.rel) for it, _ in batch],
-                                [it.label for it, _ in batch], list(v)))
-                    stats["veiled"] += len(batch)
-                    pb.update(len(batch))
+                    u = veil.uniforms(x)
+                    fut = gpu.submit(veil_and_write, x, u, [_keys.opaque_key(veil.key, it.rel) for it, _ in batch],
+                                     [it.label for it, _ in batch])
+                    inflight.append((fut, len(batch)))
                     batch.clear()
+                    drain(1, pb)  # at most one batch waiting behind the one on the GPU
 
                 for it in items:
                     arr, why = next(decoded)
@@ -819,7 +852,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                         flush()
                 if batch:
                     flush()
-                writer.put(("end", i, skipped))
+                inflight.append((gpu.submit(writer.put, ("end", i, skipped)), 0))
+            drain(0, pb)
     finally:
         with contextlib.suppress(Exception):
             writer.q.put(None, timeout=60)
