@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One lent-GPU session: the CUDA tests, then the speed benchmarks, each under its own time limit,
+# logs and results copied to $OUT (the device tool's return folder; defaults to ./gpu-out).
+#
+#   bash benchmarks/gpu_session.sh            (from the repository root)
+#
+# Needs: python3 with torch (CUDA), torchvision, scikit-image; webdataset for the shard benchmark
+# (installed from .whl/ when that folder exists); MNIST idx files under $VEIL_DATA/mnist for the
+# utility benchmark and real MNIST images in the shard benchmark (.gpudata/ when present).
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+LOGS=$(mktemp -d)
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+[ -d .gpudata ] && export VEIL_DATA=$PWD/.gpudata
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
+  echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
+  # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
+  cp benchmarks/results/*_cuda.* "$LOGS"/ 2>/dev/null
+  tar -C "$LOGS" -cf "$OUT/gpu.tar" .
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step pytest_cuda "${T_PYTEST:-80}" python3 -m pytest -q -x tests/test_fastpath.py
+step throughput "${T_THROUGHPUT:-280}" python3 benchmarks/throughput.py --device cuda --one-sample 2
+step precision_utility "${T_UTILITY:-110}" python3 benchmarks/precision_utility.py --device cuda
+step shard_throughput "${T_SHARD:-90}" python3 benchmarks/shard_throughput.py --device cuda
+tail -n 3 "$LOGS"/pytest_cuda.log
+cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda.md "$LOGS"/shard_throughput_cuda.md 2>/dev/null | cut -c1-220

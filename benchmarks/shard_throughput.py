@@ -1,0 +1,144 @@
+"""veil-shard end to end (decode, veil, PNG encode, tar write) against the raw veil rate, same run.
+
+    python benchmarks/shard_throughput.py --device cuda
+
+Per case, on the same images and veil settings:
+
+* ``raw veil``: ``VeilTransform.veil_batch`` on CPU uint8 batches already in
+  memory (key hashing, host-device copies and the gradient iteration: all the
+  veil needs, none of the file work), timed after a warm-up batch;
+* ``veil-shard``: ``shards.write_shards`` (the engine behind the CLI) from an
+  ImageFolder of PNG files to finished, fsynced WebDataset shards with a
+  manifest, timed whole (listing, decoding, veiling, encoding, writing).
+
+Cases: MNIST-sized 1x28x28 with LeNet-5 (real MNIST test images, cycled, when
+``../shared/data`` has them; else random), and CIFAR-sized 3x32x32 with
+ResNet-18 (random images). Random-weight models with the early stop off
+(``threshold -inf``), so every image takes all T steps, as in throughput.py.
+The issue's bar: veil-shard >= 90% of the raw veil rate.
+
+Writes benchmarks/results/shard_throughput_<device>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+import torchvision
+
+from veil_transforms import VeilTransform, shards
+from veil_transforms.data import mnist_path, load_mnist
+from veil_transforms.nets import LeNet5
+
+CASES = {
+    # name: (model builder, sample shape, images on CUDA, batch on CUDA, veil options on CUDA)
+    "mnist_lenet5": (lambda: LeNet5(1, 10), (1, 28, 28), 32768, 4096, {"cuda_graph": True}),
+    "cifar_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 32, 32), 8192, 1024,
+                       {"precision": "bf16", "cuda_graph": True, "fold_bn": True}),
+}
+
+
+def make_source(root: Path, shape, n: int, seed: int = 0) -> torch.Tensor:
+    """An ImageFolder of n PNG files (10 classes); returns the images as a uint8 tensor."""
+    if shape == (1, 28, 28) and mnist_path() is not None:
+        x, _ = load_mnist()
+        x = x[torch.arange(n) % len(x)]
+    else:
+        x = torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    for c in range(10):
+        (root / f"class{c}").mkdir(parents=True)
+    for i, a in enumerate(x.numpy()):
+        hw = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+        PIL.Image.fromarray(np.ascontiguousarray(hw)).save(root / f"class{i % 10}" / f"img{i:07d}.png")
+    return x
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(name, device, steps, n, batch, opts, tmp: Path):
+    build, shape, _, _, _ = CASES[name]
+    torch.manual_seed(0)
+    model = build().to(device).eval()
+    src, out = tmp / f"{name}-src", tmp / f"{name}-out"
+    t = time.perf_counter()
+    x = make_source(src, shape, n)
+    print(f"{name}: wrote {n} PNGs in {time.perf_counter() - t:.1f} s", flush=True)
+    # ImageFolder order (sorted class folders, then file names) so both runs veil the same batches
+    order = sorted(range(n), key=lambda i: (i % 10, i))
+    x = x[order]
+    kw = dict(steps=steps, threshold=-math.inf, **opts)
+    veil = VeilTransform(model, key=bytes(range(32)), device=device, **kw)
+    veil.veil_batch(x[:batch])  # warm-up: cuDNN autotuning, capture, compilation
+    sync(device)
+    t = time.perf_counter()
+    for s in range(0, n, batch):
+        veil.veil_batch(x[s : s + batch])
+    sync(device)
+    raw = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = shards.write_shards(src, out, model, batch_size=batch, device=device, progress=False, **kw)
+    e2e = time.perf_counter() - t
+    assert summary["complete"] and summary["total_veiled"] == n, summary
+    size = sum(f.stat().st_size for f in out.glob("veil-*.tar"))
+    row = {"case": name, "shape": list(shape), "images": n, "batch": batch, "options": opts, "steps": steps,
+           "raw_seconds": raw, "raw_img_s": n / raw, "shard_seconds": e2e, "shard_img_s": n / e2e,
+           "ratio": raw / e2e, "shard_bytes": size}
+    print(f"{name}: raw veil {n / raw:,.0f} img/s, veil-shard {n / e2e:,.0f} img/s, ratio {raw / e2e:.3f}", flush=True)
+    shutil.rmtree(src)
+    shutil.rmtree(out)
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--steps", type=int, default=None, help="T (default: 300 on CUDA, 3 on the CPU)")
+    ap.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    ap.add_argument("--images", type=int, default=None, help="images per case (default: per case on CUDA, 512 on the CPU)")
+    ap.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    steps = args.steps or (300 if cuda else 3)
+    torch.set_flush_denormal(True)
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="veil-shard-bench-", dir=args.tmp))
+    try:
+        for name in args.cases:
+            _, _, n, batch, opts = CASES[name]
+            n = args.images or (n if cuda else 512)
+            rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    cmd = "python benchmarks/shard_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"shard_throughput_{device.type}.json").write_text(json.dumps(
+        {"command": cmd, "device": dev_name, "torch": torch.__version__, "cases": rows}, indent=1))
+    md = [f"# veil-shard end to end vs the raw veil rate, on {dev_name} (torch {torch.__version__})", "",
+          f"Command: `{cmd}`", "", "T = " + str(steps) + ", early stop off, random-weight models.", "",
+          "| case | images | batch | veil options | raw veil img/s | veil-shard img/s | veil-shard / raw |",
+          "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['case']} {'×'.join(map(str, r['shape']))} | {r['images']:,} | {r['batch']} | {r['options'] or 'fp32'} | "
+                  f"{r['raw_img_s']:,.0f} | {r['shard_img_s']:,.0f} | {100 * r['ratio']:.1f}% |")
+    (out / f"shard_throughput_{device.type}.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
