@@ -205,9 +205,12 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of
     the samples still active). Eager on the CPU: checks after every step and
     returns as soon as one sample stopped. On CUDA: checks every
-    ``CHECK_EVERY`` steps; with ``graph``, ``warmup`` eager steps on a side
-    stream, then one step captured as a CUDA graph and replayed, returning
-    once half the batch has stopped.
+    ``CHECK_EVERY`` steps. With ``graph``: ``warmup`` eager steps on a side
+    stream, then ``CHECK_EVERY`` steps captured as one CUDA graph; each replay
+    is queued before the host reads the previous replay's count of active
+    samples, so the GPU never waits for the host (nor for the GIL, when other
+    threads keep it busy, as in veil-shard); returns once half the batch has
+    stopped (the step after that decision runs too: it is masked, so harmless).
     """
     n = xt.shape[0]
     on = torch.ones(n, dtype=torch.bool, device=xt.device)
@@ -225,8 +228,8 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
             on.logical_and_(loss >= threshold)
 
     every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (1, n - 1)
-    run, done = step, 0
-    if graph and steps > warmup + 1:
+    done = 0
+    if graph and steps >= warmup + every:
         side = torch.cuda.Stream(xt.device)
         side.wait_stream(torch.cuda.current_stream(xt.device))
         with torch.cuda.stream(side):
@@ -239,19 +242,46 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(xt.device), torch.cuda.graph(g):
-                step()
-            run = g.replay
+                for _ in range(every):
+                    step()
         except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
             warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=4)
             torch.cuda.synchronize(xt.device)
             enough = n - 1
+        else:
+            done, stop = _replay(g, on, done, steps, every, enough)
+            if stop:
+                return done, on
     while done < steps:
         for _ in range(min(every, steps - done)):
-            run()
+            step()
         done = min(done + every, steps)
         if int(on.sum()) <= enough:
             break
     return done, on
+
+
+def _replay(g, on, done, steps, every, enough):
+    """Replay ``g`` (``every`` steps) while whole blocks fit; the host reads each block's active
+    count only after queueing the next block. Returns (steps done, whether to stop the phase)."""
+    counts = torch.empty(2, dtype=torch.long, pin_memory=True)
+    events = [torch.cuda.Event(), torch.cuda.Event()]
+    i, pending = 0, None
+    while steps - done >= every:
+        g.replay()
+        done += every
+        counts[i].copy_(on.sum(), non_blocking=True)
+        events[i].record()
+        if pending is not None:
+            events[pending].synchronize()
+            if int(counts[pending]) <= enough:
+                return done, True
+        pending, i = i, 1 - i
+    if pending is not None:
+        events[pending].synchronize()
+        if int(counts[pending]) <= enough:
+            return done, True
+    return done, False
 
 
 @contextlib.contextmanager
