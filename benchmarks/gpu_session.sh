@@ -28,9 +28,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step pytest_cuda "${T_PYTEST:-80}" python3 -m pytest -q -x tests/test_fastpath.py
-step throughput "${T_THROUGHPUT:-280}" python3 benchmarks/throughput.py --device cuda --one-sample 2
-step precision_utility "${T_UTILITY:-110}" python3 benchmarks/precision_utility.py --device cuda
-step shard_throughput "${T_SHARD:-90}" python3 benchmarks/shard_throughput.py --device cuda
+step pytest_cuda "${T_PYTEST:-80}" python3 -m pytest -q tests/test_fastpath.py
+step shard_throughput "${T_SHARD:-100}" python3 benchmarks/shard_throughput.py --device cuda --nproc 4
+step precision_utility "${T_UTILITY:-110}" python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}
+step throughput "${T_THROUGHPUT:-300}" python3 benchmarks/throughput.py --device cuda --one-sample 2 ${THROUGHPUT_ARGS:-}
 tail -n 3 "$LOGS"/pytest_cuda.log
 cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda.md "$LOGS"/shard_throughput_cuda.md 2>/dev/null | cut -c1-220

@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -68,7 +69,22 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_case(name, device, steps, n, batch, opts, tmp: Path):
+def steady_img_s(out: Path, shard_size: int = 1000) -> float:
+    """Images per second between the first and the last finished shard (file times): the rate
+    once started, without process start-up, model loading and compilation."""
+    times = sorted(f.stat().st_mtime for f in out.glob("veil-*.tar"))
+    return (len(times) - 1) * shard_size / (times[-1] - times[0]) if len(times) > 2 else float("nan")
+
+
+def cli_module() -> str:
+    try:
+        import veil_transforms.tools.shard  # noqa: F401 - installed package
+        return "veil_transforms.tools.shard"
+    except ImportError:  # a checkout on PYTHONPATH (the repo root)
+        return "tools.shard"
+
+
+def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=()):
     build, shape, _, _, _ = CASES[name]
     torch.manual_seed(0)
     model = build().to(device).eval()
@@ -93,10 +109,27 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path):
     e2e = time.perf_counter() - t
     assert summary["complete"] and summary["total_veiled"] == n, summary
     size = sum(f.stat().st_size for f in out.glob("veil-*.tar"))
+    steady = steady_img_s(out)
+    multi = {}
+    for nproc in nprocs:  # the CLI with --nproc: one process per rank on the same GPU
+        shutil.rmtree(out)
+        mfile = tmp / f"{name}.pt"
+        torch.jit.script(model.cpu()).save(str(mfile))
+        model.to(device)
+        flags = ["--precision", opts.get("precision", "fp32")] + [f for k, f in (("cuda_graph", "--cuda-graph"), (
+            "compile", "--compile"), ("fold_bn", "--fold-bn")) if opts.get(k)]
+        cmd = [sys.executable, "-m", cli_module(), str(src), str(out), "--model", str(mfile), "--steps", str(steps),
+               "--threshold=-inf", "--batch-size", str(batch), "--device", device.type, "--nproc", str(nproc), "--quiet", *flags]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        secs = time.perf_counter() - t
+        st = steady_img_s(out)
+        multi[nproc] = {"seconds": secs, "img_s": n / secs, "ratio": raw / secs, "steady_img_s": st, "steady_ratio": st * raw / n}
+        print(f"{name}: veil-shard CLI --nproc {nproc}: {n / secs:,.0f} img/s (steady {st:,.0f}), ratio {raw / secs:.3f}", flush=True)
     row = {"case": name, "shape": list(shape), "images": n, "batch": batch, "options": opts, "steps": steps,
            "raw_seconds": raw, "raw_img_s": n / raw, "shard_seconds": e2e, "shard_img_s": n / e2e,
-           "ratio": raw / e2e, "shard_bytes": size}
-    print(f"{name}: raw veil {n / raw:,.0f} img/s, veil-shard {n / e2e:,.0f} img/s, ratio {raw / e2e:.3f}", flush=True)
+           "ratio": raw / e2e, "shard_bytes": size, "steady_img_s": steady, "steady_ratio": steady * raw / n, "cli_nproc": multi}
+    print(f"{name}: raw veil {n / raw:,.0f} img/s, veil-shard {n / e2e:,.0f} img/s (steady {steady:,.0f}), ratio {raw / e2e:.3f}", flush=True)
     shutil.rmtree(src)
     shutil.rmtree(out)
     return row
@@ -109,6 +142,7 @@ def main(argv=None):
     ap.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     ap.add_argument("--images", type=int, default=None, help="images per case (default: per case on CUDA, 512 on the CPU)")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")
+    ap.add_argument("--nproc", type=int, nargs="*", default=[], help="also time the CLI with these --nproc values")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -120,7 +154,7 @@ def main(argv=None):
         for name in args.cases:
             _, _, n, batch, opts = CASES[name]
             n = args.images or (n if cuda else 512)
-            rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp))
+            rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp, args.nproc))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
@@ -131,11 +165,16 @@ def main(argv=None):
         {"command": cmd, "device": dev_name, "torch": torch.__version__, "cases": rows}, indent=1))
     md = [f"# veil-shard end to end vs the raw veil rate, on {dev_name} (torch {torch.__version__})", "",
           f"Command: `{cmd}`", "", "T = " + str(steps) + ", early stop off, random-weight models.", "",
-          "| case | images | batch | veil options | raw veil img/s | veil-shard img/s | veil-shard / raw |",
-          "|---|---|---|---|---|---|---|"]
+          "Whole run: wall time of the call. Steady: between the first and the last finished shard "
+          "(1,000 images each; leaves out process start-up, model loading, compilation).", "",
+          "| case | images | batch | veil options | raw veil img/s | veil-shard img/s, whole run | veil-shard / raw | steady img/s | steady / raw |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['case']} {'×'.join(map(str, r['shape']))} | {r['images']:,} | {r['batch']} | {r['options'] or 'fp32'} | "
-                  f"{r['raw_img_s']:,.0f} | {r['shard_img_s']:,.0f} | {100 * r['ratio']:.1f}% |")
+                  f"{r['raw_img_s']:,.0f} | {r['shard_img_s']:,.0f} | {100 * r['ratio']:.1f}% | {r['steady_img_s']:,.0f} | {100 * r['steady_ratio']:.1f}% |")
+        for k, c in r["cli_nproc"].items():
+            md.append(f"| … CLI `--nproc {k}` (same GPU) | | | | | {c['img_s']:,.0f} | {100 * c['ratio']:.1f}% | "
+                      f"{c['steady_img_s']:,.0f} | {100 * c['steady_ratio']:.1f}% |")
     (out / f"shard_throughput_{device.type}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
