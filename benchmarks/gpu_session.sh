@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,nohea
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step pytest_cuda "${T_PYTEST:-80}" python3 -m pytest -q tests/test_fastpath.py
 step shard_throughput "${T_SHARD:-100}" python3 benchmarks/shard_throughput.py --device cuda --nproc 4
-step precision_utility "${T_UTILITY:-110}" python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}
+step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}"
 step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
 step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile
 step throughput "${T_THROUGHPUT:-300}" python3 benchmarks/throughput.py --device cuda --one-sample 2 ${THROUGHPUT_ARGS:-}
