@@ -116,8 +116,8 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=()):
         mfile = tmp / f"{name}.pt"
         torch.jit.script(model.cpu()).save(str(mfile))
         model.to(device)
-        flags = ["--precision", opts.get("precision", "fp32")] + [f for k, f in (("cuda_graph", "--cuda-graph"), (
-            "compile", "--compile"), ("fold_bn", "--fold-bn")) if opts.get(k)]
+        flags = ["--precision", opts.get("precision", "fp32")] + [f for k, f in (
+            ("compile", "--compile"), ("fold_bn", "--fold-bn")) if opts.get(k)] + ([] if opts.get("cuda_graph", True) else ["--no-cuda-graph"])
         cmd = [sys.executable, "-m", cli_module(), str(src), str(out), "--model", str(mfile), "--steps", str(steps),
                "--threshold=-inf", "--batch-size", str(batch), "--device", device.type, "--nproc", str(nproc), "--quiet", *flags]
         t = time.perf_counter()

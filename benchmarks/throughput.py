@@ -24,7 +24,8 @@ per image) and T = ``--steps`` steps, it times:
    mask (no compaction), model in eval mode, NCHW input.
 3. ``library ...``: ``veil_transforms.functional.veil`` end to end (flip,
    channels-last, gradient iteration, uint8 output), default fp32 and with its
-   speed options (``precision="bf16"``, ``cuda_graph=True``; bf16 on the CPU
+   speed options (``precision="bf16"``, ``cuda_graph``, ``compile``, ``fold_bn``;
+   "library fp32" is the eager loop, ``cuda_graph=False``; bf16 on the CPU
    uses ``torch.autocast("cpu")``).
 4. on CUDA, a bf16 8192^3 matmul: the card's practical peak.
 
@@ -151,7 +152,7 @@ def library_variants(device, shape, has_bn):
     if device.type != "cuda":
         return {"library fp32": {}, "library bf16": {"precision": "bf16"}}
     g, bf = {"cuda_graph": True}, {"precision": "bf16", "cuda_graph": True}
-    v = {"library fp32": {}, "library fp32 + CUDA graph": g}
+    v = {"library fp32": {"cuda_graph": False}, "library fp32 + CUDA graph": g}
     if shape[0] < 3:  # the default layout for 1-channel input is NCHW; show what channels-last costs
         v["library fp32 + CUDA graph, channels-last"] = {**g, "channels_last": True}
         v["library fp32 + CUDA graph + compile"] = {**g, "compile": True}

@@ -66,11 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs, same veil up to bf16 rounding")
-    p.add_argument("--cuda-graph", action="store_true", help="replay the loop's steps as CUDA graphs (GPU)")
+    p.add_argument("--no-cuda-graph", action="store_true",
+                   help="run the loop eagerly on the GPU (by default its steps are replayed as CUDA graphs)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile F and the loss: faster per step, costs a compilation per process up front")
     p.add_argument("--fold-bn", action="store_true", help="fold F's BatchNorm layers into the convolutions")
-    p.add_argument("--fast", action="store_true", help="all three levers above (they keep the veil up to float rounding)")
+    p.add_argument("--fast", action="store_true", help="--compile and --fold-bn (both keep the veil up to float rounding)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
     p.add_argument("--io-workers", type=int, default=None, help="image decoding threads; None: min(8, CPUs)")
@@ -107,7 +108,8 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
         create_key=rank == 0, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
         threshold=args.threshold, lr=args.lr, mode=args.mode, precision=args.precision,
-        cuda_graph=args.fast or args.cuda_graph, compile=args.fast or args.compile, fold_bn=args.fast or args.fold_bn,
+        cuda_graph=False if args.no_cuda_graph else None, compile=args.fast or args.compile,
+        fold_bn=args.fast or args.fold_bn,
     )
 
 

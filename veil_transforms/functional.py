@@ -167,7 +167,7 @@ def gradient_iteration(
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
     loss_fn = _loss_fn(model, alpha, beta, precision, compile)
-    graph = bool(cuda_graph) and x.is_cuda
+    graph = bool(cuda_graph) and x.is_cuda and not _capture_failed(model)
     with torch.enable_grad(), frozen(model), _cudnn_benchmark(x.is_cuda):
         with torch.no_grad(), _autocast(x.device.type, precision):
             target = model(x).float()
@@ -181,7 +181,10 @@ def gradient_iteration(
                 part = (xt, x, target, taken, last)
             else:
                 part = tuple(t[idx] for t in (xt, x, target, taken, last))
-            ran, on = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done, graph=graph)
+            ran, on, graph_ok = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done, graph=graph)
+            if graph and not graph_ok:  # the model cannot be captured: eager from now on, no more warnings
+                graph = False
+                _capture_failed(model, True)
             if idx is not None:
                 xt[idx], taken[idx], last[idx] = part[0], part[3], part[4]
             done += ran
@@ -203,7 +206,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     """Masked steps on one batch until ``steps`` are done or it is worth compacting.
 
     Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of
-    the samples still active). Eager on the CPU: checks after every step and
+    the samples still active, False if a graph capture failed). Eager on the CPU: checks after every step and
     returns as soon as one sample stopped. On CUDA: checks every
     ``CHECK_EVERY`` steps. With ``graph``: ``warmup`` eager steps on a side
     stream, then ``CHECK_EVERY`` steps captured as one CUDA graph; each replay
@@ -228,7 +231,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
             on.logical_and_(loss >= threshold)
 
     every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (1, n - 1)
-    done = 0
+    done, captured = 0, True
     if graph and steps >= warmup + every:
         side = torch.cuda.Stream(xt.device)
         side.wait_stream(torch.cuda.current_stream(xt.device))
@@ -238,7 +241,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
         torch.cuda.current_stream(xt.device).wait_stream(side)
         done = warmup
         if int(on.sum()) <= enough:
-            return done, on
+            return done, on, True
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(xt.device), torch.cuda.graph(g):
@@ -247,18 +250,31 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
         except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
             warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=4)
             torch.cuda.synchronize(xt.device)
-            enough = n - 1
+            enough, captured = n - 1, False
         else:
             done, stop = _replay(g, on, done, steps, every, enough)
             if stop:
-                return done, on
+                return done, on, True
     while done < steps:
         for _ in range(min(every, steps - done)):
             step()
         done = min(done + every, steps)
         if int(on.sum()) <= enough:
             break
-    return done, on
+    return done, on, captured
+
+
+_NO_GRAPH: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _capture_failed(model, failed: bool = False) -> bool:
+    """Whether a CUDA-graph capture of ``model`` failed before (record it with ``failed=True``)."""
+    try:
+        if failed:
+            _NO_GRAPH.add(model)
+        return model in _NO_GRAPH
+    except TypeError:  # not weak-referenceable
+        return False
 
 
 def _replay(g, on, done, steps, every, enough):
@@ -401,7 +417,7 @@ def veil(
     device: torch.device | str | None = None,
     chunk: int | str | None = None,
     precision: str = "fp32",
-    cuda_graph: bool = False,
+    cuda_graph: bool | None = None,
     compile: bool = False,
     channels_last: bool | None = None,
     fold_bn: bool = False,
@@ -424,11 +440,11 @@ def veil(
     float rounding.
 
     Speed options (see :func:`gradient_iteration`): ``precision="bf16"`` runs
-    F under bf16 autocast, ``cuda_graph=True`` replays the step as a CUDA graph
-    on CUDA devices (ignored elsewhere), ``compile=True`` runs F and the loss
+    F under bf16 autocast, ``cuda_graph`` replays the steps as CUDA graphs on
+    CUDA devices (default: on there; ignored elsewhere), ``compile=True`` runs F and the loss
     through ``torch.compile``, ``fold_bn=True`` folds F's BatchNorm layers into
     the convolutions before them (:func:`fold_batchnorm`). Defaults give the
-    exact fp32 loop.
+    fp32 loop (on CUDA replayed as graphs: the same veil up to float rounding).
     """
     if images.ndim != 4:
         raise ValueError(f"veil expects a batch [B, C, H, W], got shape {tuple(images.shape)}")
@@ -465,6 +481,8 @@ def veil(
     fast = {}  # only non-default speed options, so modes without them keep working
     if precision != "fp32":
         fast["precision"] = precision
+    if cuda_graph is None:  # default: on for CUDA (same veil up to float rounding, faster in every case measured)
+        cuda_graph = device.type == "cuda" and "cuda_graph" in inspect.signature(gia).parameters
     if cuda_graph and device.type == "cuda":
         fast["cuda_graph"] = True
     if compile:

@@ -51,12 +51,12 @@ class VeilTransform(v2.Transform):
         output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
             ``"float"`` keeps full precision for float inputs.
         mode: ``"paper"`` is exactly the paper's Algorithm 1.
-        precision, cuda_graph, compile, fold_bn: opt-in GPU speed levers
+        precision, cuda_graph, compile, fold_bn: GPU speed levers
             (``"bf16"`` autocast for F's forward; CUDA-graph replay of the
-            step; ``torch.compile`` of F and the loss; BatchNorm folded into
-            the convolutions); see ``benchmarks/results/throughput_cuda.md``
-            for what they buy. Only ``precision`` changes the veil beyond
-            float rounding.
+            steps, default on for CUDA devices; ``torch.compile`` of F and the
+            loss; BatchNorm folded into the convolutions); see README
+            "Speed" for what they buy. Only ``precision`` changes the veil
+            beyond float rounding (and costs utility, measured on MNIST).
 
     Convention: uint8 pixels in [0, 255] or float pixels in [0, 1]; channels
     first for tensors, channels last for numpy arrays.
@@ -80,7 +80,7 @@ class VeilTransform(v2.Transform):
         output: str = "uint8",
         mode: str = "paper",
         precision: str = "fp32",
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
         compile: bool = False,
         fold_bn: bool = False,
     ) -> None:
@@ -105,7 +105,7 @@ class VeilTransform(v2.Transform):
         self.key = _keys.as_key(key)
         self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
         self.threshold, self.lr, self.output, self.mode = float(threshold), float(lr), output, mode
-        self.precision, self.cuda_graph = precision, bool(cuda_graph)
+        self.precision, self.cuda_graph = precision, None if cuda_graph is None else bool(cuda_graph)
         self.compile, self.fold_bn = bool(compile), bool(fold_bn)
 
     @property
