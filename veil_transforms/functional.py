@@ -145,15 +145,16 @@ def gradient_iteration(
     (with ``cuda_graph``: once half have stopped, since each compaction
     re-captures the graph), so converged samples stop costing time.
 
-    Fast options (opt-in; see benchmarks/throughput.py):
+    Speed options (see README "Speed" and benchmarks/throughput.py):
 
     * ``precision="bf16"``: F's forward (and so its backward) runs under
       ``torch.autocast`` in bfloat16. x~, F's outputs as used in the loss, the
       loss and the update stay float32. Same veil up to bf16 rounding of the
       gradient (tests/test_fastpath.py).
-    * ``cuda_graph=True``: one step is captured as a CUDA graph and replayed.
-      Needs a model that never syncs with the host; if the capture fails it
-      warns and goes on eagerly. Ignored off CUDA.
+    * ``cuda_graph=True``: blocks of ``CHECK_EVERY`` steps are captured as one
+      CUDA graph and replayed (:func:`veil` turns this on for CUDA by
+      default). Needs a model that never syncs with the host; if the capture
+      fails it warns once per model and goes on eagerly. Ignored off CUDA.
     * ``compile=True``: F's forward with the loss goes through
       ``torch.compile`` (inductor fuses the elementwise work around the
       convolutions, forward and backward). Costs a compilation of tens of
@@ -206,14 +207,14 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     """Masked steps on one batch until ``steps`` are done or it is worth compacting.
 
     Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of
-    the samples still active, False if a graph capture failed). Eager on the CPU: checks after every step and
-    returns as soon as one sample stopped. On CUDA: checks every
-    ``CHECK_EVERY`` steps. With ``graph``: ``warmup`` eager steps on a side
-    stream, then ``CHECK_EVERY`` steps captured as one CUDA graph; each replay
-    is queued before the host reads the previous replay's count of active
-    samples, so the GPU never waits for the host (nor for the GIL, when other
-    threads keep it busy, as in veil-shard); returns once half the batch has
-    stopped (the step after that decision runs too: it is masked, so harmless).
+    the samples still active, False if a graph capture failed). Eager on the
+    CPU: checks after every step and returns as soon as one sample stopped.
+    On CUDA: checks every ``CHECK_EVERY`` steps. With ``graph``: ``warmup``
+    eager steps on a side stream, then ``CHECK_EVERY`` steps captured as one
+    CUDA graph; each replay is queued before the host reads the previous
+    replay's count of active samples, so the GPU has work queued while the
+    host checks; returns once half the batch has stopped (the block queued
+    after that decision runs too: its stopped samples are masked, so harmless).
     """
     n = xt.shape[0]
     on = torch.ones(n, dtype=torch.bool, device=xt.device)
