@@ -848,8 +848,20 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     writer.start()
     workers = io_workers or min(8, max(2, (os.cpu_count() or 2)))
     inflight: deque = deque()
+    # Once anything failed, the veil thread's queued tasks do nothing: an "end" queued behind a
+    # failed batch must not finish (and record) a shard that lacks that batch.
+    failed = threading.Event()
 
-    def veil_and_write(x, u, okeys, labels):  # on the "veil-gpu" thread, in submission order
+    def on_gpu_thread(fn, *args):  # everything for the writer goes through here, in submission order
+        if failed.is_set():
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            failed.set()
+            raise
+
+    def veil_and_write(x, u, okeys, labels):
         v = veil.veil_batch(x, u).cpu().numpy()
         writer.put(("batch", okeys, labels, list(v)))
 
@@ -874,15 +886,15 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
             for i in mine:
                 items = plan.shard_items(i)
-                gpu.submit(writer.put, ("begin", i))
+                gpu.submit(on_gpu_thread, writer.put, ("begin", i))
                 skipped: list[dict] = []
                 batch: list[tuple[SourceItem, np.ndarray]] = []
 
                 def flush():
                     x = torch.from_numpy(np.stack([a for _, a in batch]))
                     u = veil.uniforms(x)
-                    fut = gpu.submit(veil_and_write, x, u, [_keys.opaque_key(veil.key, it.rel) for it, _ in batch],
-                                     [it.label for it, _ in batch])
+                    fut = gpu.submit(on_gpu_thread, veil_and_write, x, u,
+                                     [_keys.opaque_key(veil.key, it.rel) for it, _ in batch], [it.label for it, _ in batch])
                     inflight.append((fut, len(batch)))
                     batch.clear()
                     drain(1, pb)  # at most one batch waiting behind the one on the GPU
@@ -900,8 +912,11 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                         flush()
                 if batch:
                     flush()
-                inflight.append((gpu.submit(writer.put, ("end", i, skipped)), 0))
+                inflight.append((gpu.submit(on_gpu_thread, writer.put, ("end", i, skipped)), 0))
             drain(0, pb)
+    except BaseException:
+        failed.set()  # also on this thread's errors and Ctrl-C: queued writer messages are dropped
+        raise
     finally:
         with contextlib.suppress(Exception):
             writer.q.put(None, timeout=60)
