@@ -199,8 +199,10 @@ def gradient_iteration(
     return xt
 
 
-# on a GPU the host reads the number of active samples every this many steps
+# the host reads the number of active samples every this many steps: on a GPU (a read is a
+# sync), and on the CPU (free there, so every step: stopped samples are dropped at once)
 CHECK_EVERY = 10
+CHECK_EVERY_CPU = 1
 
 
 def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3):
@@ -231,7 +233,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
             last.copy_(torch.where(on, loss, last))
             on.logical_and_(loss >= threshold)
 
-    every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (1, n - 1)
+    every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (CHECK_EVERY_CPU, n - 1)
     done, captured = 0, True
     if graph and steps >= warmup + every:
         side = torch.cuda.Stream(xt.device)
