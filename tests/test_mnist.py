@@ -5,6 +5,8 @@ first N_VEIL of them, train a fresh LeNet-5 on (X~, Y) and on (X, Y), and test
 both on the last 2,000 original images (disjoint from training).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -53,10 +55,11 @@ def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist):
     local, (x, y), xv, (xte, yte) = veiled_mnist
     n = 1000
     fast = VeilTransform(local, key=b"mnist-test-key-0123456789abcdef!", device="cpu", compile=True, fold_bn=True)
-    try:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         xf = fast(x[:n])
-    except Exception as e:  # noqa: BLE001 - inductor needs a C++ compiler on the CPU
-        pytest.skip(f"torch.compile unavailable: {type(e).__name__}")
+    if any("torch.compile failed" in str(w.message) for w in caught):
+        pytest.skip("torch.compile cannot build here (inductor needs a C++ compiler on the CPU)")
     # Over 300 steps the loop amplifies the compiled kernels' different float rounding: measured here
     # 0.046 grey levels on average, 0.8% of pixels off by more than one level (H100, graph + compile:
     # 0.003 and 0.06%). The veil's own movement is ~60 levels, so 0.1 / 2% still means "the same veil".

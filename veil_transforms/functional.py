@@ -168,7 +168,7 @@ def gradient_iteration(
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
     loss_fn = _loss_fn(model, alpha, beta, precision, compile)
-    graph = bool(cuda_graph) and x.is_cuda and not _capture_failed(model)
+    graph = bool(cuda_graph) and x.is_cuda and not _failed_before(_NO_GRAPH, model)
     with torch.enable_grad(), frozen(model), _cudnn_benchmark(x.is_cuda):
         with torch.no_grad(), _autocast(x.device.type, precision):
             target = model(x).float()
@@ -185,7 +185,7 @@ def gradient_iteration(
             ran, on, graph_ok = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done, graph=graph)
             if graph and not graph_ok:  # the model cannot be captured: eager from now on, no more warnings
                 graph = False
-                _capture_failed(model, True)
+                _failed_before(_NO_GRAPH, model, record=True)
             if idx is not None:
                 xt[idx], taken[idx], last[idx] = part[0], part[3], part[4]
             done += ran
@@ -267,17 +267,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     return done, on, captured
 
 
-_NO_GRAPH: "weakref.WeakSet" = weakref.WeakSet()
 
-
-def _capture_failed(model, failed: bool = False) -> bool:
-    """Whether a CUDA-graph capture of ``model`` failed before (record it with ``failed=True``)."""
-    try:
-        if failed:
-            _NO_GRAPH.add(model)
-        return model in _NO_GRAPH
-    except TypeError:  # not weak-referenceable
-        return False
 
 
 def _replay(g, on, done, steps, every, enough):
@@ -328,7 +318,33 @@ def _loss_fn(model, alpha, beta, precision, compile):
     if k not in _COMPILED:  # one compiled function; torch.compile keeps a specialisation per model and shape
         _COMPILED[k] = torch.compile(lambda m, xa, xo, tg: _model_loss(m, xa, xo, tg, *k))
     fn = _COMPILED[k]
-    return lambda xa, xo, tg: fn(model, xa, xo, tg)
+
+    def compiled(xa, xo, tg):
+        if not _failed_before(_NO_COMPILE, model):
+            try:
+                return fn(model, xa, xo, tg)
+            except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                warnings.warn(f"compile: torch.compile failed ({type(e).__name__}: {first}); "
+                              "continuing without it", stacklevel=2)
+                _failed_before(_NO_COMPILE, model, record=True)
+        return _model_loss(model, xa, xo, tg, *k)
+
+    return compiled
+
+
+_NO_COMPILE: "weakref.WeakSet" = weakref.WeakSet()  # models whose compilation failed
+_NO_GRAPH: "weakref.WeakSet" = weakref.WeakSet()  # models whose CUDA-graph capture failed
+
+
+def _failed_before(store: "weakref.WeakSet", model, record: bool = False) -> bool:
+    """Whether ``model`` is in ``store`` (after adding it, with ``record=True``)."""
+    try:
+        if record:
+            store.add(model)
+        return model in store
+    except TypeError:  # not weak-referenceable
+        return False
 
 
 def _model_loss(model, xa, xo, tg, alpha, beta, precision):
