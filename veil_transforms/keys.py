@@ -94,7 +94,11 @@ def opaque_key(key: bytes, name: str) -> str:
 def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """Uniforms in [0, 1) of ``shape`` from a SHAKE-256 stream keyed by key and digest."""
     n = int(np.prod(shape))
-    raw = hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n)
+    return _to_uniforms(hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n), shape)
+
+
+def _to_uniforms(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
+    """Little-endian uint32 stream -> float32 uniforms in [0, 1) of ``shape``."""
     u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
     return torch.from_numpy(u.astype(np.float32).reshape(shape))
 
@@ -105,5 +109,4 @@ def keyed_uniforms_batch(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:
     n = int(np.prod(shape))
     cpu = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
     raw = b"".join(hashlib.shake_256(b"veil-mask" + key + sample_digest(key, a)).digest(4 * n) for a in cpu)
-    u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
-    return torch.from_numpy(u.astype(np.float32).reshape((len(cpu), *shape)))
+    return _to_uniforms(raw, (len(cpu), *shape))
