@@ -267,9 +267,6 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     return done, on, captured
 
 
-
-
-
 def _replay(g, on, done, steps, every, enough):
     """Replay ``g`` (``every`` steps) while whole blocks fit; the host reads each block's active
     count only after queueing the next block. Returns (steps done, whether to stop the phase)."""
@@ -318,9 +315,11 @@ def _loss_fn(model, alpha, beta, precision, compile):
     if k not in _COMPILED:  # one compiled function; torch.compile keeps a specialisation per model and shape
         _COMPILED[k] = torch.compile(lambda m, xa, xo, tg: _model_loss(m, xa, xo, tg, *k))
     fn = _COMPILED[k]
+    use = not _failed_before(_NO_COMPILE, model)  # looked up once per call, not per step
 
     def compiled(xa, xo, tg):
-        if not _failed_before(_NO_COMPILE, model):
+        nonlocal use
+        if use:
             try:
                 return fn(model, xa, xo, tg)
             except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ compiler for inductor
@@ -328,6 +327,7 @@ def _loss_fn(model, alpha, beta, precision, compile):
                 warnings.warn(f"compile: torch.compile failed ({type(e).__name__}: {first}); "
                               "continuing without it", stacklevel=2)
                 _failed_before(_NO_COMPILE, model, record=True)
+                use = False
         return _model_loss(model, xa, xo, tg, *k)
 
     return compiled
