@@ -383,7 +383,7 @@ def test_tar_writer_is_byte_identical_to_webdatasets():
     with wds.TarWriter(buf, encoder=False, mtime=shards.TAR_MTIME, user="veil", group="veil") as tw:
         for k, y, a in samples:
             tw.write({"__key__": k, "png": shards.encode_png(a), "cls": str(y).encode()})
-    ours = b"".join(shards._Writer._sample(k, y, a) for k, y, a in samples)
+    ours = b"".join(shards.tar_sample(k, y, a) for k, y, a in samples)
     ours += shards.tar_end(len(ours))
     assert ours == buf.getvalue()
     with pytest.raises(ValueError, match="too long"):

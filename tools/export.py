@@ -161,12 +161,9 @@ def _original(source, item, channels: int) -> np.ndarray:
 
 
 def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tuple[str, int]:
-    import webdataset as wds
-
+    body = b"".join(shards.tar_sample(k, y, a) for k, a, y in samples)
     with open(path, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=shards.TAR_MTIME, user="veil", group="veil") as tw:
-            for k, a, y in samples:
-                tw.write({"__key__": k, "png": shards.encode_png(a), "cls": str(int(y)).encode()})
+        f.write(body + shards.tar_end(len(body)))
         f.flush()
         os.fsync(f.fileno())
     return shards.file_sha256(path), path.stat().st_size

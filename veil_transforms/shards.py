@@ -331,6 +331,12 @@ def tar_member(name: str, data: bytes, mtime: int = 0, owner: str = "veil") -> b
     return head + data + b"\0" * (-len(data) % _TAR_BLOCK)
 
 
+def tar_sample(okey: str, label: int, pixels: np.ndarray) -> bytes:
+    """One veiled sample as tar members: ``<okey>.cls`` then ``<okey>.png`` (webdataset's order)."""
+    return (tar_member(f"{okey}.cls", str(int(label)).encode(), TAR_MTIME)
+            + tar_member(f"{okey}.png", encode_png(pixels), TAR_MTIME))
+
+
 def tar_end(size_so_far: int) -> bytes:
     """The end-of-archive blocks, padded to a whole record as ``tarfile`` does."""
     n = size_so_far + 2 * _TAR_BLOCK
@@ -749,11 +755,11 @@ class _Writer(threading.Thread):
                     _, okeys, labels, pixels = msg
                     if self.throttle:
                         for k, y, a in zip(okeys, labels, pixels):
-                            size += f.write(self._sample(k, y, a))
+                            size += f.write(tar_sample(k, y, a))
                             count += 1
                             time.sleep(self.throttle)
                     else:
-                        size += f.write(b"".join(self._sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)))
+                        size += f.write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)))
                         count += len(okeys)
                 elif kind == "end":
                     _, index, skipped = msg
@@ -781,11 +787,6 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     pass
 
-    @staticmethod
-    def _sample(okey: str, label: int, pixels: np.ndarray) -> bytes:
-        # members in webdataset's order (sorted extensions), as its TarWriter would write them
-        return (tar_member(f"{okey}.cls", str(int(label)).encode(), TAR_MTIME)
-                + tar_member(f"{okey}.png", encode_png(pixels), TAR_MTIME))
 
 
 def record_shard(out: Path, entry: dict) -> dict:
