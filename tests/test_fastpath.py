@@ -335,6 +335,7 @@ def test_precomputed_uniforms_and_threshold_minus_inf(faces, trained):
     t = VeilTransform(trained, key=bytes(range(32)), steps=5, threshold=-math.inf, device="cpu")
     u = t.uniforms(x)
     assert torch.equal(t.veil_batch(x, u), t.veil_batch(x))
+    assert not torch.equal(t.veil_batch(x, 1 - u), t.veil_batch(x))  # the given uniforms are the ones used
     with pytest.raises(ValueError, match="uniforms"):
         t.veil_batch(x, u[:4])
     with pytest.raises(ValueError, match="threshold"):
