@@ -392,14 +392,15 @@ def test_tar_writer_is_byte_identical_to_webdatasets():
 
 def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     """An error in the veil (say, CUDA out of memory) mid-shard: the shard is not recorded, and a
-    rerun gives exactly the uninterrupted result. Batches of 4 and shards of 10 put 3 batches in a shard."""
+    rerun gives exactly the uninterrupted result. Batches of 4 run across shards of 10: the fifth
+    batch (images 16-19) ends the second shard, and the third batch (8-11) spans the first two."""
     kw = dict(key_file=data["key_file"], steps=3, lr=0.1, device="cpu")
     plan = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     real, calls = plan.veil.veil_batch, []
 
     def flaky(x, u=None):
         calls.append(len(x))
-        if len(calls) == 6:  # the last batch of the second shard: its "end" is queued behind it
+        if len(calls) == 5:  # the last batch of the second shard: its "end" is queued behind it
             raise RuntimeError("CUDA out of memory (simulated)")
         return real(x, u)
 
@@ -410,7 +411,10 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     assert 1 not in recorded and 0 in recorded
     assert not any(p.name.startswith("veil-000001") for p in (tmp_path / "out").iterdir())
     ref = shards.prepare(data["src"], tmp_path / "ref", str(data["model"]), shard_size=10, **kw)
-    shards.run(ref, batch_size=4, progress=False)
+    real_ref, sizes = ref.veil.veil_batch, []
+    ref.veil.veil_batch = lambda x, u=None: sizes.append(len(x)) or real_ref(x, u)
+    summary = shards.run(ref, batch_size=4, progress=False)
+    assert set(sizes[:-1]) == {4} and sum(sizes) == summary["images_veiled"]  # shards do not cut batches
     again = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     assert shards.run(again, batch_size=4, progress=False)["complete"]
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")

@@ -862,9 +862,17 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             failed.set()
             raise
 
-    def veil_and_write(x, u, okeys, labels):
-        v = veil.veil_batch(x, u).cpu().numpy()
-        writer.put(("batch", okeys, labels, list(v)))
+    def veil_and_write(x, u, msgs):
+        """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
+        stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
+        v = list(veil.veil_batch(x, u).cpu().numpy()) if x is not None else []
+        r = 0
+        for m in msgs:
+            if m[0] == "rows":
+                writer.put(("batch", m[1], m[2], v[r : r + len(m[1])]))
+                r += len(m[1])
+            else:
+                writer.put(m)
 
     def drain(limit: int, pb) -> None:
         while len(inflight) > limit:
@@ -877,7 +885,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         # Three stages overlap: decoding threads, one thread driving the GPU (the veil), and the
         # writer (PNG + tar). This thread batches decoded images and derives their keyed masks (CPU
         # hashing) while the previous batch is on the GPU. Messages to the writer all go through
-        # the veil thread, so they keep their order.
+        # the veil thread, so they keep their order. Batches run across shard boundaries (a shard
+        # of 1,000 images must not cap a batch of 4,096), so a shard ends in the message list of
+        # the batch that holds its last images.
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="veil-decode") as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-gpu") as gpu, \
                 bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
@@ -885,22 +895,24 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             # 32 images per decoding job: one future per image cost ~30 us of this thread each
             chunked = ((source, items, shape) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
             decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
-            for i in mine:
-                items = plan.shard_items(i)
-                gpu.submit(on_gpu_thread, writer.put, ("begin", i))
-                skipped: list[dict] = []
-                batch: list[tuple[SourceItem, np.ndarray]] = []
+            batch: list[np.ndarray] = []
+            msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
 
-                def flush():
-                    x = torch.from_numpy(np.stack([a for _, a in batch]))
+            def flush():
+                x = u = None
+                if batch:
+                    x = torch.from_numpy(np.stack(batch))
                     u = veil.uniforms(x)
-                    fut = gpu.submit(on_gpu_thread, veil_and_write, x, u,
-                                     [_keys.opaque_key(veil.key, it.rel) for it, _ in batch], [it.label for it, _ in batch])
-                    inflight.append((fut, len(batch)))
-                    batch.clear()
-                    drain(1, pb)  # at most one batch waiting behind the one on the GPU
+                fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, list(msgs))
+                inflight.append((fut, len(batch)))
+                batch.clear()
+                msgs.clear()
+                drain(1, pb)  # at most one batch waiting behind the one on the GPU
 
-                for it in items:
+            for i in mine:
+                msgs.append(("begin", i))
+                skipped: list[dict] = []
+                for it in plan.shard_items(i):
                     arr, why = next(decoded)
                     if arr is None:
                         skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
@@ -908,12 +920,16 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                         stats["skipped"] += 1
                         pb.update(1)
                         continue
-                    batch.append((it, arr))
+                    if not msgs or msgs[-1][0] != "rows":
+                        msgs.append(("rows", [], []))
+                    msgs[-1][1].append(_keys.opaque_key(veil.key, it.rel))
+                    msgs[-1][2].append(it.label)
+                    batch.append(arr)
                     if len(batch) == batch_size:
                         flush()
-                if batch:
-                    flush()
-                inflight.append((gpu.submit(on_gpu_thread, writer.put, ("end", i, skipped)), 0))
+                msgs.append(("end", i, skipped))
+            if msgs:
+                flush()
             drain(0, pb)
     except BaseException:
         failed.set()  # also on this thread's errors and Ctrl-C: queued writer messages are dropped
