@@ -173,6 +173,48 @@ def test_cuda_graph_matches_eager(faces, trained, precision):
 
 
 @cuda
+def test_kept_graph_replays_other_batches_and_follows_the_weights(faces, trained):
+    """A later call with the same model and batch shape replays the graph an earlier call captured:
+    it must veil its own inputs, leave the earlier result alone, and read F's current weights."""
+    m = LeNet5(1, 2).cuda()
+    m.load_state_dict(trained.state_dict())
+    xs = [F.normalize(faces[0][i * 64:(i + 1) * 64]).cuda() for i in range(3)]
+    x0s = [F.random_pixel_flip(x.cpu(), 0.5, torch.Generator().manual_seed(i)).cuda() for i, x in enumerate(xs)]
+    kw = dict(steps=40, threshold=-math.inf)
+
+    def check(i):
+        ref = F.gradient_iteration(m, x0s[i], xs[i], **kw)
+        got = F.gradient_iteration(m, x0s[i], xs[i], cuda_graph=True, **kw)
+        assert torch.allclose(got, ref, atol=2e-3), float((got - ref).abs().max())
+        return got
+
+    F._GRAPHS.pop(m, None)
+    first = check(0)
+    kept = F._GRAPHS[m]
+    assert len(kept) == 1
+    graph = next(iter(kept.values())).graph
+    saved = first.clone()
+    check(1)  # replayed (same graph object), on other inputs
+    assert next(iter(F._GRAPHS[m].values())).graph is graph
+    assert torch.equal(first, saved)  # the earlier result is not the graph's buffer
+    with torch.no_grad():
+        m.fc3.weight.mul_(-1)  # F changed in place (say, an optimizer step): the same graph sees it
+    check(2)
+    assert len(F._GRAPHS[m]) == 1
+    for p in m.parameters():  # new weight tensors: a new graph
+        p.data = p.data.clone()
+    check(2)
+    assert len(F._GRAPHS[m]) == 2
+    # with the early stop: the same stop steps as the eager loop (to the TF32 tolerance of
+    # test_cuda_graph_matches_eager), and a later call replays a graph whose mask was reset
+    kw = dict(steps=60, threshold=0.3, return_stats=True)
+    for i in (0, 1, 0):
+        ref, s_ref = F.gradient_iteration(m, x0s[i], xs[i], **kw)
+        got, s_got = F.gradient_iteration(m, x0s[i], xs[i], cuda_graph=True, **kw)
+        assert float((s_got["steps"] == s_ref["steps"]).float().mean()) >= 0.95
+
+
+@cuda
 def test_all_gpu_levers_give_the_same_veil(faces):
     """bf16 + CUDA graph + compile + folded BatchNorm against the fp32 eager loop (bf16 tolerance, see top)."""
     torch.manual_seed(0)

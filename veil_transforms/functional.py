@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import threading
 import warnings
 import weakref
+from collections import OrderedDict
 from typing import Callable
 
 import torch
@@ -169,6 +171,7 @@ def gradient_iteration(
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
     loss_fn = _loss_fn(model, alpha, beta, precision, compile)
     graph = bool(cuda_graph) and x.is_cuda and not _failed_before(_NO_GRAPH, model)
+    ckey = _graph_key(model, x, lr, threshold, alpha, beta, precision, compile) if graph else None
     with torch.enable_grad(), frozen(model), _cudnn_benchmark(x.is_cuda):
         with torch.no_grad(), _autocast(x.device.type, precision):
             target = model(x).float()
@@ -178,11 +181,28 @@ def gradient_iteration(
         last = torch.full((n,), math.nan, device=xt.device)
         idx, done = None, 0  # idx: the samples still active (None: all of them)
         while done < steps:
-            if idx is None:
-                part = (xt, x, target, taken, last)
+            kept = None  # a graph captured by an earlier call, on its own copies of the inputs
+            if idx is None and ckey is not None:
+                kept = _kept_graph(model, ckey)
+                if kept is not None:
+                    part, on0 = kept.load(xt, x, target)
+                else:  # captured on copies the graph owns, so a later call can replay it
+                    part, on0 = (xt.clone(), x.clone(), target.clone(), taken.clone(), last.clone()), None
+            elif idx is None:
+                part, on0 = (xt, x, target, taken, last), None
             else:
-                part = tuple(t[idx] for t in (xt, x, target, taken, last))
-            ran, on, graph_ok = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done, graph=graph)
+                part, on0 = tuple(t[idx] for t in (xt, x, target, taken, last)), None
+            try:
+                ran, on, graph_ok, g = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done,
+                                              graph=graph, on=on0, g=kept.graph if kept is not None else None)
+                if idx is None and ckey is not None:  # results out of the graph's buffers (the next call reuses them)
+                    xt, taken, last, on_out = part[0].clone(), part[3].clone(), part[4].clone(), on.clone()
+                    if kept is None and g is not None:
+                        kept = _keep_graph(model, ckey, g, part, on)
+                    on = on_out
+            finally:
+                if kept is not None:
+                    kept.release()
             if graph and not graph_ok:  # the model cannot be captured: eager from now on, no more warnings
                 graph = False
                 _failed_before(_NO_GRAPH, model, record=True)
@@ -205,11 +225,13 @@ CHECK_EVERY = 10
 CHECK_EVERY_CPU = 1
 
 
-def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3):
+def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3, on=None, g=None):
     """Masked steps on one batch until ``steps`` are done or it is worth compacting.
 
     Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of
-    the samples still active, False if a graph capture failed). Eager on the
+    the samples still active, False if a graph capture failed, the captured
+    graph or None). ``g``: a graph an earlier call captured on these very
+    tensors (and ``on``), replayed from the first step. Eager on the
     CPU: checks after every step and returns as soon as one sample stopped.
     On CUDA: checks every ``CHECK_EVERY`` steps. With ``graph``: ``warmup``
     eager steps on a side stream, then ``CHECK_EVERY`` steps captured as one
@@ -219,7 +241,8 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
     after that decision runs too: its stopped samples are masked, so harmless).
     """
     n = xt.shape[0]
-    on = torch.ones(n, dtype=torch.bool, device=xt.device)
+    if on is None:
+        on = torch.ones(n, dtype=torch.bool, device=xt.device)
     shape = (n,) + (1,) * (xt.ndim - 1)
 
     def step():
@@ -235,7 +258,11 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
 
     every, enough = (CHECK_EVERY, n // 2 if graph else n - 1) if xt.is_cuda else (CHECK_EVERY_CPU, n - 1)
     done, captured = 0, True
-    if graph and steps >= warmup + every:
+    if g is not None:
+        done, stop = _replay(g, on, done, steps, every, enough)
+        if stop:
+            return done, on, True, g
+    elif graph and steps >= warmup + every:
         side = torch.cuda.Stream(xt.device)
         side.wait_stream(torch.cuda.current_stream(xt.device))
         with torch.cuda.stream(side):
@@ -244,7 +271,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
         torch.cuda.current_stream(xt.device).wait_stream(side)
         done = warmup
         if int(on.sum()) <= enough:
-            return done, on, True
+            return done, on, True, None
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(xt.device), torch.cuda.graph(g):
@@ -253,18 +280,18 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
         except Exception as e:  # noqa: BLE001 - any capture failure: go on eagerly
             warnings.warn(f"cuda_graph: capture failed ({type(e).__name__}: {e}); continuing eagerly", stacklevel=4)
             torch.cuda.synchronize(xt.device)
-            enough, captured = n - 1, False
+            enough, captured, g = n - 1, False, None
         else:
             done, stop = _replay(g, on, done, steps, every, enough)
             if stop:
-                return done, on, True
+                return done, on, True, g
     while done < steps:
         for _ in range(min(every, steps - done)):
             step()
         done = min(done + every, steps)
         if int(on.sum()) <= enough:
             break
-    return done, on, captured
+    return done, on, captured, g
 
 
 def _replay(g, on, done, steps, every, enough):
@@ -288,6 +315,82 @@ def _replay(g, on, done, steps, every, enough):
         if int(counts[pending]) <= enough:
             return done, True
     return done, False
+
+
+class _Kept:
+    """A captured block of steps with the tensors it reads and writes (see :func:`_kept_graph`)."""
+
+    def __init__(self, graph, bufs):
+        self.graph, self.bufs, self.lock, self.free = graph, bufs, threading.Lock(), None
+
+    def load(self, x_start, x, target):
+        """Copy a new batch into the graph's tensors; returns them (xt, x, target, taken, last) and ``on``."""
+        xt, xo, tg, taken, last, on = self.bufs
+        if self.free is not None:  # the last user's copies out, perhaps queued on another stream
+            torch.cuda.current_stream(xt.device).wait_event(self.free)
+        xt.copy_(x_start)
+        xo.copy_(x)
+        tg.copy_(target)
+        taken.zero_()
+        last.fill_(math.nan)
+        on.fill_(True)
+        return (xt, xo, tg, taken, last), on
+
+    def release(self):
+        self.free = torch.cuda.Event()
+        self.free.record(torch.cuda.current_stream(self.bufs[0].device))
+        self.lock.release()
+
+
+# Graphs kept between calls, per model: a call with the same model (same weight tensors), batch
+# shape and settings replays the graph an earlier call captured, with no warm-up and no capture
+# (both cost eager, Python-driven steps: tens of milliseconds a call, more when other threads hold
+# the GIL, as in veil-shard). Kept for the first phase of a call only (the whole batch; compacted
+# batches vary in size) and for GRAPH_CACHE_SIZE shapes per model; freed with the model.
+GRAPH_CACHE_SIZE = 2
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_GRAPHS_LOCK = threading.Lock()
+
+
+def _graph_key(model, x, lr, threshold, alpha, beta, precision, compile):
+    """What a kept graph depends on, or None for models whose state cannot be told (not modules).
+
+    The graph reads F's weights where they lie: in-place changes (an optimizer step, or
+    ``load_state_dict``) are seen; new weight tensors give a new key."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    try:
+        hash(model)
+        weakref.ref(model)
+    except TypeError:
+        return None
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in model.parameters()) + \
+        tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in model.buffers())
+    return (tuple(x.shape), x.stride(), x.dtype, str(x.device), float(lr), float(threshold), float(alpha), float(beta),
+            precision, bool(compile), CHECK_EVERY, getattr(model, "layer", None), torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32, tensors)
+
+
+def _kept_graph(model, key) -> "_Kept | None":
+    """The kept graph for ``key``, locked for this call; None if there is none or another thread uses it."""
+    with _GRAPHS_LOCK:
+        kept = _GRAPHS.get(model, {}).get(key)
+        if kept is None or not kept.lock.acquire(blocking=False):
+            return None
+        _GRAPHS[model].move_to_end(key)
+        return kept
+
+
+def _keep_graph(model, key, graph, part, on) -> "_Kept":
+    """Keep a graph this call captured on ``part`` and ``on``; returns it locked (this call still reads it)."""
+    kept = _Kept(graph, (*part, on))
+    kept.lock.acquire()
+    with _GRAPHS_LOCK:
+        graphs = _GRAPHS.setdefault(model, OrderedDict())
+        graphs[key] = kept
+        while len(graphs) > GRAPH_CACHE_SIZE:
+            graphs.popitem(last=False)
+    return kept
 
 
 @contextlib.contextmanager
