@@ -390,6 +390,15 @@ def test_tar_writer_is_byte_identical_to_webdatasets():
         shards.tar_member("x" * 100, b"")
 
 
+def test_io_processes_write_the_same_bytes(data, tmp_path):
+    """Decoding, key hashing and PNG encoding in spawned I/O processes instead of threads: the
+    very same shard files as the reference run (threads)."""
+    out = tmp_path / "procs"
+    assert shard_cli.main([*_argv(data, out), "--io-procs", "2"]) == 0
+    assert shas(out) == shas(data["ref"])
+    assert shard_cli.main([*_argv(data, tmp_path / "bad"), "--io-procs", "-1"]) == 2
+
+
 def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     """An error in the veil (say, CUDA out of memory) mid-shard: the shard is not recorded, and a
     rerun gives exactly the uninterrupted result. Batches of 4 run across shards of 10: the fifth

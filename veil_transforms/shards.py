@@ -685,8 +685,39 @@ def _decode_job(source: Source, item: SourceItem, shape: tuple[int, int, int]):
     return arr, None
 
 
-def _decode_chunk(source: Source, items: list[SourceItem], shape: tuple[int, int, int]):
-    return [_decode_job(source, it, shape) for it in items]
+def _decode_chunk(source: Source, items: list[SourceItem], shape: tuple[int, int, int], key: bytes):
+    """Decode a chunk of items and derive the key's uniforms of the good ones (the CPU work
+    before the veil; runs in a decoding thread or an I/O process). Returns, per item,
+    (pixels, None, uniforms) or (None, reason, None)."""
+    from . import functional as F
+
+    import torch
+
+    out = [_decode_job(source, it, shape) for it in items]
+    good = [a for a, _ in out if a is not None]
+    if not good:
+        return [(a, why, None) for a, why in out]
+    u = iter(F.keyed_uniforms(key, F.normalize(torch.from_numpy(np.stack(good)))).numpy())
+    return [(a, why, next(u) if a is not None else None) for a, why in out]
+
+
+def _encode_rows(okeys: list[str], labels: list[int], pixels: np.ndarray) -> bytes:
+    """Tar members (PNG + label) of veiled rows, ready to append to a shard (an I/O process's job)."""
+    return b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels))
+
+
+# rows per PNG-encoding job sent to an I/O process
+ENCODE_ROWS = 256
+
+
+def auto_io_procs(total: int, world_size: int = 1) -> int:
+    """I/O processes for one veil-shard process when not given: none (threads) for small runs,
+    several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
+    decoding, hashing and PNG encoding at ~4-5k MNIST-sized images/s: below a GPU's veil rate."""
+    cpus = os.cpu_count() or 1
+    if world_size > 1 or cpus < 8 or total < 20_000:
+        return 0
+    return min(8, cpus // 2)
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -751,6 +782,10 @@ class _Writer(threading.Thread):
                     tmp = self.out / f".{shard_name(index)}.tmp"
                     f = open(tmp, "wb")
                     count = size = 0
+                elif kind == "encoded":  # (n, future of the tar bytes of n samples) from an I/O process
+                    _, n, fut = msg
+                    size += f.write(fut.result())
+                    count += n
                 elif kind == "batch":
                     _, okeys, labels, pixels = msg
                     if self.throttle:
@@ -813,8 +848,13 @@ def done_shards(plan: Plan) -> set[int]:
 
 
 def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-        io_workers: int | None = None, progress: bool = True) -> dict:
-    """Veil and write this rank's unfinished shards. Returns a summary dict."""
+        io_workers: int | None = None, io_procs: int | None = None, progress: bool = True) -> dict:
+    """Veil and write this rank's unfinished shards. Returns a summary dict.
+
+    ``io_workers`` decoding threads (default min(8, CPUs)); ``io_procs`` processes for
+    decoding, key hashing and PNG encoding instead (0: none, threads only; default:
+    :func:`auto_io_procs`). Processes cost a second or two to start; they pay off when the
+    GPU veils faster than one Python process can decode and encode (small images)."""
     import torch
 
     from .progress import bar
@@ -845,9 +885,21 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     if mine:
         log.info("rank %d/%d: %d of %d shards to write (%d images)", rank, world_size, len(mine),
                  plan.num_shards, total)
+    if io_procs is None:
+        io_procs = auto_io_procs(total, world_size)
+    if not isinstance(io_procs, int) or io_procs < 0:
+        raise ShardError(f"--io-procs must be an integer >= 0, got {io_procs!r}")
     writer = _Writer(out, on_done)
     writer.start()
-    workers = io_workers or min(8, max(2, (os.cpu_count() or 2)))
+    workers = io_procs or io_workers or min(8, max(2, (os.cpu_count() or 2)))
+    procs = None
+    if io_procs and mine:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: this process has CUDA and threads
+        procs = ProcessPoolExecutor(io_procs, mp_context=multiprocessing.get_context("spawn"))
+        log.info("rank %d: %d I/O processes", rank, io_procs)
     inflight: deque = deque()
     # Once anything failed, the veil thread's queued tasks do nothing: an "end" queued behind a
     # failed batch must not finish (and record) a shard that lacks that batch.
@@ -865,14 +917,20 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     def veil_and_write(x, u, msgs):
         """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
         stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
-        v = list(veil.veil_batch(x, u).cpu().numpy()) if x is not None else []
+        v = veil.veil_batch(x, u).cpu().numpy() if x is not None else None
         r = 0
         for m in msgs:
-            if m[0] == "rows":
-                writer.put(("batch", m[1], m[2], v[r : r + len(m[1])]))
-                r += len(m[1])
-            else:
+            if m[0] != "rows":
                 writer.put(m)
+                continue
+            n = len(m[1])
+            if procs is None:
+                writer.put(("batch", m[1], m[2], list(v[r : r + n])))
+            else:
+                for j in range(0, n, ENCODE_ROWS):
+                    k = min(n, j + ENCODE_ROWS)
+                    writer.put(("encoded", k - j, procs.submit(_encode_rows, m[1][j:k], m[2][j:k], v[r + j : r + k])))
+            r += n
 
     def drain(limit: int, pb) -> None:
         while len(inflight) > limit:
@@ -888,21 +946,23 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         # the veil thread, so they keep their order. Batches run across shard boundaries (a shard
         # of 1,000 images must not cap a batch of 4,096), so a shard ends in the message list of
         # the batch that holds its last images.
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="veil-decode") as pool, \
+        with (procs or ThreadPoolExecutor(max_workers=workers, thread_name_prefix="veil-decode")) as pool, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-gpu") as gpu, \
                 bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
                     disable=not progress or rank != 0) as pb:
             # 32 images per decoding job: one future per image cost ~30 us of this thread each
-            chunked = ((source, items, shape) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+            chunked = ((source, items, shape, veil.key) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
             decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
             batch: list[np.ndarray] = []
+            ubatch: list[np.ndarray] = []
             msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
 
             def flush():
                 x = u = None
                 if batch:
                     x = torch.from_numpy(np.stack(batch))
-                    u = veil.uniforms(x)
+                    u = torch.from_numpy(np.stack(ubatch))
+                    ubatch.clear()
                 fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, list(msgs))
                 inflight.append((fut, len(batch)))
                 batch.clear()
@@ -913,7 +973,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 msgs.append(("begin", i))
                 skipped: list[dict] = []
                 for it in plan.shard_items(i):
-                    arr, why = next(decoded)
+                    arr, why, uni = next(decoded)
                     if arr is None:
                         skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
                         log.warning("skipping %s: %s", it.rel, why)
@@ -925,6 +985,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     msgs[-1][1].append(_keys.opaque_key(veil.key, it.rel))
                     msgs[-1][2].append(it.label)
                     batch.append(arr)
+                    ubatch.append(uni)
                     if len(batch) == batch_size:
                         flush()
                 msgs.append(("end", i, skipped))
@@ -950,11 +1011,11 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
 
 
 def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-                 io_workers: int | None = None, progress: bool = True, **kw) -> dict:
+                 io_workers: int | None = None, io_procs: int | None = None, progress: bool = True, **kw) -> dict:
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
     plan = prepare(src, out, model, create_key=rank == 0, **kw)
     return run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
-               progress=progress)
+               io_procs=io_procs, progress=progress)
 
 
 # -- verification -------------------------------------------------------------------
