@@ -169,7 +169,10 @@ def gradient_iteration(
     check_precision(precision)
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
-    loss_fn = _loss_fn(model, alpha, beta, precision, compile)
+    # compiled: the whole batch with static shapes (the fastest kernels; one compilation per batch
+    # size), compacted batches (a new size each time) with dynamic ones (one compilation for all)
+    loss_full = _loss_fn(model, alpha, beta, precision, compile, dynamic=COMPILE_FULL_DYNAMIC)
+    loss_part = _loss_fn(model, alpha, beta, precision, compile, dynamic=True)
     graph = bool(cuda_graph) and x.is_cuda and not _failed_before(_NO_GRAPH, model)
     ckey = _graph_key(model, x, lr, threshold, alpha, beta, precision, compile) if graph else None
     with torch.enable_grad(), frozen(model), _cudnn_benchmark(x.is_cuda):
@@ -193,7 +196,7 @@ def gradient_iteration(
             else:
                 part, on0 = tuple(t[idx] for t in (xt, x, target, taken, last)), None
             try:
-                ran, on, graph_ok, g = _phase(loss_fn, *part, lr=lr, threshold=threshold, steps=steps - done,
+                ran, on, graph_ok, g = _phase(loss_full if idx is None else loss_part, *part, lr=lr, threshold=threshold, steps=steps - done,
                                               graph=graph, on=on0, g=kept.graph if kept is not None else None)
                 if idx is None and ckey is not None:  # results out of the graph's buffers (the next call reuses them)
                     xt, taken, last, on_out = part[0].clone(), part[3].clone(), part[4].clone(), on.clone()
@@ -408,15 +411,18 @@ def _cudnn_benchmark(on: bool):
 
 
 _COMPILED: dict = {}
+# torch.compile's ``dynamic`` for whole batches (False: static shapes; None: torch's default, which
+# turns dynamic at the second batch size); a module setting so benchmarks can compare
+COMPILE_FULL_DYNAMIC: bool | None = False
 
 
-def _loss_fn(model, alpha, beta, precision, compile):
+def _loss_fn(model, alpha, beta, precision, compile, dynamic=None):
     """``(x~, x, target) -> per-sample loss`` with F under ``precision``; through torch.compile if asked."""
     if not compile:
         return lambda xa, xo, tg: _model_loss(model, xa, xo, tg, alpha, beta, precision)
-    k = (float(alpha), float(beta), precision)
+    k = (float(alpha), float(beta), precision, dynamic)
     if k not in _COMPILED:  # one compiled function; torch.compile keeps a specialisation per model and shape
-        _COMPILED[k] = torch.compile(lambda m, xa, xo, tg: _model_loss(m, xa, xo, tg, *k))
+        _COMPILED[k] = torch.compile(lambda m, xa, xo, tg: _model_loss(m, xa, xo, tg, *k[:3]), dynamic=dynamic)
     fn = _COMPILED[k]
     use = not _failed_before(_NO_COMPILE, model)  # looked up once per call, not per step
 
@@ -431,7 +437,7 @@ def _loss_fn(model, alpha, beta, precision, compile):
                               "continuing without it", stacklevel=2)
                 _failed_before(_NO_COMPILE, model, record=True)
                 use = False
-        return _model_loss(model, xa, xo, tg, *k)
+        return _model_loss(model, xa, xo, tg, *k[:3])
 
     return compiled
 
