@@ -9,7 +9,8 @@ Per case, on the same images and veil settings:
   veil needs, none of the file work), timed after a warm-up batch;
 * ``veil-shard``: ``shards.write_shards`` (the engine behind the CLI) from an
   ImageFolder of PNG files to finished, fsynced WebDataset shards with a
-  manifest, timed whole (listing, decoding, veiling, encoding, writing).
+  manifest, timed whole (listing, decoding, veiling, encoding, writing); with
+  decoding/encoding threads (``--io-procs 0``) and with I/O processes.
 
 Cases: MNIST-sized 1x28x28 with LeNet-5 (real MNIST test images, cycled, when
 ``../shared/data`` has them; else random), and CIFAR-sized 3x32x32 with
@@ -84,7 +85,7 @@ def cli_module() -> str:
         return "tools.shard"
 
 
-def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=()):
+def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs=(0,)):
     build, shape, _, _, _ = CASES[name]
     torch.manual_seed(0)
     model = build().to(device).eval()
@@ -104,12 +105,19 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=()):
         veil.veil_batch(x[s : s + batch])
     sync(device)
     raw = time.perf_counter() - t
-    t = time.perf_counter()
-    summary = shards.write_shards(src, out, model, batch_size=batch, device=device, progress=False, **kw)
-    e2e = time.perf_counter() - t
-    assert summary["complete"] and summary["total_veiled"] == n, summary
+    runs = {}
+    for k in io_procs:  # the engine in this process, with decoding/encoding threads (0) or k I/O processes
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        summary = shards.write_shards(src, out, model, batch_size=batch, device=device, progress=False, io_procs=k, **kw)
+        secs = time.perf_counter() - t
+        assert summary["complete"] and summary["total_veiled"] == n, summary
+        st = steady_img_s(out)
+        runs[k] = {"seconds": secs, "img_s": n / secs, "ratio": raw / secs, "steady_img_s": st, "steady_ratio": st * raw / n}
+        print(f"{name}: veil-shard, {f'{k} I/O processes' if k else 'threads'}: {n / secs:,.0f} img/s (steady {st:,.0f}), "
+              f"ratio {raw / secs:.3f}, steady ratio {st * raw / n:.3f}", flush=True)
     size = sum(f.stat().st_size for f in out.glob("veil-*.tar"))
-    steady = steady_img_s(out)
+    e2e, steady = runs[io_procs[0]]["seconds"], runs[io_procs[0]]["steady_img_s"]
     multi = {}
     for nproc in nprocs:  # the CLI with --nproc: one process per rank on the same GPU
         shutil.rmtree(out)
@@ -128,7 +136,8 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=()):
         print(f"{name}: veil-shard CLI --nproc {nproc}: {n / secs:,.0f} img/s (steady {st:,.0f}), ratio {raw / secs:.3f}", flush=True)
     row = {"case": name, "shape": list(shape), "images": n, "batch": batch, "options": opts, "steps": steps,
            "raw_seconds": raw, "raw_img_s": n / raw, "shard_seconds": e2e, "shard_img_s": n / e2e,
-           "ratio": raw / e2e, "shard_bytes": size, "steady_img_s": steady, "steady_ratio": steady * raw / n, "cli_nproc": multi}
+           "ratio": raw / e2e, "shard_bytes": size, "steady_img_s": steady, "steady_ratio": steady * raw / n,
+           "io_procs": runs, "cli_nproc": multi}
     print(f"{name}: raw veil {n / raw:,.0f} img/s, veil-shard {n / e2e:,.0f} img/s (steady {steady:,.0f}), ratio {raw / e2e:.3f}", flush=True)
     shutil.rmtree(src)
     shutil.rmtree(out)
@@ -143,6 +152,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=None, help="images per case (default: per case on CUDA, 512 on the CPU)")
     ap.add_argument("--tmp", default=None, help="scratch folder (default: a new temporary folder)")
     ap.add_argument("--nproc", type=int, nargs="*", default=[], help="also time the CLI with these --nproc values")
+    ap.add_argument("--io-procs", type=int, nargs="+", default=[0, 8],
+                    help="time the engine with these io_procs values (0: threads; first one: the table's main row)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -154,7 +165,8 @@ def main(argv=None):
         for name in args.cases:
             _, _, n, batch, opts = CASES[name]
             n = args.images or (n if cuda else 512)
-            rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp, args.nproc))
+            rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp, args.nproc,
+                                 args.io_procs))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
@@ -172,6 +184,9 @@ def main(argv=None):
     for r in rows:
         md.append(f"| {r['case']} {'×'.join(map(str, r['shape']))} | {r['images']:,} | {r['batch']} | {r['options'] or 'fp32'} | "
                   f"{r['raw_img_s']:,.0f} | {r['shard_img_s']:,.0f} | {100 * r['ratio']:.1f}% | {r['steady_img_s']:,.0f} | {100 * r['steady_ratio']:.1f}% |")
+        for k, c in list(r["io_procs"].items())[1:]:
+            md.append(f"| … {k} I/O processes (`io_procs={k}`) | | | | | {c['img_s']:,.0f} | {100 * c['ratio']:.1f}% | "
+                      f"{c['steady_img_s']:,.0f} | {100 * c['steady_ratio']:.1f}% |")
         for k, c in r["cli_nproc"].items():
             md.append(f"| … CLI `--nproc {k}` (same GPU) | | | | | {c['img_s']:,.0f} | {100 * c['ratio']:.1f}% | "
                       f"{c['steady_img_s']:,.0f} | {100 * c['steady_ratio']:.1f}% |")
