@@ -24,15 +24,23 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
   # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
   cp benchmarks/results/*_cuda.* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
+  tail -n 4 "$LOGS/$name.log"
   tar -C "$LOGS" -cf "$OUT/gpu.tar" .
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step pytest_cuda "${T_PYTEST:-80}" python3 -m pytest -q tests/test_fastpath.py
-step shard_throughput "${T_SHARD:-100}" python3 benchmarks/shard_throughput.py --device cuda --nproc 4
-step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}"
-step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
-step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile
-step throughput "${T_THROUGHPUT:-300}" python3 benchmarks/throughput.py --device cuda --one-sample 2 ${THROUGHPUT_ARGS:-}
+# STEPS: which steps to run, in this order (default: all)
+for s in ${STEPS:-pytest shard utility profile throughput}; do
+  case $s in
+    pytest) step pytest_cuda "${T_PYTEST:-80}" bash -c "python3 -m pytest -q tests/test_fastpath.py ${PYTEST_ARGS:-}" ;;
+    levers) step mnist60k_levers "${T_LEVERS:-170}" python3 benchmarks/mnist60k_levers.py ${LEVERS_ARGS:-} ;;
+    shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
+    utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;
+    profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
+             step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile ;;
+    profile_vgg) step profile_vgg "${T_PROFILE:-60}" python3 benchmarks/profile_step.py --case vgg16_112 --bf16 --compile ;;
+    throughput) step throughput "${T_THROUGHPUT:-300}" python3 benchmarks/throughput.py --device cuda --one-sample 2 ${THROUGHPUT_ARGS:-} ;;
+  esac
+done
 tail -n 3 "$LOGS"/pytest_cuda.log
-cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda.md "$LOGS"/shard_throughput_cuda.md 2>/dev/null | cut -c1-220
+cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda.md "$LOGS"/shard_throughput_cuda.md "$LOGS"/mnist60k_levers_cuda.md 2>/dev/null | cut -c1-220
