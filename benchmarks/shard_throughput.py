@@ -70,11 +70,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def steady_img_s(out: Path, shard_size: int = 1000) -> float:
-    """Images per second between the first and the last finished shard (file times): the rate
-    once started, without process start-up, model loading and compilation."""
-    times = sorted(f.stat().st_mtime for f in out.glob("veil-*.tar"))
-    return (len(times) - 1) * shard_size / (times[-1] - times[0]) if len(times) > 2 else float("nan")
+def steady_img_s(out: Path) -> float:
+    """Images per second between the first and the last finished shard (file times; images of
+    the shards after the first, from the manifest): the rate once started, without process
+    start-up, model loading and compilation."""
+    done = sorted(((out / s["name"]).stat().st_mtime, s["count"]) for s in shards.read_manifest(out)["shards"])
+    if len(done) < 3:
+        return float("nan")
+    return sum(c for _, c in done[1:]) / (done[-1][0] - done[0][0])
 
 
 def cli_module() -> str:
@@ -112,7 +115,7 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs
         summary = shards.write_shards(src, out, model, batch_size=batch, device=device, progress=False, io_procs=k, **kw)
         secs = time.perf_counter() - t
         assert summary["complete"] and summary["total_veiled"] == n, summary
-        st = steady_img_s(out)
+        st = summary["steady_img_s"] or float("nan")
         runs[k] = {"seconds": secs, "img_s": n / secs, "ratio": raw / secs, "steady_img_s": st, "steady_ratio": st * raw / n}
         print(f"{name}: veil-shard, {f'{k} I/O processes' if k else 'threads'}: {n / secs:,.0f} img/s (steady {st:,.0f}), "
               f"ratio {raw / secs:.3f}, steady ratio {st * raw / n:.3f}", flush=True)
@@ -177,8 +180,9 @@ def main(argv=None):
         {"command": cmd, "device": dev_name, "torch": torch.__version__, "cases": rows}, indent=1))
     md = [f"# veil-shard end to end vs the raw veil rate, on {dev_name} (torch {torch.__version__})", "",
           f"Command: `{cmd}`", "", "T = " + str(steps) + ", early stop off, random-weight models.", "",
-          "Whole run: wall time of the call. Steady: between the first and the last finished shard "
-          "(1,000 images each; leaves out process start-up, model loading, compilation).", "",
+          "Whole run: wall time of the call. Steady: the engine's own rate after its first batch "
+          "(`steady_img_s` in its summary: leaves out start-up, warm-up, compilation); for the CLI with "
+          "`--nproc`, between the first and the last finished shard (file times).", "",
           "| case | images | batch | veil options | raw veil img/s | veil-shard img/s, whole run | veil-shard / raw | steady img/s | steady / raw |",
           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -399,6 +399,20 @@ def test_io_processes_write_the_same_bytes(data, tmp_path):
     assert shard_cli.main([*_argv(data, tmp_path / "bad"), "--io-procs", "-1"]) == 2
 
 
+def test_io_processes_from_an_unguarded_script_fail_clearly(data, tmp_path):
+    """Spawned I/O processes import the calling script again; without the __main__ guard they die.
+    The error must say what to do, not just "BrokenProcessPool"."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from veil_transforms import shards\n"
+        f"shards.write_shards({str(data['src'])!r}, {str(tmp_path / 'out')!r}, {str(data['model'])!r}, "
+        f"key_file={str(data['key_file'])!r}, steps=1, device='cpu', io_procs=1, progress=False)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert r.returncode != 0
+    assert 'if __name__ == "__main__":' in r.stderr.splitlines()[-1]
+
+
 def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     """An error in the veil (say, CUDA out of memory) mid-shard: the shard is not recorded, and a
     rerun gives exactly the uninterrupted result. Batches of 4 run across shards of 10: the fifth
@@ -424,6 +438,7 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     ref.veil.veil_batch = lambda x, u=None: sizes.append(len(x)) or real_ref(x, u)
     summary = shards.run(ref, batch_size=4, progress=False)
     assert set(sizes[:-1]) == {4} and sum(sizes) == summary["images_veiled"]  # shards do not cut batches
+    assert summary["steady_img_s"] > 0
     again = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     assert shards.run(again, batch_size=4, progress=False)["complete"]
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")

@@ -129,14 +129,19 @@ class Source:
         return h.hexdigest()
 
     def read_bytes(self, item: SourceItem) -> bytes:
-        with open(item.path, "rb") as f:
-            if item.offset < 0:
-                return f.read()
-            f.seek(item.offset)
-            data = f.read(item.size)
-        if len(data) != item.size:
-            raise OSError(f"tar member truncated ({len(data)} of {item.size} bytes)")
-        return data
+        return read_item(item)
+
+
+def read_item(item: SourceItem) -> bytes:
+    """An item's file bytes (a whole file, or a member of a tar file)."""
+    with open(item.path, "rb") as f:
+        if item.offset < 0:
+            return f.read()
+        f.seek(item.offset)
+        data = f.read(item.size)
+    if len(data) != item.size:
+        raise OSError(f"tar member truncated ({len(data)} of {item.size} bytes)")
+    return data
 
 
 def _ext(name: str) -> str:
@@ -672,11 +677,11 @@ def prepare(
 _ADDR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x...>" in PIL errors
 
 
-def _decode_job(source: Source, item: SourceItem, shape: tuple[int, int, int]):
+def _decode_job(item: SourceItem, shape: tuple[int, int, int]):
     if item.label < 0:
         return None, "no label"
     try:
-        arr = decode_image(source.read_bytes(item), channels=shape[0])
+        arr = decode_image(read_item(item), channels=shape[0])
     except Exception as e:  # noqa: BLE001 - anything wrong with a file means: skip it
         msg = _ADDR.sub("", str(e).splitlines()[0] if str(e) else "").strip()
         return None, f"corrupt: {type(e).__name__}: {msg}"[:200]
@@ -685,7 +690,7 @@ def _decode_job(source: Source, item: SourceItem, shape: tuple[int, int, int]):
     return arr, None
 
 
-def _decode_chunk(source: Source, items: list[SourceItem], shape: tuple[int, int, int], key: bytes):
+def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: bytes):
     """Decode a chunk of items and derive the key's uniforms of the good ones (the CPU work
     before the veil; runs in a decoding thread or an I/O process). Returns, per item,
     (pixels, None, uniforms) or (None, reason, None)."""
@@ -693,7 +698,7 @@ def _decode_chunk(source: Source, items: list[SourceItem], shape: tuple[int, int
 
     import torch
 
-    out = [_decode_job(source, it, shape) for it in items]
+    out = [_decode_job(it, shape) for it in items]
     good = [a for a, _ in out if a is not None]
     if not good:
         return [(a, why, None) for a, why in out]
@@ -848,13 +853,14 @@ def done_shards(plan: Plan) -> set[int]:
 
 
 def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-        io_workers: int | None = None, io_procs: int | None = None, progress: bool = True) -> dict:
+        io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True) -> dict:
     """Veil and write this rank's unfinished shards. Returns a summary dict.
 
     ``io_workers`` decoding threads (default min(8, CPUs)); ``io_procs`` processes for
-    decoding, key hashing and PNG encoding instead (0: none, threads only; default:
-    :func:`auto_io_procs`). Processes cost a second or two to start; they pay off when the
-    GPU veils faster than one Python process can decode and encode (small images)."""
+    decoding, key hashing and PNG encoding instead (0: none, threads only; None:
+    :func:`auto_io_procs`, the CLI's default). Processes cost a few seconds to start (they are
+    spawned, so a calling script needs the ``if __name__ == "__main__":`` guard); they pay off
+    when the GPU veils faster than one Python process can decode and encode (small images)."""
     import torch
 
     from .progress import bar
@@ -863,7 +869,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         raise ShardError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if not (0 <= rank < world_size):
         raise ShardError(f"rank {rank} out of range for world size {world_size}")
-    out, veil, source = plan.out, plan.veil, plan.source
+    out, veil = plan.out, plan.veil
     shape = tuple(plan.header["source"]["sample_shape"])
     done = done_shards(plan)
     mine = [i for i in range(plan.num_shards) if i % world_size == rank and i not in done]
@@ -932,12 +938,16 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     writer.put(("encoded", k - j, procs.submit(_encode_rows, m[1][j:k], m[2][j:k], v[r + j : r + k])))
             r += n
 
+    marks: list[tuple[float, int]] = []  # (time, images veiled) as batches finish
+
     def drain(limit: int, pb) -> None:
         while len(inflight) > limit:
             fut, n = inflight.popleft()
             fut.result()  # re-raises the veil's or the writer's error here
             stats["veiled"] += n
             pb.update(n)
+            if n:
+                marks.append((time.perf_counter(), stats["veiled"]))
 
     try:
         # Three stages overlap: decoding threads, one thread driving the GPU (the veil), and the
@@ -951,7 +961,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
                     disable=not progress or rank != 0) as pb:
             # 32 images per decoding job: one future per image cost ~30 us of this thread each
-            chunked = ((source, items, shape, veil.key) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+            # (items only, not the Source: an I/O process would be sent its whole listing per job)
+            chunked = ((items, shape, veil.key) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
             decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
             batch: list[np.ndarray] = []
             ubatch: list[np.ndarray] = []
@@ -992,8 +1003,15 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             if msgs:
                 flush()
             drain(0, pb)
-    except BaseException:
+    except BaseException as e:
         failed.set()  # also on this thread's errors and Ctrl-C: queued writer messages are dropped
+        from concurrent.futures.process import BrokenProcessPool
+
+        if isinstance(e, BrokenProcessPool):
+            raise RuntimeError(
+                "an I/O process died. Started from a script, these processes import the script again: "
+                "put the call under `if __name__ == \"__main__\":`, or pass io_procs=0 (--io-procs 0) for threads"
+            ) from e
         raise
     finally:
         with contextlib.suppress(Exception):
@@ -1005,13 +1023,15 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     return {
         "out": str(out), "rank": rank, "world_size": world_size, "shards_written": stats["shards"],
         "images_veiled": stats["veiled"], "images_skipped": stats["skipped"], "seconds": time.perf_counter() - t0,
+        # after the first batch (start-up, warm-up, compilation): the rate a long run settles at
+        "steady_img_s": (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) >= 3 else None,
         "complete": bool(m.get("complete")), "num_shards": plan.num_shards,
         "total_veiled": m.get("num_veiled", 0), "total_skipped": m.get("num_skipped", 0),
     }
 
 
 def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-                 io_workers: int | None = None, io_procs: int | None = None, progress: bool = True, **kw) -> dict:
+                 io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True, **kw) -> dict:
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
     plan = prepare(src, out, model, create_key=rank == 0, **kw)
     return run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
