@@ -8,7 +8,8 @@ from a generator, T = 300, early stop off, random-weight LeNet-5) with
 once more, timed ("warm"). Between configs the compile and graph caches are
 cleared, so each config compiles and captures on its own. Levers: one batch
 vs chunks (a chunk replays the graph the previous chunk captured), compile,
-TF32 off for cuDNN, channels-last. Writes
+TF32 off for cuDNN, channels-last, inductor's max-autotune and forced
+channels-last layout. Writes
 benchmarks/results/mnist60k_levers_<device>.{md,json} after every config.
 """
 
@@ -29,7 +30,7 @@ from veil_transforms.nets import LeNet5
 
 G = {"cuda_graph": True}
 C = {"cuda_graph": True, "compile": True}
-CONFIGS = {  # name -> (veil() options, cudnn.allow_tf32)
+CONFIGS = {  # name -> (veil() options, cudnn.allow_tf32[, torch._inductor.config patch])
     "graph, one batch": (G, True),
     "graph, chunks of 4096": ({**G, "chunk": 4096}, True),
     "graph + compile, one batch": (C, True),
@@ -37,6 +38,10 @@ CONFIGS = {  # name -> (veil() options, cudnn.allow_tf32)
     "graph + compile, chunks of 8192": ({**C, "chunk": 8192}, True),
     "graph + compile, chunks of 4096, no TF32": ({**C, "chunk": 4096}, False),
     "graph + compile, chunks of 4096, channels-last": ({**C, "chunk": 4096, "channels_last": True}, True),
+    # inductor picking Triton kernels for the convolutions and matmuls where they time faster
+    "graph + compile (max-autotune), one batch": (C, True, {"max_autotune": True}),
+    # inductor keeping every convolution's tensors channels-last (no NCHW<->NHWC transposes)
+    "graph + compile (forced layout optimization), one batch": (C, True, {"force_layout_optimization": True}),
 }
 
 
@@ -76,11 +81,11 @@ def main(argv=None):
     out = Path(__file__).resolve().parent / "results"
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     for label in args.configs:
-        opts, allow_tf32 = CONFIGS[label]
+        opts, allow_tf32, *patch = CONFIGS[label]
         reset()
 
         def run():
-            with tf32(allow_tf32):
+            with tf32(allow_tf32), torch._inductor.config.patch(patch[0] if patch else {}):
                 return F.veil(model, images, generator=torch.Generator().manual_seed(0), steps=args.steps,
                               threshold=-math.inf, device=dev, **opts)
 
