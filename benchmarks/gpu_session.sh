@@ -33,7 +33,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for s in ${STEPS:-pytest shard utility profile throughput}; do
   case $s in
     pytest) step pytest_cuda "${T_PYTEST:-80}" bash -c "python3 -m pytest -q tests/test_fastpath.py ${PYTEST_ARGS:-}" ;;
-    levers) step mnist60k_levers "${T_LEVERS:-170}" python3 benchmarks/mnist60k_levers.py ${LEVERS_ARGS:-} ;;
+    levers) step mnist60k_levers "${T_LEVERS:-170}" bash -c "python3 benchmarks/mnist60k_levers.py ${LEVERS_ARGS:-}" ;;
     shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;
     profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
