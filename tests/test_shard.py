@@ -399,6 +399,18 @@ def test_io_processes_write_the_same_bytes(data, tmp_path):
     assert shard_cli.main([*_argv(data, tmp_path / "bad"), "--io-procs", "-1"]) == 2
 
 
+def test_io_process_work_needs_no_torch_and_hashes_like_the_library():
+    """I/O processes start without torch (fast), and their numpy hashing gives the library's masks."""
+    from veil_transforms import functional as F
+
+    code = "import sys, veil_transforms.shards, veil_transforms.tools.shard; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    x = torch.randint(0, 256, (4, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    lut = F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
+    key = bytes(range(32))
+    assert np.array_equal(keys.keyed_uniforms_np(key, lut[x.numpy()]), F.keyed_uniforms(key, F.normalize(x)).numpy())
+
+
 def test_io_processes_from_an_unguarded_script_fail_clearly(data, tmp_path):
     """Spawned I/O processes import the calling script again; without the __main__ guard they die.
     The error must say what to do, not just "BrokenProcessPool"."""

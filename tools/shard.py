@@ -28,7 +28,6 @@ import sys
 import time
 from datetime import timedelta
 
-from veil_transforms import functional as F
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
@@ -38,6 +37,10 @@ PROG = "veil-shard"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # imported here, not at the top: veil-shard's spawned I/O processes import this module again
+    # and must start without torch
+    from veil_transforms import functional as F
+
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Veil images into WebDataset shards (resumable, multi-process).",

@@ -19,10 +19,14 @@ import hashlib
 import hmac
 import os
 import secrets
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 KEY_BYTES = 32
 
@@ -74,7 +78,8 @@ def key_fingerprint(key: bytes) -> str:
 
 def sample_digest(key: bytes, x_norm: torch.Tensor | np.ndarray) -> bytes:
     """HMAC of one normalized sample ``[C, H, W]`` (float32 contents and shape)."""
-    if isinstance(x_norm, torch.Tensor):
+    torch = sys.modules.get("torch")  # not imported here: I/O processes hash without it (fast start)
+    if torch is not None and isinstance(x_norm, torch.Tensor):
         x_norm = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
     a = np.ascontiguousarray(x_norm, dtype=np.float32)
     h = hmac.new(key, b"veil-sample", hashlib.sha256)
@@ -99,14 +104,27 @@ def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Te
 
 def _to_uniforms(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """Little-endian uint32 stream -> float32 uniforms in [0, 1) of ``shape``."""
+    import torch
+
+    return torch.from_numpy(_uniforms_np(raw, shape))
+
+
+def _uniforms_np(raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
     u = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
-    return torch.from_numpy(u.astype(np.float32).reshape(shape))
+    return u.astype(np.float32).reshape(shape)
+
+
+def keyed_uniforms_np(key: bytes, x_norm: np.ndarray) -> np.ndarray:
+    """:func:`keyed_uniforms_batch` for a float32 numpy batch (no torch needed)."""
+    shape = tuple(x_norm.shape[1:])
+    n = int(np.prod(shape))
+    raw = b"".join(hashlib.shake_256(b"veil-mask" + key + sample_digest(key, a)).digest(4 * n) for a in x_norm)
+    return _uniforms_np(raw, (len(x_norm), *shape))
 
 
 def keyed_uniforms_batch(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:
     """:func:`keyed_uniform` of :func:`sample_digest` for each sample of ``[B, ...]``, stacked."""
-    shape = tuple(x_norm.shape[1:])
-    n = int(np.prod(shape))
+    import torch
+
     cpu = x_norm.detach().to("cpu", torch.float32).contiguous().numpy()
-    raw = b"".join(hashlib.shake_256(b"veil-mask" + key + sample_digest(key, a)).digest(4 * n) for a in cpu)
-    return _to_uniforms(raw, (len(cpu), *shape))
+    return torch.from_numpy(keyed_uniforms_np(key, cpu))

@@ -690,19 +690,16 @@ def _decode_job(item: SourceItem, shape: tuple[int, int, int]):
     return arr, None
 
 
-def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: bytes):
+def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: bytes, lut: np.ndarray):
     """Decode a chunk of items and derive the key's uniforms of the good ones (the CPU work
-    before the veil; runs in a decoding thread or an I/O process). Returns, per item,
-    (pixels, None, uniforms) or (None, reason, None)."""
-    from . import functional as F
-
-    import torch
-
+    before the veil; runs in a decoding thread or an I/O process, without torch). ``lut``: the
+    256 normalized values of uint8 pixels, as the library's normalize() computes them (the key's
+    digest hashes those float32 bytes). Returns, per item, (pixels, None, uniforms) or (None, reason, None)."""
     out = [_decode_job(it, shape) for it in items]
     good = [a for a, _ in out if a is not None]
     if not good:
         return [(a, why, None) for a, why in out]
-    u = iter(F.keyed_uniforms(key, F.normalize(torch.from_numpy(np.stack(good)))).numpy())
+    u = iter(_keys.keyed_uniforms_np(key, lut[np.stack(good)]))
     return [(a, why, next(u) if a is not None else None) for a, why in out]
 
 
@@ -863,6 +860,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     when the GPU veils faster than one Python process can decode and encode (small images)."""
     import torch
 
+    from . import functional as F
     from .progress import bar
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -962,7 +960,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     disable=not progress or rank != 0) as pb:
             # 32 images per decoding job: one future per image cost ~30 us of this thread each
             # (items only, not the Source: an I/O process would be sent its whole listing per job)
-            chunked = ((items, shape, veil.key) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+            lut = F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
+            chunked = ((items, shape, veil.key, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
             decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
             batch: list[np.ndarray] = []
             ubatch: list[np.ndarray] = []
