@@ -35,12 +35,19 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import torch
-import torchvision
 
-from veil_transforms import VeilTransform, shards
-from veil_transforms.data import mnist_path, load_mnist
-from veil_transforms.nets import LeNet5
+from veil_transforms import shards
+
+# veil-shard's I/O processes are spawned: they import this script again (as __mp_main__). Only the
+# benchmark itself needs torch; the CLI's processes start without it, so these must too, or the
+# whole-run times would include a torch import per I/O process that users do not pay.
+if __name__ != "__mp_main__":
+    import torch
+    import torchvision
+
+    from veil_transforms import VeilTransform
+    from veil_transforms.data import load_mnist, mnist_path
+    from veil_transforms.nets import LeNet5
 
 CASES = {
     # name: (model builder, sample shape, images on CUDA, batch on CUDA, veil options on CUDA)
