@@ -188,7 +188,11 @@ def gradient_iteration(
             if idx is None and ckey is not None:
                 kept = _kept_graph(model, ckey)
                 if kept is not None:
-                    part, on0 = kept.load(xt, x, target)
+                    try:
+                        part, on0 = kept.load(xt, x, target)
+                    except BaseException:
+                        kept.lock.release()
+                        raise
                 else:  # captured on copies the graph owns, so a later call can replay it
                     part, on0 = (xt.clone(), x.clone(), target.clone(), taken.clone(), last.clone()), None
             elif idx is None:

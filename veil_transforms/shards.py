@@ -716,7 +716,7 @@ def auto_io_procs(total: int, world_size: int = 1) -> int:
     """I/O processes for one veil-shard process when not given: none (threads) for small runs,
     several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
     decoding, hashing and PNG encoding at ~4-5k MNIST-sized images/s: below a GPU's veil rate."""
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if world_size > 1 or cpus < 8 or total < 20_000:
         return 0
     return min(8, cpus // 2)
@@ -1004,6 +1004,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             drain(0, pb)
     except BaseException as e:
         failed.set()  # also on this thread's errors and Ctrl-C: queued writer messages are dropped
+        if procs is not None:  # do not decode hundreds of queued chunks before reporting the error
+            procs.shutdown(wait=False, cancel_futures=True)
         from concurrent.futures.process import BrokenProcessPool
 
         if isinstance(e, BrokenProcessPool):
