@@ -47,7 +47,7 @@ CONFIGS = {  # name -> (veil() options, cudnn.allow_tf32[, torch._inductor.confi
 
 def reset():
     F._COMPILED.clear()
-    F._GRAPHS.clear()
+    F.clear_graph_cache()
     torch._dynamo.reset()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

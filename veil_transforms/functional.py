@@ -353,7 +353,9 @@ class _Kept:
 # shape and settings replays the graph an earlier call captured, with no warm-up and no capture
 # (both cost eager, Python-driven steps: tens of milliseconds a call, more when other threads hold
 # the GIL, as in veil-shard). Kept for the first phase of a call only (the whole batch; compacted
-# batches vary in size) and for GRAPH_CACHE_SIZE shapes per model; freed with the model.
+# batches vary in size) and for GRAPH_CACHE_SIZE shapes per model; freed with the model or by
+# clear_graph_cache(). Each holds its graph's memory pool (about one step's activations) and
+# copies of the batch's inputs.
 GRAPH_CACHE_SIZE = 2
 _GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _GRAPHS_LOCK = threading.Lock()
@@ -371,11 +373,24 @@ def _graph_key(model, x, lr, threshold, alpha, beta, precision, compile):
         weakref.ref(model)
     except TypeError:
         return None
-    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in model.parameters()) + \
-        tuple((t.data_ptr(), t.dtype, tuple(t.shape)) for t in model.buffers())
+    tensors = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.storage_offset())
+                    for ts in (model.parameters(), model.buffers()) for t in ts)
     return (tuple(x.shape), x.stride(), x.dtype, str(x.device), float(lr), float(threshold), float(alpha), float(beta),
             precision, bool(compile), CHECK_EVERY, getattr(model, "layer", None), torch.backends.cudnn.allow_tf32,
-            torch.backends.cuda.matmul.allow_tf32, tensors)
+            torch.backends.cuda.matmul.allow_tf32, torch.is_autocast_enabled("cuda"), tensors)
+
+
+def clear_graph_cache(model=None) -> None:
+    """Free the CUDA graphs kept for ``model`` (all models: None) and the GPU memory they hold.
+
+    Kept graphs assume F's forward depends on its parameters and buffers only (as a module in
+    eval mode does); after changing anything else it reads (hooks, plain tensor attributes,
+    swapped activation modules), clear them or pass ``cuda_graph=False``."""
+    with _GRAPHS_LOCK:
+        if model is None:
+            _GRAPHS.clear()
+        else:
+            _GRAPHS.pop(model, None)
 
 
 def _kept_graph(model, key) -> "_Kept | None":
@@ -508,6 +523,7 @@ def auto_batch_size(
             z = z.contiguous(memory_format=torch.channels_last)
         gradient_iteration(model, z, z, steps=1, threshold=-math.inf, precision=precision)
 
+    clear_graph_cache(model)  # graphs kept from earlier batches would hold memory the new batch needs
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)

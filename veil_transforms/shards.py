@@ -893,8 +893,6 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         io_procs = auto_io_procs(total, world_size)
     if not isinstance(io_procs, int) or io_procs < 0:
         raise ShardError(f"--io-procs must be an integer >= 0, got {io_procs!r}")
-    writer = _Writer(out, on_done)
-    writer.start()
     workers = io_procs or io_workers or min(8, max(2, (os.cpu_count() or 2)))
     procs = None
     if io_procs and mine:
@@ -904,6 +902,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         # spawn, not fork: this process has CUDA and threads
         procs = ProcessPoolExecutor(io_procs, mp_context=multiprocessing.get_context("spawn"))
         log.info("rank %d: %d I/O processes", rank, io_procs)
+    writer = _Writer(out, on_done)
+    writer.start()
     inflight: deque = deque()
     # Once anything failed, the veil thread's queued tasks do nothing: an "end" queued behind a
     # failed batch must not finish (and record) a shard that lacks that batch.
@@ -958,60 +958,70 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="veil-gpu") as gpu, \
                 bar(total=total, desc=f"veiling (rank {rank})" if world_size > 1 else "veiling",
                     disable=not progress or rank != 0) as pb:
-            # 32 images per decoding job: one future per image cost ~30 us of this thread each
-            # (items only, not the Source: an I/O process would be sent its whole listing per job)
-            lut = F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
-            chunked = ((items, shape, veil.key, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
-            decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
-            batch: list[np.ndarray] = []
-            ubatch: list[np.ndarray] = []
-            msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
+            try:
+                # 32 images per decoding job: one future per image cost ~30 us of this thread each
+                # (items only, not the Source: an I/O process would be sent its whole listing per job)
+                lut = F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
+                chunked = ((items, shape, veil.key, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+                decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
+                batch: list[np.ndarray] = []
+                ubatch: list[np.ndarray] = []
+                msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
 
-            def flush():
-                x = u = None
-                if batch:
-                    x = torch.from_numpy(np.stack(batch))
-                    u = torch.from_numpy(np.stack(ubatch))
-                    ubatch.clear()
-                fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, list(msgs))
-                inflight.append((fut, len(batch)))
-                batch.clear()
-                msgs.clear()
-                drain(1, pb)  # at most one batch waiting behind the one on the GPU
+                def flush():
+                    x = u = None
+                    if batch:
+                        x = torch.from_numpy(np.stack(batch))
+                        u = torch.from_numpy(np.stack(ubatch))
+                        ubatch.clear()
+                    fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, list(msgs))
+                    inflight.append((fut, len(batch)))
+                    batch.clear()
+                    msgs.clear()
+                    drain(1, pb)  # at most one batch waiting behind the one on the GPU
 
-            for i in mine:
-                msgs.append(("begin", i))
-                skipped: list[dict] = []
-                for it in plan.shard_items(i):
-                    arr, why, uni = next(decoded)
-                    if arr is None:
-                        skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
-                        log.warning("skipping %s: %s", it.rel, why)
-                        stats["skipped"] += 1
-                        pb.update(1)
-                        continue
-                    if not msgs or msgs[-1][0] != "rows":
-                        msgs.append(("rows", [], []))
-                    msgs[-1][1].append(_keys.opaque_key(veil.key, it.rel))
-                    msgs[-1][2].append(it.label)
-                    batch.append(arr)
-                    ubatch.append(uni)
-                    if len(batch) == batch_size:
-                        flush()
-                msgs.append(("end", i, skipped))
-            if msgs:
-                flush()
-            drain(0, pb)
+                for i in mine:
+                    msgs.append(("begin", i))
+                    skipped: list[dict] = []
+                    for it in plan.shard_items(i):
+                        arr, why, uni = next(decoded)
+                        if arr is None:
+                            skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
+                            log.warning("skipping %s: %s", it.rel, why)
+                            stats["skipped"] += 1
+                            pb.update(1)
+                            continue
+                        if not msgs or msgs[-1][0] != "rows":
+                            msgs.append(("rows", [], []))
+                        msgs[-1][1].append(_keys.opaque_key(veil.key, it.rel))
+                        msgs[-1][2].append(it.label)
+                        batch.append(arr)
+                        ubatch.append(uni)
+                        if len(batch) == batch_size:
+                            flush()
+                    msgs.append(("end", i, skipped))
+                if msgs:
+                    flush()
+                drain(0, pb)
+            except BaseException:
+                # before the executors' exits wait for their queues: queued veil batches are skipped
+                # (on_gpu_thread), queued decoding is cancelled
+                failed.set()
+                pool.shutdown(wait=False, cancel_futures=True)
+                gpu.shutdown(wait=False, cancel_futures=True)
+                raise
     except BaseException as e:
         failed.set()  # also on this thread's errors and Ctrl-C: queued writer messages are dropped
-        if procs is not None:  # do not decode hundreds of queued chunks before reporting the error
-            procs.shutdown(wait=False, cancel_futures=True)
         from concurrent.futures.process import BrokenProcessPool
 
-        if isinstance(e, BrokenProcessPool):
+        cause = e
+        while cause is not None and not isinstance(cause, BrokenProcessPool):
+            cause = cause.__cause__
+        if cause is not None:  # seen here or first by the writer (an encoding job)
             raise RuntimeError(
-                "an I/O process died. Started from a script, these processes import the script again: "
-                "put the call under `if __name__ == \"__main__\":`, or pass io_procs=0 (--io-procs 0) for threads"
+                "an I/O process died (killed for memory, crashed, or, started from a script, it imported "
+                "the script again: put the call under `if __name__ == \"__main__\":`); rerun to resume, "
+                "or use io_procs=0 (--io-procs 0) for threads"
             ) from e
         raise
     finally:
