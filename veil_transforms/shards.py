@@ -15,9 +15,12 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   shards and redoes the rest, so ``kill -9`` at any moment loses nothing and
   duplicates nothing. A rerun with other veil parameters, another key or
   another source listing is refused;
-- images are decoded by a thread pool ahead of the veil loop, and PNG
-  encoding + tar writing happen in a writer thread, so the veil loop does not
-  wait on I/O;
+- images are decoded (and their keyed masks derived) by a thread pool ahead
+  of the veil loop, and PNG encoding + tar writing happen in a writer thread,
+  so the veil loop does not wait on I/O; with ``io_procs`` the decoding and
+  the encoding run in spawned processes instead (one Python process's GIL
+  caps the threads at ~4-5k small images/s, below a GPU's veil rate). Veil
+  batches run across shard boundaries;
 - with ``rank``/``world_size`` several processes split the shards
   (shard ``i`` -> rank ``i % world_size``); the output is identical to a
   one-process run;
