@@ -390,11 +390,16 @@ def test_tar_writer_is_byte_identical_to_webdatasets():
         shards.tar_member("x" * 100, b"")
 
 
-def test_io_processes_write_the_same_bytes(data, tmp_path):
+def test_io_processes_write_the_same_bytes(data, tmp_path, monkeypatch):
     """Decoding, key hashing and PNG encoding in spawned I/O processes instead of threads: the
     very same shard files as the reference run (threads)."""
+    import concurrent.futures
+
+    pools, real = [], concurrent.futures.ProcessPoolExecutor
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", lambda *a, **k: pools.append(a) or real(*a, **k))
     out = tmp_path / "procs"
     assert shard_cli.main([*_argv(data, out), "--io-procs", "2"]) == 0
+    assert pools == [(2,)]  # the processes did the work
     assert shas(out) == shas(data["ref"])
     assert shard_cli.main([*_argv(data, tmp_path / "bad"), "--io-procs", "-1"]) == 2
 
