@@ -16,7 +16,6 @@ benchmarks/results/mnist60k_levers_<device>.{md,json} after every config.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -53,16 +52,6 @@ def reset():
         torch.cuda.empty_cache()
 
 
-@contextlib.contextmanager
-def tf32(on: bool):
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = old
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=60_000)
@@ -85,7 +74,7 @@ def main(argv=None):
         reset()
 
         def run():
-            with tf32(allow_tf32), torch._inductor.config.patch(patch[0] if patch else {}):
+            with F.cudnn_setting("allow_tf32", allow_tf32), torch._inductor.config.patch(patch[0] if patch else {}):
                 return F.veil(model, images, generator=torch.Generator().manual_seed(0), steps=args.steps,
                               threshold=-math.inf, device=dev, **opts)
 

@@ -155,10 +155,8 @@ def no_tf32():
     get another convolution kernel, whose rounding (~1e-3 relative per step) 50 steps amplify to
     ~1e-2 (1 grey level; seen on an H100 between the eager and the graph loop, which compact
     at different moments). These tests check the loop's machinery, not cuDNN's kernel choice."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with F.cudnn_setting("allow_tf32", False):
+        yield
 
 
 @cuda

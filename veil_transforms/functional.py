@@ -415,18 +415,20 @@ def _keep_graph(model, key, graph, part, on) -> "_Kept":
     return kept
 
 
-@contextlib.contextmanager
 def _cudnn_benchmark(on: bool):
     """cuDNN picks the fastest kernels for the loop's shapes (the loop runs each shape hundreds of times)."""
-    if not on:
-        yield
-        return
-    old = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+    return cudnn_setting("benchmark", True) if on else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def cudnn_setting(name: str, value):
+    """``torch.backends.cudnn.<name> = value`` for the duration (e.g. ``"allow_tf32"``), restored after."""
+    old = getattr(torch.backends.cudnn, name)
+    setattr(torch.backends.cudnn, name, value)
     try:
         yield
     finally:
-        torch.backends.cudnn.benchmark = old
+        setattr(torch.backends.cudnn, name, old)
 
 
 _COMPILED: dict = {}
