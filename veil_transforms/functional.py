@@ -184,22 +184,17 @@ def gradient_iteration(
         last = torch.full((n,), math.nan, device=xt.device)
         idx, done = None, 0  # idx: the samples still active (None: all of them)
         while done < steps:
-            kept = None  # a graph captured by an earlier call, on its own copies of the inputs
-            if idx is None and ckey is not None:
-                kept = _kept_graph(model, ckey)
-                if kept is not None:
-                    try:
-                        part, on0 = kept.load(xt, x, target)
-                    except BaseException:
-                        kept.lock.release()
-                        raise
-                else:  # captured on copies the graph owns, so a later call can replay it
-                    part, on0 = (xt.clone(), x.clone(), target.clone(), taken.clone(), last.clone()), None
-            elif idx is None:
-                part, on0 = (xt, x, target, taken, last), None
-            else:
-                part, on0 = tuple(t[idx] for t in (xt, x, target, taken, last)), None
+            # a graph captured by an earlier call, on its own copies of the inputs (locked for this call)
+            kept = _kept_graph(model, ckey) if idx is None and ckey is not None else None
             try:
+                if kept is not None:
+                    part, on0 = kept.load(xt, x, target)
+                elif idx is None and ckey is not None:  # captured on copies the graph owns, so a later call can replay it
+                    part, on0 = tuple(t.clone() for t in (xt, x, target, taken, last)), None
+                elif idx is None:
+                    part, on0 = (xt, x, target, taken, last), None
+                else:
+                    part, on0 = tuple(t[idx] for t in (xt, x, target, taken, last)), None
                 ran, on, graph_ok, g = _phase(loss_full if idx is None else loss_part, *part, lr=lr, threshold=threshold, steps=steps - done,
                                               graph=graph, on=on0, g=kept.graph if kept is not None else None)
                 if idx is None and ckey is not None:  # results out of the graph's buffers (the next call reuses them)

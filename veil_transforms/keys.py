@@ -98,8 +98,12 @@ def opaque_key(key: bytes, name: str) -> str:
 
 def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Tensor:
     """Uniforms in [0, 1) of ``shape`` from a SHAKE-256 stream keyed by key and digest."""
-    n = int(np.prod(shape))
-    return _to_uniforms(hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n), shape)
+    return _to_uniforms(_mask_stream(key, digest, int(np.prod(shape))), shape)
+
+
+def _mask_stream(key: bytes, digest: bytes, n: int) -> bytes:
+    """The 4n bytes of one sample's mask: SHAKE-256 of the key and the sample's digest."""
+    return hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n)
 
 
 def _to_uniforms(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
@@ -118,7 +122,7 @@ def keyed_uniforms_np(key: bytes, x_norm: np.ndarray) -> np.ndarray:
     """:func:`keyed_uniforms_batch` for a float32 numpy batch (no torch needed)."""
     shape = tuple(x_norm.shape[1:])
     n = int(np.prod(shape))
-    raw = b"".join(hashlib.shake_256(b"veil-mask" + key + sample_digest(key, a)).digest(4 * n) for a in x_norm)
+    raw = b"".join(_mask_stream(key, sample_digest(key, a), n) for a in x_norm)
     return _uniforms_np(raw, (len(x_norm), *shape))
 
 
