@@ -416,6 +416,18 @@ def test_io_process_work_needs_no_torch_and_hashes_like_the_library():
     assert np.array_equal(keys.keyed_uniforms_np(key, lut[x.numpy()]), F.keyed_uniforms(key, F.normalize(x)).numpy())
 
 
+def test_auto_io_procs(monkeypatch):
+    """Processes only where they pay: one rank, 8+ usable CPUs, 20,000+ images; at most 8."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert shards.auto_io_procs(100_000) == 8
+    assert shards.auto_io_procs(19_999) == 0
+    assert shards.auto_io_procs(100_000, world_size=2) == 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    assert shards.auto_io_procs(100_000) == 6
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    assert shards.auto_io_procs(100_000) == 0
+
+
 def test_io_processes_from_an_unguarded_script_fail_clearly(data, tmp_path):
     """Spawned I/O processes import the calling script again; without the __main__ guard they die.
     The error must say what to do, not just "BrokenProcessPool"."""
