@@ -378,6 +378,35 @@ def test_small_ops_against_onnxruntime():
     assert _rel(m(x), ref) < 1e-5
 
 
+@pytest.mark.parametrize("op, attrs, out_hw", [
+    ("Conv", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}, (4, 4)),  # odd total padding: the extra one at the end
+    ("Conv", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, (4, 4)),  # ... at the beginning
+    ("Conv", {"auto_pad": "VALID"}, (5, 5)),
+    ("Conv", {"pads": [0, 1, 2, 0], "dilations": [1, 2]}, (7, 4)),  # asymmetric
+    ("ConvTranspose", {"strides": [2, 2], "output_padding": [1, 0], "pads": [1, 0, 0, 1]}, (15, 14)),
+    ("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, (14, 14)),
+    ("ConvTranspose", {"strides": [2, 2], "auto_pad": "SAME_LOWER"}, (14, 14)),
+    ("ConvTranspose", {"strides": [2, 2], "output_shape": [13, 14]}, (13, 14)),
+])
+def test_conv_padding_against_onnxruntime(op, attrs, out_hw):
+    """Each ONNX padding rule of Conv / ConvTranspose, on a 7x7 input with a 3x3 kernel (odd totals)."""
+    w_shape = [4, 2, 3, 3] if op == "Conv" else [2, 4, 3, 3]
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(w_shape, generator=gen)
+    b = torch.randn(4, generator=gen)
+    inits = [helper.make_tensor("w", TensorProto.FLOAT, w_shape, w.flatten().tolist()),
+             helper.make_tensor("b", TensorProto.FLOAT, [4], b.tolist())]
+    node = helper.make_node(op, ["x", "w", "b"], ["y"], kernel_shape=[3, 3], **attrs)
+    model = _model([node], [_vi("x", (1, 2, 7, 7))], [_vi("y", (1, 4, *out_hw))], inits)
+    onnx.checker.check_model(model)
+    x = torch.randn(1, 2, 7, 7, generator=gen)
+    ref = torch.from_numpy(_ort_session(model.SerializeToString()).run(None, {"x": x.numpy()})[0])
+    assert tuple(ref.shape) == (1, 4, *out_hw)
+    got = load_onnx(model.SerializeToString())(x)
+    assert got.shape == ref.shape
+    assert _rel(got, ref) < 1e-5
+
+
 def test_supported_ops_cover_the_usual_suspects():
     need = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "HardSigmoid",
             "HardSwish", "Clip", "Tanh", "Erf", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
