@@ -384,15 +384,15 @@ def _einsum(ctx, node, v):
     return torch.einsum(node["attrs"]["equation"], *ctx.align(node, v))
 
 
+def _split_pads(totals, upper: bool):
+    """ONNX's SAME_UPPER / SAME_LOWER split of each total padding: the odd one at the end / the beginning."""
+    pb = [t // 2 if upper else t - t // 2 for t in totals]
+    return pb, [t - b for t, b in zip(totals, pb)]
+
+
 def _same_pads(sizes, kernel, strides, dilations, upper: bool):
-    pb, pe = [], []
-    for n, k, s, d in zip(sizes, kernel, strides, dilations):
-        out = -(-n // s)
-        total = max((out - 1) * s + (k - 1) * d + 1 - n, 0)
-        small = total // 2
-        pb.append(small if upper else total - small)
-        pe.append(total - small if upper else small)
-    return pb, pe
+    totals = [max((-(-n // s) - 1) * s + (k - 1) * d + 1 - n, 0) for n, k, s, d in zip(sizes, kernel, strides, dilations)]
+    return _split_pads(totals, upper)
 
 
 def _pads(at, sizes, kernel, strides, dilations):
@@ -413,16 +413,20 @@ def _torch_pad(pb, pe) -> list[int]:
     return out
 
 
-@_op("Conv")
-def _conv(ctx, node, v):
+def _conv_args(ctx, node, v):
+    """Conv / ConvTranspose inputs and attributes: x, w, bias or None, spatial dims, kernel, strides, dilations."""
     at = node["attrs"]
     vals = ctx.align(node, v)
     x, w = vals[0], vals[1]
-    b = vals[2] if len(vals) > 2 else None
     nd = w.ndim - 2
-    kernel = list(w.shape[2:])
-    s = list(at.get("strides", [1] * nd))
-    d = list(at.get("dilations", [1] * nd))
+    return (x, w, vals[2] if len(vals) > 2 else None, nd, list(w.shape[2:]),
+            list(at.get("strides", [1] * nd)), list(at.get("dilations", [1] * nd)))
+
+
+@_op("Conv")
+def _conv(ctx, node, v):
+    at = node["attrs"]
+    x, w, b, nd, kernel, s, d = _conv_args(ctx, node, v)
     pb, pe = _pads(at, x.shape[2:], kernel, s, d)
     if pb != pe:
         x = F.pad(x, _torch_pad(pb, pe))
@@ -434,38 +438,16 @@ def _conv(ctx, node, v):
 @_op("ConvTranspose")
 def _conv_t(ctx, node, v):
     at = node["attrs"]
-    vals = ctx.align(node, v)
-    x, w = vals[0], vals[1]
-    b = vals[2] if len(vals) > 2 else None
-    nd = w.ndim - 2
-    kernel = list(w.shape[2:])
-    s = list(at.get("strides", [1] * nd))
-    d = list(at.get("dilations", [1] * nd))
+    x, w, b, nd, kernel, s, d = _conv_args(ctx, node, v)
     op = list(at.get("output_padding", [0] * nd))
     fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[nd - 1]
     y = fn(x, w, None, s, 0, 0, at.get("group", 1), d)
     full = [(n - 1) * st + (k - 1) * dd + 1 + o for n, st, k, dd, o in zip(x.shape[2:], s, kernel, d, op)]
+    upper = at.get("auto_pad", "NOTSET") == "SAME_UPPER"
     if "output_shape" in at:
-        target = list(at["output_shape"])[-nd:]
-        pb, pe = [], []
-        for f, t in zip(full, target):
-            total = f - t
-            if at.get("auto_pad", "NOTSET") == "SAME_UPPER":
-                pb.append(total // 2)
-                pe.append(total - total // 2)
-            else:
-                pb.append(total - total // 2)
-                pe.append(total // 2)
+        pb, pe = _split_pads([f - t for f, t in zip(full, list(at["output_shape"])[-nd:])], upper)
     elif at.get("auto_pad", "NOTSET") in ("SAME_UPPER", "SAME_LOWER"):
-        pb, pe = [], []
-        for n, f, st in zip(x.shape[2:], full, s):
-            total = f - n * st
-            if at["auto_pad"] == "SAME_UPPER":
-                pb.append(total // 2)
-                pe.append(total - total // 2)
-            else:
-                pb.append(total - total // 2)
-                pe.append(total // 2)
+        pb, pe = _split_pads([f - n * st for n, f, st in zip(x.shape[2:], full, s)], upper)
     else:
         p = list(at.get("pads", [0] * (2 * nd)))
         pb, pe = p[:nd], p[nd:]
