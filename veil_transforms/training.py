@@ -21,7 +21,12 @@ def fit(
     device: str | torch.device = "cpu",
     augment=None,
 ) -> nn.Module:
-    """Train a classifier with SGD + cross-entropy on uint8 / [0, 1] images (normalized to [-1, 1])."""
+    """Train a classifier with SGD + cross-entropy on uint8 / [0, 1] images (normalized to [-1, 1]).
+
+    ``seed`` fixes the order of the batches (and ``augment``'s draws); the
+    initial weights are the model's own, so seed where it is built
+    (``torch.manual_seed(s); LeNet5()``) for a run that repeats.
+    """
     g = torch.Generator().manual_seed(seed)
     model.to(device).train()
     x, y = normalize(images).to(device), labels.to(device)
