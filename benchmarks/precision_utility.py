@@ -155,7 +155,7 @@ def summarize(rows, args, cmd, name, baseline):
             if label != "fp32 (reference)" and len(a) == len(ref):
                 c["paired_diff_mean"], c["paired_diff_se"], c["paired_diff_per_key"] = paired(a, ref)
         configs[label] = c
-    return {"command": cmd, "device": name, "torch": torch.__version__, **vars(args), "baseline": baseline,
+    return {**vars(args), "command": cmd, "device": name, "torch": torch.__version__, "baseline": baseline,  # the card's name, not --device
             "keys_used": [key_for(k).hex() for k in range(len(ref))], "configs": configs}
 
 
