@@ -22,6 +22,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 
 from veil_transforms import functional as F
@@ -112,11 +113,26 @@ def test_fast_options_are_checked(faces, trained, monkeypatch):
     assert F.veil(trained, x, generator=torch.Generator(), steps=2, mode="other").shape == x.shape
 
 
-def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
+def _benchmark_module(name="throughput"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_precision_benchmark_takes_the_error_over_keys():
+    """benchmarks/precision_utility.py's bar is decided by these: a veil draw (key) is the unit, not a seed."""
+    bench = _benchmark_module("precision_utility")
+    ref = np.zeros((2, 2))
+    mean, se, per_key = bench.paired([[0.01, 0.03], [0.03, 0.05]], ref)  # keys x seeds
+    assert per_key == pytest.approx([0.02, 0.04]) and mean == pytest.approx(0.03)
+    assert se == pytest.approx(np.std([0.02, 0.04], ddof=1) / np.sqrt(2))  # from the per-key means, not the 4 values
+    # the seeds disagree, the keys agree: no key-to-key spread, so no error
+    assert bench.paired([[-0.01, 0.01], [0.01, -0.01]], ref)[1] == pytest.approx(0.0)
+    _, se1, _ = bench.paired([[0.01, 0.03]], np.zeros((1, 2)))  # one key: over seeds
+    assert se1 == pytest.approx(np.std([0.01, 0.03], ddof=1) / np.sqrt(2))
+    assert bench.t95(5) == 2.57 and bench.t95(11) == 2.23 and bench.t95(100) == 1.96 and bench.t95(0) == math.inf
+    assert bench.key_for(0) == bytes(range(32)) and len({bench.key_for(k) for k in range(8)}) == 8
 
 
 def test_library_not_slower_than_plain_batched_loop():
