@@ -293,6 +293,23 @@ def test_help_shows_defaults(capsys):
 
 
 # -- other sources -------------------------------------------------------------------------
+def test_imagefolder_listing(tmp_path, monkeypatch):
+    """Nested folders give posix paths relative to the root, whatever its spelling; hidden files and folders
+    and non-image files are left out; labels follow the sorted class folders."""
+    for f in ["t/b/w.png", "t/a/x.png", "t/a/sub/y.JPG", "t/a/sub/deeper/z.png",
+              "t/a/.h.png", "t/a/.hs/q.png", "t/.hid/v.png", "t/a/n.txt"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        PIL.Image.new("L", (4, 4)).save(tmp_path / f, format="PNG")
+    monkeypatch.chdir(tmp_path)
+    want_rel = [("a/sub/deeper/z.png", 0), ("a/sub/y.JPG", 0), ("a/x.png", 0), ("b/w.png", 1)]
+    for root in ["t", "./t/", "t//", str(tmp_path / "t")]:
+        src = shards.open_source(root)
+        assert src.classes == ["a", "b"] and src.root == str(tmp_path / "t")
+        assert [(it.rel, it.label) for it in src.items] == want_rel
+        assert [Path(it.path).resolve() for it in src.items] == [tmp_path / "t" / r for r, _ in want_rel]
+        assert all(Path(it.path).is_file() for it in src.items)
+
+
 def test_labels_csv_and_tar_sources(data, tmp_path):
     rng = np.random.default_rng(1)
     flat = tmp_path / "flat"
