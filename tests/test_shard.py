@@ -459,6 +459,14 @@ def test_io_processes_from_an_unguarded_script_fail_clearly(data, tmp_path):
     assert 'if __name__ == "__main__":' in r.stderr.splitlines()[-1]
 
 
+def test_write_shards_reports_its_timings(data, tmp_path):
+    summary = shards.write_shards(data["src"], tmp_path / "out", str(data["model"]), key_file=data["key_file"],
+                                  steps=1, device="cpu", shard_size=10, batch_size=8, progress=False)
+    t = summary["timings"]
+    assert summary["complete"] and t["prepare_s"] > 0 and 0 < t["veil_s"] < summary["seconds"]
+    assert set(t) == {"prepare_s", "first_batch_s", "veil_s", "after_last_batch_s"}
+
+
 def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     """An error in the veil (say, CUDA out of memory) mid-shard: the shard is not recorded, and a
     rerun gives exactly the uninterrupted result. Batches of 4 run across shards of 10: the fifth
@@ -481,10 +489,19 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     assert not any(p.name.startswith("veil-000001") for p in (tmp_path / "out").iterdir())
     ref = shards.prepare(data["src"], tmp_path / "ref", str(data["model"]), shard_size=10, **kw)
     real_ref, sizes = ref.veil.veil_batch, []
-    ref.veil.veil_batch = lambda x, u=None: sizes.append(len(x)) or real_ref(x, u)
+
+    def slow(x, u=None):
+        sizes.append(len(x))
+        time.sleep(0.02)
+        return real_ref(x, u)
+
+    ref.veil.veil_batch = slow
     summary = shards.run(ref, batch_size=4, progress=False)
     assert set(sizes[:-1]) == {4} and sum(sizes) == summary["images_veiled"]  # shards do not cut batches
     assert summary["steady_img_s"] > 0
+    t = summary["timings"]  # where the time went: the veil's share is at least the sleeps
+    assert len(sizes) * 0.02 <= t["veil_s"] <= summary["seconds"]
+    assert 0 < t["first_batch_s"] <= summary["seconds"] - t["after_last_batch_s"]
     again = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     assert shards.run(again, batch_size=4, progress=False)["complete"]
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")

@@ -882,7 +882,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 (out / f".{shard_name(i)}.tmp").unlink()
     t0 = time.perf_counter()
     total = sum(len(plan.shard_items(i)) for i in mine)
-    stats = {"shards": 0, "veiled": 0, "skipped": 0}
+    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0}
     last_manifest: dict = {}
 
     def on_done(entry):
@@ -926,7 +926,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     def veil_and_write(x, u, msgs):
         """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
         stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
+        t = time.perf_counter()
         v = veil.veil_batch(x, u).cpu().numpy() if x is not None else None
+        stats["veil_s"] += time.perf_counter() - t  # only this thread writes it
         r = 0
         for m in msgs:
             if m[0] != "rows":
@@ -1036,11 +1038,17 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     if writer.error is not None:
         raise RuntimeError(f"shard writer failed: {writer.error}") from writer.error
     m = last_manifest or read_manifest(out)
+    t1 = time.perf_counter()
     return {
         "out": str(out), "rank": rank, "world_size": world_size, "shards_written": stats["shards"],
-        "images_veiled": stats["veiled"], "images_skipped": stats["skipped"], "seconds": time.perf_counter() - t0,
+        "images_veiled": stats["veiled"], "images_skipped": stats["skipped"], "seconds": t1 - t0,
         # after the first batch (start-up, warm-up, compilation): the rate a long run settles at
         "steady_img_s": (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) >= 3 else None,
+        # where a run's time went: until the first batch was veiled (process start, decoding the first
+        # batch, warm-up), in veil_batch (GPU-bound when close to "seconds"), after the last batch
+        # (encoding and writing the last shards)
+        "timings": {"first_batch_s": marks[0][0] - t0 if marks else None, "veil_s": stats["veil_s"],
+                    "after_last_batch_s": t1 - marks[-1][0] if marks else None},
         "complete": bool(m.get("complete")), "num_shards": plan.num_shards,
         "total_veiled": m.get("num_veiled", 0), "total_skipped": m.get("num_skipped", 0),
     }
@@ -1049,9 +1057,13 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
 def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
                  io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True, **kw) -> dict:
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
+    t = time.perf_counter()
     plan = prepare(src, out, model, create_key=rank == 0, **kw)
-    return run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
-               io_procs=io_procs, progress=progress)
+    t = time.perf_counter() - t
+    summary = run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
+                  io_procs=io_procs, progress=progress)
+    summary["timings"]["prepare_s"] = t  # listing the source, the key, the manifest, F on the device
+    return summary
 
 
 # -- verification -------------------------------------------------------------------
