@@ -87,6 +87,13 @@ def steady_img_s(out: Path) -> float:
     return sum(c for _, c in done[1:]) / (done[-1][0] - done[0][0])
 
 
+def timing_line(secs: float, t: dict) -> str:
+    """Where a write_shards call's time went (its summary's ``timings``)."""
+    f = lambda v: "?" if v is None else f"{v:.2f} s"  # noqa: E731
+    return (f"whole {secs:.2f} s = prepare {f(t['prepare_s'])} + run; first batch veiled at {f(t['first_batch_s'])} "
+            f"into the run, veil_batch busy {f(t['veil_s'])}, after the last batch {f(t['after_last_batch_s'])}")
+
+
 def cli_module() -> str:
     try:
         import veil_transforms.tools.shard  # noqa: F401 - installed package
@@ -123,9 +130,10 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs
         secs = time.perf_counter() - t
         assert summary["complete"] and summary["total_veiled"] == n, summary
         st = summary["steady_img_s"] or float("nan")
-        runs[k] = {"seconds": secs, "img_s": n / secs, "ratio": raw / secs, "steady_img_s": st, "steady_ratio": st * raw / n}
+        runs[k] = {"seconds": secs, "img_s": n / secs, "ratio": raw / secs, "steady_img_s": st, "steady_ratio": st * raw / n,
+                   "timings": summary["timings"]}
         print(f"{name}: veil-shard, {f'{k} I/O processes' if k else 'threads'}: {n / secs:,.0f} img/s (steady {st:,.0f}), "
-              f"ratio {raw / secs:.3f}, steady ratio {st * raw / n:.3f}", flush=True)
+              f"ratio {raw / secs:.3f}, steady ratio {st * raw / n:.3f}; {timing_line(secs, summary['timings'])}", flush=True)
     size = sum(f.stat().st_size for f in out.glob("veil-*.tar"))
     e2e, steady = runs[io_procs[0]]["seconds"], runs[io_procs[0]]["steady_img_s"]
     multi = {}
@@ -201,6 +209,9 @@ def main(argv=None):
         for k, c in r["cli_nproc"].items():
             md.append(f"| … CLI `--nproc {k}` (same GPU) | | | | | {c['img_s']:,.0f} | {100 * c['ratio']:.1f}% | "
                       f"{c['steady_img_s']:,.0f} | {100 * c['steady_ratio']:.1f}% |")
+    md += ["", "Where the engine's time went (its summary's `timings`):", ""]
+    md += [f"- {r['case']}, {f'{k} I/O processes' if k else 'threads'}: {timing_line(c['seconds'], c['timings'])}"
+           for r in rows for k, c in r["io_procs"].items()]
     (out / f"shard_throughput_{device.type}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
