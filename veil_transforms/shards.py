@@ -778,6 +778,12 @@ class _Writer(threading.Thread):
         f = None
         tmp = None
         count = size = 0
+        h = None
+
+        def write(data: bytes) -> int:  # hashed as written: the shard is not read back for its sha256
+            h.update(data)
+            return f.write(data)
+
         try:
             while True:
                 msg = self.q.get()
@@ -788,29 +794,30 @@ class _Writer(threading.Thread):
                     _, index = msg
                     tmp = self.out / f".{shard_name(index)}.tmp"
                     f = open(tmp, "wb")
+                    h = hashlib.sha256()
                     count = size = 0
                 elif kind == "encoded":  # (n, future of the tar bytes of n samples) from an I/O process
                     _, n, fut = msg
-                    size += f.write(fut.result())
+                    size += write(fut.result())
                     count += n
                 elif kind == "batch":
                     _, okeys, labels, pixels = msg
                     if self.throttle:
                         for k, y, a in zip(okeys, labels, pixels):
-                            size += f.write(tar_sample(k, y, a))
+                            size += write(tar_sample(k, y, a))
                             count += 1
                             time.sleep(self.throttle)
                     else:
-                        size += f.write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)))
+                        size += write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)))
                         count += len(okeys)
                 elif kind == "end":
                     _, index, skipped = msg
-                    f.write(tar_end(size))
+                    write(tar_end(size))
                     f.flush()
                     os.fsync(f.fileno())
                     f.close()
                     final = self.out / shard_name(index)
-                    sha, nbytes = file_sha256(tmp), tmp.stat().st_size
+                    sha, nbytes = h.hexdigest(), tmp.stat().st_size
                     os.replace(tmp, final)
                     fsync_dir(self.out)
                     f = None
