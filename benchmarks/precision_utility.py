@@ -7,10 +7,12 @@ config and key (the fp32 reference, then the fast configs: bf16 autocast, CUDA
 graph, torch.compile; on the CPU bf16 only), trains a third-party LeNet-5 on
 each veiled set for every seed, and tests on the last ``n-test`` original
 images. Every config uses the same keys and seeds, so the differences to fp32
-are paired. Two veil draws (keys) of the same config differ in utility by
-points, far more than third-party seeds do, so a single key cannot resolve the
-issue's bar (veiled-model accuracy on X within 0.5 points of the fp32 veil):
-use ``--keys`` > 1, and the standard error is taken over keys. Also reports
+are paired. A bf16 and an fp32 veil of the same key are different images, and
+the third-party training on them is noisy (seeds of one veil differ by up to 6
+points on 8,000 MNIST images), so one key's paired difference ranged from -1.6
+to +1.1 points (precision_utility_cpu_keys6.md): one key cannot resolve the
+issue's bar (veiled-model accuracy on X within 0.5 points of the fp32 veil).
+Use ``--keys`` > 1; the standard error is then taken over keys. Also reports
 Eq. (2)'s loss in fp32 on the uint8 veils, how far each veil is from the fp32
 veil (mean |diff| in grey levels, flip-sign agreement on pixels with
 |x| > 0.5) and F's argmax agreement with the originals.
@@ -56,8 +58,9 @@ def key_for(k: int) -> bytes:
 def paired(accs, ref):
     """Paired differences to the reference, [keys, seeds] each: (mean, standard error, per-key means).
 
-    With several keys the error comes from the spread of the per-key means (a veil draw is the unit:
-    draws differ far more than third-party seeds do); with one key, from the spread over seeds.
+    With several keys the error comes from the spread of the per-key means (a key's paired veils are the
+    unit: the seeds of one key share its pair of veils, so they are not independent); with one key, from
+    the spread over seeds, which leaves the veils' own variation out.
     """
     d = np.asarray(accs) - np.asarray(ref)
     per_key = d.mean(1)
