@@ -467,6 +467,43 @@ def test_write_shards_reports_its_timings(data, tmp_path):
     assert set(t) == {"prepare_s", "first_batch_s", "veil_s", "after_last_batch_s"}
 
 
+def test_manifest_records_are_spaced_by_their_cost(data, tmp_path, monkeypatch):
+    """The manifest is rewritten whole per record, so records wait while the last one is recent
+    compared with its cost; what waits is recorded at the end, also when the run fails."""
+    calls = []
+    real = shards.record_shards
+    monkeypatch.setattr(shards, "record_shards", lambda out, entries: calls.append(len(entries)) or real(out, entries))
+    monkeypatch.setattr(shards, "MANIFEST_SPACING", 1e9)  # after the first record, none until the end
+    out = tmp_path / "spaced"
+    assert shard_cli.main(_argv(data, out)) == 0
+    assert calls == [1, 15]
+    shards.verify(out)
+    assert snapshot(out) == snapshot(data["ref"]) and shas(out) == shas(data["ref"])
+    calls.clear()
+    monkeypatch.setattr(shards, "MANIFEST_SPACING", 0)  # every shard at once
+    assert shard_cli.main(_argv(data, tmp_path / "each")) == 0
+    assert calls == [1] * 16
+    # a failed run still records every shard it finished
+    calls.clear()
+    monkeypatch.setattr(shards, "MANIFEST_SPACING", 1e9)
+    plan = shards.prepare(data["src"], tmp_path / "failed", str(data["model"]), key_file=data["key_file"],
+                          steps=3, lr=0.1, device="cpu", shard_size=4)
+    real_veil, n = plan.veil.veil_batch, []
+
+    def flaky(x, u=None):
+        n.append(1)
+        if len(n) == 8:
+            raise RuntimeError("simulated")
+        return real_veil(x, u)
+
+    plan.veil.veil_batch = flaky
+    with pytest.raises(RuntimeError, match="simulated"):
+        shards.run(plan, batch_size=4, progress=False)
+    files = {p.name for p in (tmp_path / "failed").glob("veil-*.tar")}
+    assert len(files) >= 5 and calls[0] == 1 and len(calls) == 2
+    assert {s["name"] for s in shards.read_manifest(tmp_path / "failed")["shards"]} == files
+
+
 def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     """An error in the veil (say, CUDA out of memory) mid-shard: the shard is not recorded, and a
     rerun gives exactly the uninterrupted result. Batches of 4 run across shards of 10: the fifth
