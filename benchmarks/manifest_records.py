@@ -1,0 +1,60 @@
+"""What recording shards in manifest.json costs over a long veil-shard run, with and without spacing.
+
+    python benchmarks/manifest_records.py [--shards 3000] [--pace-ms 20]
+
+The manifest is rewritten whole (read, merge, atomic write with fsync) per
+record, so one record costs more the more shards it lists. This drives the
+engine's own record logic (``shards.record_shards`` and ``MANIFEST_SPACING``)
+with shards finishing every ``--pace-ms`` milliseconds (no veil, no images)
+and reports the records made and the time they took, for spacing 0 (a record
+per shard, as before) and the default spacing. Writes into a temporary folder
+beside this script (a real disk, not tmpfs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from veil_transforms import shards
+
+
+def simulate(n: int, pace: float, spacing: float) -> tuple[int, float, float]:
+    """(records, seconds spent recording, cost of the last record) for n shards, one every ``pace`` s."""
+    out = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parent))
+    try:
+        shards.atomic_write_json(out / shards.MANIFEST, {"shards": [], "num_shards": n})
+        pending, last, records, spent, cost = [], [0.0, 0.0], 0, 0.0, 0.0
+        for i in range(n):
+            time.sleep(pace)
+            pending.append({"index": i, "name": shards.shard_name(i), "count": 1000, "sha256": "0" * 64,
+                            "bytes": 2_500_000, "skipped": []})
+            if time.perf_counter() - last[0] >= spacing * last[1] or i == n - 1:  # as shards.run's on_done
+                t = time.perf_counter()
+                shards.record_shards(out, pending)
+                pending.clear()
+                cost = time.perf_counter() - t
+                last[:] = [time.perf_counter(), cost]
+                records, spent = records + 1, spent + cost
+        return records, spent, cost
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=int, default=3000)
+    ap.add_argument("--pace-ms", type=float, default=20.0, help="one shard finishes every this many ms")
+    args = ap.parse_args(argv)
+    run_s = args.shards * args.pace_ms / 1000
+    for spacing in (0, shards.MANIFEST_SPACING):
+        records, spent, cost = simulate(args.shards, args.pace_ms / 1000, spacing)
+        print(f"spacing {spacing:>3}: {records:5d} records for {args.shards} shards, {spent:6.2f} s recording "
+              f"({100 * spent / run_s:.1f}% of a {run_s:.0f} s run), last record {1000 * cost:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
