@@ -4,7 +4,7 @@
 
 The manifest is rewritten whole (read, merge, atomic write with fsync) per
 record, so one record costs more the more shards it lists. This drives the
-engine's own record logic (``shards.record_shards`` and ``MANIFEST_SPACING``)
+engine's own recorder (``shards.ManifestRecorder``)
 with shards finishing every ``--pace-ms`` milliseconds (no veil, no images)
 and reports the records made and the time they took, for spacing 0 (a record
 per shard, as before) and the default spacing. Writes into a temporary folder
@@ -22,24 +22,19 @@ from pathlib import Path
 from veil_transforms import shards
 
 
-def simulate(n: int, pace: float, spacing: float) -> tuple[int, float, float]:
-    """(records, seconds spent recording, cost of the last record) for n shards, one every ``pace`` s."""
+def simulate(n: int, pace: float) -> shards.ManifestRecorder:
+    """n shards recorded by the engine's recorder, one finishing every ``pace`` s."""
     out = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parent))
     try:
         shards.atomic_write_json(out / shards.MANIFEST, {"shards": [], "num_shards": n})
-        pending, last, records, spent, cost = [], [0.0, 0.0], 0, 0.0, 0.0
+        rec = shards.ManifestRecorder(out)
         for i in range(n):
             time.sleep(pace)
-            pending.append({"index": i, "name": shards.shard_name(i), "count": 1000, "sha256": "0" * 64,
-                            "bytes": 2_500_000, "skipped": []})
-            if time.perf_counter() - last[0] >= spacing * last[1] or i == n - 1:  # as shards.run's on_done
-                t = time.perf_counter()
-                shards.record_shards(out, pending)
-                pending.clear()
-                cost = time.perf_counter() - t
-                last[:] = [time.perf_counter(), cost]
-                records, spent = records + 1, spent + cost
-        return records, spent, cost
+            rec.add({"index": i, "name": shards.shard_name(i), "count": 1000, "sha256": "0" * 64,
+                     "bytes": 2_500_000, "skipped": []})
+        rec.flush()
+        assert rec.manifest["complete"]
+        return rec
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -50,10 +45,13 @@ def main(argv=None):
     ap.add_argument("--pace-ms", type=float, default=20.0, help="one shard finishes every this many ms")
     args = ap.parse_args(argv)
     run_s = args.shards * args.pace_ms / 1000
-    for spacing in (0, shards.MANIFEST_SPACING):
-        records, spent, cost = simulate(args.shards, args.pace_ms / 1000, spacing)
-        print(f"spacing {spacing:>3}: {records:5d} records for {args.shards} shards, {spent:6.2f} s recording "
-              f"({100 * spent / run_s:.1f}% of a {run_s:.0f} s run), last record {1000 * cost:.1f} ms")
+    default = shards.MANIFEST_SPACING
+    for spacing in (0, default):
+        shards.MANIFEST_SPACING = spacing
+        rec = simulate(args.shards, args.pace_ms / 1000)
+        print(f"spacing {spacing:>3}: {rec.records:5d} records for {args.shards} shards, {rec.seconds:6.2f} s recording "
+              f"({100 * rec.seconds / run_s:.1f}% of a {run_s:.0f} s run), last record {1000 * rec.cost:.1f} ms")
+    shards.MANIFEST_SPACING = default
 
 
 if __name__ == "__main__":

@@ -859,6 +859,32 @@ def record_shards(out: Path, entries: list[dict]) -> dict:
 MANIFEST_SPACING = 20
 
 
+class ManifestRecorder:
+    """Records finished shards in OUT's manifest, spaced by the records' cost (``MANIFEST_SPACING``)."""
+
+    def __init__(self, out: Path):
+        self.out, self.pending, self.manifest = out, [], {}
+        self.at = self.cost = self.seconds = 0.0  # last record: when, and what it cost; all records' time
+        self.records = 0
+
+    def add(self, entry: dict) -> None:
+        """A shard whose file is in place: recorded now, or with the next record."""
+        self.pending.append(entry)
+        if time.perf_counter() - self.at >= MANIFEST_SPACING * self.cost:
+            self.flush()
+
+    def flush(self) -> None:
+        """Record the waiting shards (at the end of a run, also of a failed one: their files are whole)."""
+        if self.pending:
+            t = time.perf_counter()
+            self.manifest = record_shards(self.out, self.pending)
+            self.pending.clear()
+            self.at = time.perf_counter()
+            self.cost = self.at - t
+            self.records += 1
+            self.seconds += self.cost
+
+
 def done_shards(plan: Plan) -> set[int]:
     """Shards recorded in the manifest whose files are still there, whole."""
     m = read_manifest(plan.out)
@@ -901,24 +927,12 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     t0 = time.perf_counter()
     total = sum(len(plan.shard_items(i)) for i in mine)
     stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0}
-    last_manifest: dict = {}
-    pending: list[dict] = []  # finished shards not in the manifest yet
-    last_record = [0.0, 0.0]  # when the manifest was last written, and what that cost
-
-    def record_pending():
-        nonlocal last_manifest
-        if pending:
-            t = time.perf_counter()
-            last_manifest = record_shards(out, pending)
-            pending.clear()
-            last_record[:] = [time.perf_counter(), time.perf_counter() - t]
+    recorder = ManifestRecorder(out)
 
     def on_done(entry):  # on the writer thread, after the shard's file is in place
-        pending.append(entry)
         stats["shards"] += 1
         log.info("wrote %s (%d samples, %d skipped)", entry["name"], entry["count"], len(entry["skipped"]))
-        if time.perf_counter() - last_record[0] >= MANIFEST_SPACING * last_record[1]:
-            record_pending()
+        recorder.add(entry)
 
     if mine:
         log.info("rank %d/%d: %d of %d shards to write (%d images)", rank, world_size, len(mine),
@@ -1064,15 +1078,16 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         with contextlib.suppress(Exception):
             writer.q.put(None, timeout=60)
         writer.join()
-        try:  # the shards finished since the last record (also when the run failed: they are whole)
-            record_pending()
-        except Exception as e:  # noqa: BLE001 - raised below, unless another error is on its way
+        try:
+            recorder.flush()
+        except Exception as e:  # noqa: BLE001 - raised, unless another error is on its way
             if not failed.is_set():
                 raise
-            log.warning("could not record %d finished shards in the manifest (%s); a rerun writes them again", len(pending), e)
+            log.warning("could not record %d finished shards in the manifest (%s); a rerun writes them again",
+                        len(recorder.pending), e)
     if writer.error is not None:
         raise RuntimeError(f"shard writer failed: {writer.error}") from writer.error
-    m = last_manifest or read_manifest(out)
+    m = recorder.manifest or read_manifest(out)
     t1 = time.perf_counter()
     return {
         "out": str(out), "rank": rank, "world_size": world_size, "shards_written": stats["shards"],
