@@ -14,8 +14,9 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   lock, so several processes can share one OUT; when rewriting it grows
   costly next to the pace of shards, records are spaced and carry several
   shards, see ``MANIFEST_SPACING``); a rerun skips recorded shards and redoes
-  the rest, so ``kill -9`` at any moment loses nothing and duplicates nothing. A rerun with other veil parameters, another key or
-  another source listing is refused;
+  the rest, so ``kill -9`` at any moment loses nothing and duplicates
+  nothing. A rerun with other veil parameters, another key or another source
+  listing is refused;
 - images are decoded (and their keyed masks derived) by a thread pool ahead
   of the veil loop, and PNG encoding + tar writing happen in a writer thread,
   so the veil loop does not wait on I/O; with ``io_procs`` the decoding and
