@@ -852,7 +852,8 @@ def record_shards(out: Path, entries: list[dict]) -> dict:
 
 
 # The manifest is rewritten whole for each record (read, merge with other ranks' shards, fsync): its
-# cost grows with the shards in it (6 ms at 1,000 shards on a 2-core CPU, so quadratic over a run).
+# cost grows with the shards in it (8.5 ms at 1,000 shards, 34 ms at 3,000 on a 2-core CPU:
+# benchmarks/manifest_records.py), so recording every shard is quadratic over a run.
 # A shard is recorded at once unless the last record was less than this many times its own cost
 # ago; then it waits for the next one (at the latest, the end of the run). The records take at most
 # ~1/MANIFEST_SPACING of the writer's time; a kill loses at most that spacing's shards from the
