@@ -852,7 +852,7 @@ def record_shards(out: Path, entries: list[dict]) -> dict:
 
 
 # The manifest is rewritten whole for each record (read, merge with other ranks' shards, fsync): its
-# cost grows with the shards in it (8.5 ms at 1,000 shards, 34 ms at 3,000 on a 2-core CPU:
+# cost grows with the shards in it (9-15 ms at 1,000 shards, 24-35 ms at 3,000 on a 2-core CPU:
 # benchmarks/manifest_records.py), so recording every shard is quadratic over a run.
 # A shard is recorded at once unless the last record was less than this many times its own cost
 # ago; then it waits for the next one (at the latest, the end of the run). The records take at most
