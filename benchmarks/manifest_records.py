@@ -4,10 +4,10 @@
 
 The manifest is rewritten whole (read, merge, atomic write with fsync) per
 record, so one record costs more the more shards it lists. This drives the
-engine's own recorder (``shards.ManifestRecorder``)
-with shards finishing every ``--pace-ms`` milliseconds (no veil, no images)
-and reports the records made and the time they took, for spacing 0 (a record
-per shard, as before) and the default spacing. Writes into a temporary folder
+engine's own recorder (``shards.ManifestRecorder``) with shards finishing
+every ``--pace-ms`` milliseconds (no veil, no images) and reports the records
+made and the time they took, for spacing 0 (a record per shard, as before)
+and the default spacing. Writes into a temporary folder
 beside this script (a real disk, not tmpfs).
 """
 
@@ -44,14 +44,18 @@ def main(argv=None):
     ap.add_argument("--shards", type=int, default=3000)
     ap.add_argument("--pace-ms", type=float, default=20.0, help="one shard finishes every this many ms")
     args = ap.parse_args(argv)
+    if args.shards < 1 or args.pace_ms <= 0:
+        ap.error("--shards must be >= 1 and --pace-ms > 0")
     run_s = args.shards * args.pace_ms / 1000
     default = shards.MANIFEST_SPACING
-    for spacing in (0, default):
-        shards.MANIFEST_SPACING = spacing
-        rec = simulate(args.shards, args.pace_ms / 1000)
-        print(f"spacing {spacing:>3}: {rec.records:5d} records for {args.shards} shards, {rec.seconds:6.2f} s recording "
-              f"({100 * rec.seconds / run_s:.1f}% of a {run_s:.0f} s run), last record {1000 * rec.cost:.1f} ms")
-    shards.MANIFEST_SPACING = default
+    try:
+        for spacing in (0, default):
+            shards.MANIFEST_SPACING = spacing
+            rec = simulate(args.shards, args.pace_ms / 1000)
+            print(f"spacing {spacing:>3}: {rec.records:5d} records for {args.shards} shards, {rec.seconds:6.2f} s "
+                  f"recording ({100 * rec.seconds / run_s:.1f}% of a {run_s:.0f} s run), last record {1000 * rec.cost:.1f} ms")
+    finally:
+        shards.MANIFEST_SPACING = default
 
 
 if __name__ == "__main__":
