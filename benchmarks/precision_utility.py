@@ -1,6 +1,7 @@
 """Do the veil's speed options cost utility? MNIST, LeNet-5, paper mode, paired over keys and seeds.
 
     python benchmarks/precision_utility.py --device cuda [--n-train 8000] [--n-test 2000] [--seeds 0 1 2 3 4] [--keys 1]
+        [--trainer one|many] [--block 1] [--chunk 128]
 
 Trains the owner's F on the first ``n-train`` MNIST images, veils them once per
 config and key (the fp32 reference, then the fast configs: bf16 autocast, CUDA
@@ -17,8 +18,12 @@ Eq. (2)'s loss in fp32 on the uint8 veils, how far each veil is from the fp32
 veil (mean |diff| in grey levels, flip-sign agreement on pixels with
 |x| > 0.5) and F's argmax agreement with the originals.
 
+On a GPU, ``--trainer many --block B`` veils B keys, then trains their B x configs x seeds
+third-party models together with ``training.fit_many`` (vmapped, the same recipe and batch order as
+``fit``): tens of LeNets train in about the time of one, which is what makes tens of keys affordable.
+
 Writes benchmarks/results/precision_utility_<device>[_keys<N>].{md,json}
-(the json after every key, so a run cut off keeps what it measured).
+(the json after every block of keys, so a run cut off keeps what it measured).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch
 from veil_transforms import functional as F
 from veil_transforms.data import mnist_split
 from veil_transforms.nets import LeNet5
-from veil_transforms.training import accuracy, fit, predict
+from veil_transforms.training import accuracy, fit, fit_many, predict
 
 CONFIGS = {
     "fp32 (reference)": {},
@@ -79,13 +84,18 @@ def main(argv=None):
     ap.add_argument("--keys", type=int, default=1,
                     help="veil every config with this many keys (veil draws); the paired differences are averaged over them")
     ap.add_argument("--epochs", type=int, default=15)
+    ap.add_argument("--trainer", choices=["one", "many"], default="one",
+                    help="third-party models: 'one' at a time (fit), or 'many' at once (fit_many, vmapped; for a GPU)")
+    ap.add_argument("--block", type=int, default=1, help="keys veiled before their models are trained (with --trainer many: "
+                    "block x configs x seeds models per round, up to --chunk at once)")
+    ap.add_argument("--chunk", type=int, default=128, help="--trainer many: most models trained at once")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS)[1:],
                     help="CUDA: fast configs to compare with fp32 (default: all)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the models trained on originals")
     args = ap.parse_args(argv)
-    if args.keys < 1:
-        ap.error("--keys must be at least 1")
+    if min(args.keys, args.block, args.chunk) < 1:
+        ap.error("--keys, --block and --chunk must be at least 1")
     dev = torch.device(args.device)
     torch.set_flush_denormal(True)
     configs = CONFIGS if dev.type == "cuda" else {"fp32 (reference)": {}, "bf16": {"precision": "bf16"}}
@@ -93,8 +103,14 @@ def main(argv=None):
         configs = {k: v for k, v in CONFIGS.items() if k == "fp32 (reference)" or k in args.configs}
     (xtr, ytr), (xte, yte) = mnist_split(args.n_train, args.n_test)
     owner = fit(lenet(1234), xtr, ytr, epochs=args.epochs, seed=1234, device=dev)
-    baseline = [] if args.no_baseline else [
-        accuracy(fit(lenet(s), xtr, ytr, epochs=args.epochs, seed=s, device=dev), xte, yte, device=dev) for s in args.seeds]
+    if args.no_baseline:
+        baseline = []
+    elif args.trainer == "many":
+        baseline = [accuracy(m, xte, yte, device=dev) for m in fit_many(
+            [lenet(s) for s in args.seeds], xtr, ytr, seeds=args.seeds, epochs=args.epochs, device=dev)]
+    else:
+        baseline = [accuracy(fit(lenet(s), xtr, ytr, epochs=args.epochs, seed=s, device=dev), xte, yte, device=dev)
+                    for s in args.seeds]
     if baseline:
         print(f"baseline {100 * np.mean(baseline):.2f} ± {100 * np.std(baseline):.2f}", flush=True)
     f_orig = predict(owner, xtr, device=dev)
@@ -107,43 +123,74 @@ def main(argv=None):
     out.mkdir(exist_ok=True)
     cmd = "python benchmarks/precision_utility.py " + " ".join(sys.argv[1:] if argv is None else argv)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
-    for k in range(args.keys):
-        ref = None
-        for label, opts in configs.items():
-            row = rows[label]
-            t = time.perf_counter()
-            try:
-                vq = F.veil(owner, xtr, key=key_for(k), device=dev, **opts).cpu()  # uint8: what a third party gets
-            except Exception as e:  # noqa: BLE001 - e.g. torch.compile missing a compiler: report, go on
-                print(label, "FAILED:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
-                row["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                continue
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            row["veil_seconds_incl_warmup"].append(time.perf_counter() - t)
-            accs = [accuracy(fit(lenet(s), vq, ytr, epochs=args.epochs, seed=s, device=dev), xte, yte, device=dev)
-                    for s in args.seeds]
-            with torch.no_grad():  # Eq. (2) in fp32 on what the third party gets (lower: closer to F(x))
-                vn = F.normalize(vq).to(dev)
-                row["true_loss"].append(float(F.paper_loss(owner(vn), target, vn, xn, F.PAPER["alpha"], F.PAPER["beta"]).mean()))
-            row["acc_on_X"].append(accs)
-            row["F_agreement"].append(float((predict(owner, vq, device=dev) == f_orig).float().mean()))
-            if ref is None:
-                ref = vq
-            else:
-                d = (vq.float() - ref.float()).abs()
-                a, b = F.normalize(ref), F.normalize(vq)
-                big = F.normalize(xtr).abs() > 0.5
-                row.setdefault("mean_grey_diff", []).append(float(d.mean()))
-                row.setdefault("frac_pixels_off_by_more_than_1", []).append(float((d > 1).float().mean()))
-                row.setdefault("sign_agreement", []).append(float((a.sign() == b.sign())[big].float().mean()))
-            print(f"key {k}", label, json.dumps({n: x[-1] for n, x in row.items() if isinstance(x, list) and x}), flush=True)
-        data = summarize(rows, args, cmd, name, baseline)  # after every key, so a cut-off run keeps what it measured
+    train_s = 0.0
+    for k0 in range(0, args.keys, args.block):  # veil a block of keys, then train all its third-party models
+        block = range(k0, min(k0 + args.block, args.keys))
+        veils, measured = {}, {}
+        for k in block:
+            ref = None
+            for label, opts in configs.items():
+                t = time.perf_counter()
+                try:
+                    vq = F.veil(owner, xtr, key=key_for(k), device=dev, **opts).cpu()  # uint8: what a third party gets
+                except Exception as e:  # noqa: BLE001 - e.g. torch.compile missing a compiler: report, go on
+                    print(label, "FAILED:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
+                    rows[label]["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    continue
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                m = measured[k, label] = {"veil_seconds_incl_warmup": time.perf_counter() - t}
+                veils[k, label] = vq
+                with torch.no_grad():  # Eq. (2) in fp32 on what the third party gets (lower: closer to F(x))
+                    vn = F.normalize(vq).to(dev)
+                    m["true_loss"] = float(F.paper_loss(owner(vn), target, vn, xn, F.PAPER["alpha"], F.PAPER["beta"]).mean())
+                m["F_agreement"] = float((predict(owner, vq, device=dev) == f_orig).float().mean())
+                if ref is None:
+                    ref = vq
+                else:
+                    d = (vq.float() - ref.float()).abs()
+                    a, b = F.normalize(ref), F.normalize(vq)
+                    big = F.normalize(xtr).abs() > 0.5
+                    m["mean_grey_diff"] = float(d.mean())
+                    m["frac_pixels_off_by_more_than_1"] = float((d > 1).float().mean())
+                    m["sign_agreement"] = float((a.sign() == b.sign())[big].float().mean())
+        t = time.perf_counter()
+        accs = train_third_party(veils, ytr, (xte, yte), args, dev)
+        train_s += time.perf_counter() - t
+        for k in block:
+            for label in configs:
+                if (k, label) in veils:
+                    m = {**measured[k, label], "acc_on_X": [accs[k, label, s] for s in args.seeds]}
+                    for n, x in m.items():
+                        rows[label].setdefault(n, []).append(x)
+                    print(f"key {k}", label, json.dumps(m), flush=True)
+        data = summarize(rows, args, cmd, name, baseline)  # after every block, so a cut-off run keeps what it measured
+        data["train_seconds"] = train_s
         (out / f"precision_utility_{dev.type}{suffix}.json").write_text(json.dumps(data, indent=1))
     md = markdown(data, args)
     (out / f"precision_utility_{dev.type}{suffix}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return data
+
+
+def train_third_party(veils, labels, test, args, dev):
+    """Accuracy on the original test images of a LeNet-5 trained on each veil, per seed: {(key, config, seed): acc}.
+
+    ``--trainer one`` trains them one after another with ``fit``; ``many`` trains up to ``--chunk`` at once with
+    ``fit_many`` (the same recipe and batch order, vmapped: on a GPU, tens of LeNets cost about one).
+    """
+    xte, yte = test
+    jobs = [(k, label, s) for (k, label) in veils for s in args.seeds]
+    if args.trainer == "one":
+        return {j: accuracy(fit(lenet(j[2]), veils[j[:2]], labels, epochs=args.epochs, seed=j[2], device=dev),
+                            xte, yte, device=dev) for j in jobs}
+    accs = {}
+    for c in range(0, len(jobs), args.chunk):
+        part = jobs[c : c + args.chunk]
+        models = fit_many([lenet(s) for _, _, s in part], torch.stack([veils[j[:2]] for j in part]), labels,
+                          seeds=[s for _, _, s in part], epochs=args.epochs, device=dev)
+        accs.update({j: accuracy(m, xte, yte, device=dev) for j, m in zip(part, models)})
+    return accs
 
 
 def summarize(rows, args, cmd, name, baseline):
@@ -166,7 +213,9 @@ def markdown(data, args):
     P = lambda x: f"{100 * x:.2f}"  # noqa: E731
     nk = len(data["keys_used"])
     md = [f"# Speed options vs utility (MNIST {args.n_train}/{args.n_test}, LeNet-5, paper mode, lr {F.DEFAULT_LR}, "
-          f"{nk} key(s) × seeds {args.seeds}, on {data['device']}, torch {data['torch']})", "", f"Command: `{data['command']}`", "",
+          f"{nk} key(s) × seeds {args.seeds}, on {data['device']}, torch {data['torch']})", "",
+          f"Third-party models trained {'together (fit_many, vmapped)' if args.trainer == 'many' else 'one at a time (fit)'}"
+          + (f" in {data['train_seconds']:.0f} s." if "train_seconds" in data else "."), "", f"Command: `{data['command']}`", "",
           (f"Baseline (trained on originals): {P(np.mean(data['baseline']))} ± {P(np.std(data['baseline']))}%."
            if data["baseline"] else "Baseline not run (--no-baseline)."), "",
           "Paired Δ: the config's accuracy minus fp32's for the same key and third-party seed, averaged; ± is its "

@@ -45,6 +45,90 @@ def fit(
     return model.eval()
 
 
+def fit_many(
+    models: list[nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    seeds: list[int],
+    epochs: int = 15,
+    lr: float = 0.05,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: str | torch.device = "cpu",
+) -> list[nn.Module]:
+    """Train M same-architecture models at once (``torch.func.vmap``): ``fit``'s recipe, M times, one pass.
+
+    Model m trains on ``images[m]`` (uint8 or [0, 1], shape [M, N, C, H, W]; or one [N, C, H, W]
+    set for all) with labels ``labels`` ([N], or [M, N]) and the batch order of ``fit(..., seed=seeds[m])``:
+    the same SGD with momentum and weight decay, the same per-step cosine schedule, so each model ends
+    where ``fit`` would take it, up to float rounding. For many small models on a GPU (the utility
+    benchmarks' third-party LeNets) one vmapped step costs about what one model's step costs.
+    The models are updated in place and returned in eval mode. Models with BatchNorm or Dropout are
+    refused: their train-mode state is not vmapped here.
+    """
+    import copy
+    import math
+
+    from torch.func import functional_call, grad, stack_module_state, vmap
+
+    if not models:
+        raise ValueError("fit_many: no models")
+    if len(seeds) != len(models):
+        raise ValueError(f"fit_many: {len(models)} models but {len(seeds)} seeds")
+    bad = [type(m).__name__ for net in models for m in net.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.Dropout))]
+    if bad:
+        raise ValueError(f"fit_many: models with {bad[0]} are not supported (train them one at a time with fit)")
+    M = len(models)
+    imgs = images.to(device)
+    shared_x = imgs.ndim == 4
+    if not shared_x and imgs.shape[0] != M:
+        raise ValueError(f"fit_many: images has {imgs.shape[0]} sets for {M} models")
+    n = imgs.shape[-4]
+    y = labels.to(device)
+    if y.shape[-1] != n or (y.ndim == 2 and y.shape[0] != M):
+        raise ValueError(f"fit_many: labels of shape {tuple(y.shape)} for {M} sets of {n} images")
+    for m in models:
+        m.to(device).train()
+    params, buffers = stack_module_state(models)
+    params = {k: v.detach() for k, v in params.items()}
+    base = copy.deepcopy(models[0]).to("meta")
+
+    def loss(p, b, xb, yb):
+        return nn.functional.cross_entropy(functional_call(base, (p, b), (xb,)), yb)
+
+    step_grad = vmap(grad(loss), in_dims=(0, 0, 0, 0))
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    rows = torch.arange(M, device=device)[:, None]
+    total = epochs * ((n + batch_size - 1) // batch_size)
+    names = list(params)
+    bufs: list[torch.Tensor] | None = None
+    t = 0
+    for _ in range(epochs):
+        perm = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)
+        for s in range(0, n, batch_size):
+            idx = perm[:, s : s + batch_size]
+            xb = normalize(imgs[idx] if shared_x else imgs[rows, idx])
+            yb = y[idx] if y.ndim == 1 else y[rows, idx]
+            g = step_grad(params, buffers, xb, yb)
+            step_lr = lr * (1 + math.cos(math.pi * t / total)) / 2  # CosineAnnealingLR (eta_min 0) before its t-th step
+            p_list = [params[k] for k in names]
+            d_p = torch._foreach_add([g[k] for k in names], p_list, alpha=weight_decay)
+            if bufs is None:  # torch.optim.SGD: the first momentum buffer is the first step's d_p
+                bufs = [d.clone() for d in d_p]
+            else:
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, d_p)
+            torch._foreach_add_(p_list, bufs if momentum else d_p, alpha=-step_lr)
+            t += 1
+    with torch.no_grad():
+        for i, m in enumerate(models):
+            for k, p in m.named_parameters():
+                p.copy_(params[k][i])
+    return [m.eval() for m in models]
+
+
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 1024, device="cpu") -> torch.Tensor:
     model.eval()
