@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
   # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
-  cp benchmarks/results/*_cuda.* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
+  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_keys* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
   tail -n 4 "$LOGS/$name.log"
   tar -C "$LOGS" -cf "$OUT/gpu.tar" .
 }
@@ -43,4 +43,4 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
   esac
 done
 tail -n 3 "$LOGS"/pytest_cuda.log
-cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda.md "$LOGS"/shard_throughput_cuda.md "$LOGS"/mnist60k_levers_cuda.md 2>/dev/null | cut -c1-220
+cat "$LOGS"/throughput_cuda.md "$LOGS"/precision_utility_cuda*.md "$LOGS"/shard_throughput_cuda.md "$LOGS"/mnist60k_levers_cuda.md 2>/dev/null | cut -c1-220
