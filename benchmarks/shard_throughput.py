@@ -90,8 +90,9 @@ def steady_img_s(out: Path) -> float:
 def timing_line(secs: float, t: dict) -> str:
     """Where a write_shards call's time went (its summary's ``timings``)."""
     f = lambda v: "?" if v is None else f"{v:.2f} s"  # noqa: E731
-    return (f"whole {secs:.2f} s = prepare {f(t['prepare_s'])} + run; first batch veiled at {f(t['first_batch_s'])} "
-            f"into the run, veil_batch busy {f(t['veil_s'])}, after the last batch {f(t['after_last_batch_s'])}")
+    return (f"whole {secs:.2f} s = prepare {f(t['prepare_s'])} + run; first batch decoded at {f(t.get('first_batch_decoded_s'))} "
+            f"(GPU warm-up meanwhile {f(t.get('warm_up_s'))}), veiled at {f(t['first_batch_s'])} into the run, "
+            f"veil_batch busy {f(t['veil_s'])}, after the last batch {f(t['after_last_batch_s'])}")
 
 
 def cli_module() -> str:
@@ -178,6 +179,8 @@ def main(argv=None):
     steps = args.steps or (300 if cuda else 3)
     torch.set_flush_denormal(True)
     rows = []
+    if args.tmp:
+        Path(args.tmp).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="veil-shard-bench-", dir=args.tmp))
     try:
         for name in args.cases:

@@ -162,6 +162,15 @@ def test_fit_many_trains_each_model_like_fit(faces, device):
     assert torch.allclose(shared.fc3.weight, ref.fc3.weight, rtol=0, atol=1e-4)
 
 
+def test_warm_up_does_nothing_off_cuda():
+    from veil_transforms import VeilTransform
+
+    veil = VeilTransform(LeNet5(), key=bytes(32), device="cpu")
+    assert veil.warm_up(4, (1, 28, 28)) is False
+    with pytest.raises(ValueError):  # on CUDA it would veil a dummy batch of this shape: checked first
+        VeilTransform(LeNet5(), key=bytes(32), device="cpu").check_shape((1, 4, 4))
+
+
 def test_fit_many_refuses_what_it_cannot_train(faces):
     x, y = faces
     with pytest.raises(ValueError, match="2 models but 1 seeds"):
@@ -282,6 +291,30 @@ def test_kept_graph_replays_other_batches_and_follows_the_weights(faces, trained
         got, s_got = F.gradient_iteration(m, x0s[i], xs[i], cuda_graph=True, **kw)
         assert float((s_got["steps"] == s_ref["steps"]).float().mean()) >= 0.95
 
+
+@cuda
+def test_warm_up_captures_the_graph_the_first_batch_replays(faces, trained, no_tf32):
+    """VeilTransform.warm_up (veil-shard runs it on its GPU thread while the first batch decodes):
+    the first real batch of that size replays the warm-up's graph, captures none of its own, and
+    gets the veil it gets without a warm-up (to one grey level: the kept-graph tolerance above)."""
+    from veil_transforms import VeilTransform
+
+    x = faces[0][:64]
+    kw = dict(key=bytes(range(32)), device="cuda", steps=40, threshold=-math.inf, cuda_graph=True)
+    m = LeNet5(1, 2)
+    m.load_state_dict(trained.state_dict())
+    ref = VeilTransform(m, **kw).veil_batch(x)
+    warm = VeilTransform(m, **kw)
+    F.clear_graph_cache()
+    assert warm.warm_up(64, tuple(x.shape[1:]))
+    (graphs,) = F._GRAPHS.values()
+    assert len(graphs) == 1
+    (g,) = (k.graph for k in graphs.values())
+    got = warm.veil_batch(x)
+    (graphs,) = F._GRAPHS.values()
+    assert len(graphs) == 1 and next(iter(graphs.values())).graph is g
+    d = (got.int() - ref.int()).abs()
+    assert int(d.max()) <= 1 and float(d.float().mean()) < 0.05, (int(d.max()), float(d.float().mean()))
 
 @cuda
 def test_all_gpu_levers_give_the_same_veil(faces):

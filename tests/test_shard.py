@@ -464,7 +464,30 @@ def test_write_shards_reports_its_timings(data, tmp_path):
                                   steps=1, device="cpu", shard_size=10, batch_size=8, progress=False)
     t = summary["timings"]
     assert summary["complete"] and t["prepare_s"] > 0 and 0 < t["veil_s"] < summary["seconds"]
-    assert set(t) == {"prepare_s", "first_batch_s", "veil_s", "after_last_batch_s"}
+    assert set(t) == {"prepare_s", "first_batch_decoded_s", "warm_up_s", "first_batch_s", "veil_s", "after_last_batch_s"}
+    assert 0 < t["first_batch_decoded_s"] < t["first_batch_s"] and t["warm_up_s"] is None  # nothing to warm on the CPU
+
+
+def test_a_failed_warm_up_only_warns(data, tmp_path, caplog):
+    """The GPU warm-up is an optimization: if it fails, the run goes on and the first batch warms up."""
+    plan = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), key_file=data["key_file"],
+                          steps=1, device="cpu", shard_size=10)
+    calls = []
+
+    def broken(n, shape):
+        calls.append((n, tuple(shape)))
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    plan.veil.warm_up = broken
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        summary = shards.run(plan, batch_size=8, progress=False)
+    assert calls == [(8, tuple(plan.header["source"]["sample_shape"]))]  # one batch's worth, the source's shape
+    assert summary["complete"] and summary["timings"]["warm_up_s"] is None
+    assert any("warm-up failed" in r.getMessage() for r in caplog.records)
+    ref = shards.prepare(data["src"], tmp_path / "ref", str(data["model"]), key_file=data["key_file"],
+                         steps=1, device="cpu", shard_size=10)
+    shards.run(ref, batch_size=8, progress=False)
+    assert shas(tmp_path / "out") == shas(tmp_path / "ref")
 
 
 def test_manifest_records_are_spaced_by_their_cost(data, tmp_path, monkeypatch):

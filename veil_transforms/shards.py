@@ -928,7 +928,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 (out / f".{shard_name(i)}.tmp").unlink()
     t0 = time.perf_counter()
     total = sum(len(plan.shard_items(i)) for i in mine)
-    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0}
+    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0, "warm_up_s": None, "first_flush": None}
     recorder = ManifestRecorder(out)
 
     def on_done(entry):  # on the writer thread, after the shard's file is in place
@@ -967,6 +967,14 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         except BaseException:
             failed.set()
             raise
+
+    def warm_up(n):  # on the GPU thread, first: overlaps the I/O workers' start and the first decoding
+        t = time.perf_counter()
+        try:
+            if veil.warm_up(n, shape):
+                stats["warm_up_s"] = time.perf_counter() - t
+        except Exception as e:  # noqa: BLE001 - the first batch does the same work, and raises if it must
+            log.warning("warm-up failed (%s: %s); the first batch warms up instead", type(e).__name__, e)
 
     def veil_and_write(x, u, msgs):
         """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
@@ -1020,7 +1028,12 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 ubatch: list[np.ndarray] = []
                 msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
 
+                if total:
+                    gpu.submit(warm_up, min(batch_size, total))
+
                 def flush():
+                    if stats["first_flush"] is None:
+                        stats["first_flush"] = time.perf_counter() - t0
                     x = u = None
                     if batch:
                         x = torch.from_numpy(np.stack(batch))
@@ -1096,10 +1109,12 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         "images_veiled": stats["veiled"], "images_skipped": stats["skipped"], "seconds": t1 - t0,
         # after the first batch (start-up, warm-up, compilation): the rate a long run settles at
         "steady_img_s": (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]) if len(marks) >= 3 else None,
-        # where a run's time went: until the first batch was veiled (process start, decoding the first
-        # batch, warm-up), in veil_batch (GPU-bound when close to "seconds"), after the last batch
-        # (encoding and writing the last shards)
-        "timings": {"first_batch_s": marks[0][0] - t0 if marks else None, "veil_s": stats["veil_s"],
+        # where a run's time went: until the first batch was decoded and handed to the GPU thread
+        # (I/O workers' start, decoding), the GPU's warm-up on a dummy batch meanwhile (None off CUDA),
+        # until the first batch was veiled, in veil_batch (GPU-bound when close to "seconds"), after
+        # the last batch (encoding and writing the last shards)
+        "timings": {"first_batch_decoded_s": stats["first_flush"], "warm_up_s": stats["warm_up_s"],
+                    "first_batch_s": marks[0][0] - t0 if marks else None, "veil_s": stats["veil_s"],
                     "after_last_batch_s": t1 - marks[-1][0] if marks else None},
         "complete": bool(m.get("complete")), "num_shards": plan.num_shards,
         "total_veiled": m.get("num_veiled", 0), "total_skipped": m.get("num_skipped", 0),

@@ -154,6 +154,29 @@ class VeilTransform(v2.Transform):
             compile=self.compile, fold_bn=self.fold_bn, uniforms=uniforms,
         )
 
+    def warm_up(self, batch_size: int, sample_shape) -> bool:
+        """Do the GPU's one-time work for batches of ``batch_size`` images of ``sample_shape`` now.
+
+        Runs a few steps on a dummy batch with this veil's settings: the CUDA context and libraries,
+        cuDNN's autotuning, ``compile``'s compilation and, with ``cuda_graph``, the capture of the
+        graph that the first real batch of this size then replays from its first step (a kept graph,
+        see :func:`functional.clear_graph_cache`). ``veil-shard`` calls it on its GPU thread while its
+        I/O workers start and decode the first batch, so that work is off the critical path.
+        Returns False (and does nothing) off CUDA, where there is nothing to warm.
+        """
+        if self.device.type != "cuda":
+            return False
+        self.check_shape(tuple(sample_shape))
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 256, (int(batch_size), *sample_shape), dtype=torch.uint8, generator=g)
+        F.veil(  # a graph is captured after 3 eager steps and replayed for CHECK_EVERY: the fewest steps that capture
+            self.local_model, x, generator=g, p=self.p, alpha=self.alpha, beta=self.beta, lr=self.lr,
+            steps=min(self.steps, 3 + F.CHECK_EVERY), threshold=self.threshold, output=self.output, mode=self.mode,
+            device=self.device, precision=self.precision, cuda_graph=self.cuda_graph, compile=self.compile,
+            fold_bn=self.fold_bn,
+        )
+        return True
+
     def uniforms(self, images: torch.Tensor) -> torch.Tensor:
         """The key's per-sample uniforms for ``[B, C, H, W]`` images (CPU work; see :meth:`veil_batch`)."""
         return F.keyed_uniforms(self.key, F.normalize(images))
