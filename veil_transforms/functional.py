@@ -685,6 +685,74 @@ def fold_batchnorm(model):
     return model if folded is None else folded
 
 
+
+class _UnrolledConv2d(torch.nn.Module):
+    """A stride-1 ``nn.Conv2d`` written as a sum of shifted products (see :func:`unroll_small_convs`).
+
+    Holds the original layer's weight and bias Parameters (not copies), so in-place updates are seen."""
+
+    def __init__(self, conv: torch.nn.Conv2d, pads: tuple[int, int, int, int]):
+        super().__init__()
+        self.weight, self.bias, self.pads = conv.weight, conv.bias, pads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o, c, kh, kw = self.weight.shape
+        x = torch.nn.functional.pad(x, self.pads)
+        h, w = x.shape[-2] - kh + 1, x.shape[-1] - kw + 1
+        wt = self.weight.to(x.dtype)
+        out = None
+        for ci in range(c):
+            for i in range(kh):
+                for j in range(kw):
+                    t = x[:, ci : ci + 1, i : i + h, j : j + w] * wt[:, ci, i, j].view(1, o, 1, 1)
+                    out = t if out is None else out + t
+        return out if self.bias is None else out + self.bias.to(x.dtype).view(1, o, 1, 1)
+
+
+def unroll_small_convs(model: torch.nn.Module, max_taps: int = 256) -> torch.nn.Module:
+    """F with its small convolutions written out as sums of shifted products, for ``compile=True``.
+
+    A ``Conv2d`` with stride 1, no dilation or groups, zero padding and at most ``max_taps``
+    input taps (in_channels x kernel height x kernel width; LeNet-5's two convolutions have 25 and
+    150) becomes ``sum over taps of shifted input x weight``. Eagerly that is slow (one kernel per
+    tap); under ``torch.compile`` inductor fuses the sum, forward and backward, into one kernel per
+    layer in place of cuDNN's, whose kernels and NCHW/NHWC transposes for so few channels took
+    about half of a compiled LeNet-5 step on an H100 (benchmarks/results/profile_lenet5_28_compile.md).
+    Same function up to float rounding (the sum's order). Returns a copy sharing F's Parameters and
+    buffers (in-place updates are seen); ``model`` itself is unchanged. A model with no such layer
+    is returned as is.
+    """
+    import copy
+
+    def pads(m: torch.nn.Conv2d):
+        kh, kw = m.kernel_size
+        if m.padding == "valid":
+            return (0, 0, 0, 0)
+        if m.padding == "same":
+            if kh % 2 == 0 or kw % 2 == 0:
+                return None
+            return (kw // 2, kw // 2, kh // 2, kh // 2)
+        ph, pw = m.padding
+        return (pw, pw, ph, ph)
+
+    def small(m) -> bool:
+        return (type(m) is torch.nn.Conv2d and m.groups == 1 and tuple(m.stride) == (1, 1)
+                and tuple(m.dilation) == (1, 1) and m.padding_mode == "zeros"
+                and m.in_channels * m.kernel_size[0] * m.kernel_size[1] <= max_taps and pads(m) is not None)
+
+    if not any(small(m) for m in model.modules()):
+        return model
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    out = copy.deepcopy(model, memo=dict(shared))
+    for name, m in list(out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if small(child):
+                setattr(m, child_name, _UnrolledConv2d(child, pads(child)))
+    if small(out):  # the model is itself one convolution
+        return _UnrolledConv2d(out, pads(out))
+    return out
+
+
 # mode name -> gradient-iteration function with gradient_iteration's signature.
 MODES: dict[str, Callable] = {"paper": gradient_iteration}
 
