@@ -9,8 +9,7 @@ once more, timed ("warm"). Between configs the compile and graph caches are
 cleared, so each config compiles and captures on its own. Levers: one batch
 vs chunks (a chunk replays the graph the previous chunk captured), compile,
 TF32 off for cuDNN, channels-last, inductor's max-autotune and forced
-channels-last layout, and F's small convolutions unrolled
-(``functional.unroll_small_convs``) for inductor to fuse. Writes
+channels-last layout. Writes
 benchmarks/results/mnist60k_levers_<device>.{md,json} after every config.
 """
 
@@ -42,9 +41,6 @@ CONFIGS = {  # name -> (veil() options, cudnn.allow_tf32[, torch._inductor.confi
     "graph + compile (max-autotune), one batch": (C, True, {"max_autotune": True}),
     # inductor keeping every convolution's tensors channels-last (no NCHW<->NHWC transposes)
     "graph + compile (forced layout optimization), one batch": (C, True, {"force_layout_optimization": True}),
-    # F = functional.unroll_small_convs(F): LeNet's convolutions as sums of shifted products, fused by
-    # inductor in place of cuDNN's small-channel kernels and layout transposes
-    "graph + compile, unrolled small convs, one batch": ({**C, "unroll": True}, True),
 }
 
 
@@ -75,13 +71,11 @@ def main(argv=None):
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
     for label in args.configs:
         opts, allow_tf32, *patch = CONFIGS[label]
-        opts = dict(opts)
-        net = F.unroll_small_convs(model) if opts.pop("unroll", False) else model
         reset()
 
         def run():
             with F.cudnn_setting("allow_tf32", allow_tf32), torch._inductor.config.patch(patch[0] if patch else {}):
-                return F.veil(net, images, generator=torch.Generator().manual_seed(0), steps=args.steps,
+                return F.veil(model, images, generator=torch.Generator().manual_seed(0), steps=args.steps,
                               threshold=-math.inf, device=dev, **opts)
 
         try:

@@ -171,41 +171,6 @@ def test_warm_up_does_nothing_off_cuda():
         VeilTransform(LeNet5(), key=bytes(32), device="cpu").check_shape((1, 4, 4))
 
 
-def test_unroll_small_convs_is_the_same_function():
-    """functional.unroll_small_convs: output and input gradient of every unrollable kind of Conv2d
-    match the layer's own (float rounding: measured <= 1e-7 relative), F's Parameters are shared, F is
-    unchanged, and what it cannot unroll is left as it is."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1),                # unrolled: 27 taps
-        torch.nn.Conv2d(4, 4, (3, 5), padding=(1, 2), bias=False),  # unrolled: 60 taps, no bias
-        torch.nn.Conv2d(4, 5, (5, 3), padding="same"),      # unrolled
-        torch.nn.Conv2d(5, 5, 3, padding="valid"),          # unrolled
-        torch.nn.Conv2d(5, 5, 3, stride=2),                 # stride 2: kept
-        torch.nn.Conv2d(5, 6, 3, dilation=2),               # dilation: kept
-        torch.nn.Conv2d(6, 6, 7),                           # 294 taps > 256: kept
-    ).eval()
-    un = F.unroll_small_convs(net)
-    kinds = [type(m).__name__ for m in un]
-    assert kinds == ["_UnrolledConv2d"] * 4 + ["Conv2d"] * 3
-    assert all(type(m) is torch.nn.Conv2d for m in net)  # F itself unchanged
-    assert un[0].weight is net[0].weight and un[1].bias is None
-    x = torch.randn(2, 3, 40, 40, requires_grad=True)
-    ref = net(x)
-    (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    got = un(x)
-    (g_got,) = torch.autograd.grad(got.square().sum(), x)
-    assert torch.allclose(got, ref, rtol=0, atol=1e-5 * float(ref.abs().max()))
-    assert torch.allclose(g_got, g_ref, rtol=0, atol=1e-5 * float(g_ref.abs().max()))
-    with torch.no_grad():
-        net[0].weight.mul_(2)  # shared: the unrolled copy sees in-place updates
-    assert torch.allclose(un(x), net(x), rtol=0, atol=1e-5 * float(net(x).abs().max()))
-    lenet = LeNet5()
-    assert F.unroll_small_convs(lenet, max_taps=10) is lenet  # nothing to unroll: F itself
-    conv = torch.nn.Conv2d(1, 2, 3, padding=1)
-    assert type(F.unroll_small_convs(conv)).__name__ == "_UnrolledConv2d"  # F is one convolution
-
-
 def test_fit_many_refuses_what_it_cannot_train(faces):
     x, y = faces
     with pytest.raises(ValueError, match="2 models but 1 seeds"):
