@@ -468,6 +468,29 @@ def test_write_shards_reports_its_timings(data, tmp_path):
     assert 0 < t["first_batch_decoded_s"] < t["first_batch_s"] and t["warm_up_s"] is None  # nothing to warm on the CPU
 
 
+def test_batch_times_are_taken_when_the_veil_returns(data, tmp_path, monkeypatch):
+    """first_batch_s and steady_img_s come from the GPU thread's clock, not from when the main thread
+    next looks (up to one batch's decoding and hashing later: here 4 x 10 ms of slow key hashing)."""
+    plan = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), key_file=data["key_file"],
+                          steps=1, device="cpu", shard_size=10)
+    real, returns = plan.veil.veil_batch, []
+
+    def timed(x, u=None):
+        out = real(x, u)
+        returns.append(time.perf_counter())
+        return out
+
+    plan.veil.veil_batch = timed
+    real_key = shards._keys.opaque_key
+    monkeypatch.setattr(shards._keys, "opaque_key", lambda *a: (time.sleep(0.01), real_key(*a))[1])
+    summary = shards.run(plan, batch_size=4, progress=False)
+    t0 = time.perf_counter() - summary["seconds"]  # the run's start, to the microseconds its return took
+    assert summary["complete"]
+    assert abs((returns[0] - t0) - summary["timings"]["first_batch_s"]) < 0.01
+    assert summary["steady_img_s"] == pytest.approx(
+        (summary["images_veiled"] - 4) / (returns[-1] - returns[0]), rel=0.05)
+
+
 def test_a_failed_warm_up_only_warns(data, tmp_path, caplog):
     """The GPU warm-up is an optimization: if it fails, the run goes on and the first batch warms up."""
     plan = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), key_file=data["key_file"],

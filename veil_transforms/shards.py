@@ -928,7 +928,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 (out / f".{shard_name(i)}.tmp").unlink()
     t0 = time.perf_counter()
     total = sum(len(plan.shard_items(i)) for i in mine)
-    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0, "warm_up_s": None, "first_flush": None}
+    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0, "marked": 0, "warm_up_s": None, "first_flush": None}
     recorder = ManifestRecorder(out)
 
     def on_done(entry):  # on the writer thread, after the shard's file is in place
@@ -981,7 +981,11 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
         t = time.perf_counter()
         v = veil.veil_batch(x, u).cpu().numpy() if x is not None else None
-        stats["veil_s"] += time.perf_counter() - t  # only this thread writes it
+        t1 = time.perf_counter()
+        stats["veil_s"] += t1 - t  # only this thread writes these
+        if v is not None:
+            stats["marked"] += len(v)
+            marks.append((t1, stats["marked"]))
         r = 0
         for m in msgs:
             if m[0] != "rows":
@@ -996,7 +1000,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     writer.put(("encoded", k - j, procs.submit(_encode_rows, m[1][j:k], m[2][j:k], v[r + j : r + k])))
             r += n
 
-    marks: list[tuple[float, int]] = []  # (time, images veiled) as batches finish
+    # (time, images veiled so far) as each batch leaves veil_batch, on the GPU thread: the main thread
+    # sees a batch finish only when it next flushes, up to one batch's decoding later (with threads)
+    marks: list[tuple[float, int]] = []
 
     def drain(limit: int, pb) -> None:
         while len(inflight) > limit:
@@ -1004,8 +1010,6 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             fut.result()  # re-raises the veil's or the writer's error here
             stats["veiled"] += n
             pb.update(n)
-            if n:
-                marks.append((time.perf_counter(), stats["veiled"]))
 
     try:
         # Three stages overlap: decoding threads, one thread driving the GPU (the veil), and the
