@@ -134,8 +134,11 @@ def main(argv=None):
                 try:
                     vq = F.veil(owner, xtr, key=key_for(k), device=dev, **opts).cpu()  # uint8: what a third party gets
                 except Exception as e:  # noqa: BLE001 - e.g. torch.compile missing a compiler: report, go on
-                    print(label, "FAILED:", type(e).__name__, str(e).splitlines()[0][:200], flush=True)
-                    rows[label]["failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    print(f"key {k}", label, "FAILED:", msg, flush=True)
+                    rows[label].setdefault("failed", []).append({"key": k, "error": msg})
+                    if ref is None:  # no fp32 veil of this key: nothing to pair the others with
+                        break
                     continue
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -160,7 +163,7 @@ def main(argv=None):
         for k in block:
             for label in configs:
                 if (k, label) in veils:
-                    m = {**measured[k, label], "acc_on_X": [accs[k, label, s] for s in args.seeds]}
+                    m = {"key": k, **measured[k, label], "acc_on_X": [accs[k, label, s] for s in args.seeds]}
                     for n, x in m.items():
                         rows[label].setdefault(n, []).append(x)
                     print(f"key {k}", label, json.dumps(m), flush=True)
@@ -194,7 +197,10 @@ def train_third_party(veils, labels, test, args, dev):
 
 
 def summarize(rows, args, cmd, name, baseline):
-    ref = rows["fp32 (reference)"]["acc_on_X"]
+    """Per config: mean, spreads, and the paired difference to fp32 over the keys both have (a config
+    that failed for a key leaves that key out of its own pairing only)."""
+    ref = rows["fp32 (reference)"]
+    ref_acc = dict(zip(ref.get("key", []), ref["acc_on_X"]))
     configs = {}
     for label, r in rows.items():
         c = dict(r)
@@ -202,11 +208,14 @@ def summarize(rows, args, cmd, name, baseline):
             a = np.asarray(r["acc_on_X"])
             c.update(mean=float(a.mean()), sd_over_keys=float(a.mean(1).std(ddof=1)) if len(a) > 1 else None,
                      sd_over_seeds=float(a.std(1).mean()))
-            if label != "fp32 (reference)" and len(a) == len(ref):
-                c["paired_diff_mean"], c["paired_diff_se"], c["paired_diff_per_key"] = paired(a, ref)
+            both = [i for i, k in enumerate(r["key"]) if k in ref_acc]
+            if label != "fp32 (reference)" and both:
+                c["paired_keys"] = [r["key"][i] for i in both]
+                c["paired_diff_mean"], c["paired_diff_se"], c["paired_diff_per_key"] = paired(
+                    a[both], [ref_acc[r["key"][i]] for i in both])
         configs[label] = c
     return {**vars(args), "command": cmd, "device": name, "torch": torch.__version__, "baseline": baseline,  # the card's name, not --device
-            "keys_used": [key_for(k).hex() for k in range(len(ref))], "configs": configs}
+            "keys_used": [key_for(k).hex() for k in ref.get("key", [])], "configs": configs}
 
 
 def markdown(data, args):
@@ -226,7 +235,7 @@ def markdown(data, args):
           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for label, r in data["configs"].items():
         if not r["acc_on_X"]:
-            md.append(f"| {label} | failed: {r.get('failed', '?')} |" + " |" * 9)
+            md.append(f"| {label} | failed: {(r.get('failed') or [{'error': '?'}])[0]['error']} |" + " |" * 9)
             continue
         pd = "–" if "paired_diff_mean" not in r else f"{100 * r['paired_diff_mean']:+.2f} ± {100 * r['paired_diff_se']:.2f}"
         pk = "–" if "paired_diff_per_key" not in r else " ".join(f"{100 * x:+.1f}" for x in r["paired_diff_per_key"])
@@ -236,8 +245,12 @@ def markdown(data, args):
                   f"{g('mean_grey_diff') or 0:.3f} | {P(g('frac_pixels_off_by_more_than_1') or 0)}% | "
                   f"{P(g('sign_agreement') or 1)}% | {P(np.mean(r['F_agreement']))}% | {np.mean(r['veil_seconds_incl_warmup']):.0f} |")
     for label, r in data["configs"].items():
+        if r.get("failed"):
+            md.append(f"- {label}: failed for {len(r['failed'])} key(s) ({r['failed'][0]['error']}); "
+                      "those keys are left out of its pairing.")
         if "paired_diff_mean" in r:
-            dof = (nk if nk > 1 else len(args.seeds)) - 1
+            npk = len(r["paired_keys"])
+            dof = (npk if npk > 1 else len(args.seeds)) - 1
             t = t95(dof)
             lo, hi = r["paired_diff_mean"] - t * r["paired_diff_se"], r["paired_diff_mean"] + t * r["paired_diff_se"]
             verdict = ("within 0.5 points" if -0.005 <= lo and hi <= 0.005 else

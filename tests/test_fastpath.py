@@ -139,8 +139,9 @@ def test_precision_benchmark_takes_the_error_over_keys():
 def test_fit_many_trains_each_model_like_fit(faces, device):
     """precision_utility's GPU trainer: M vmapped LeNets end where fit takes each one (same SGD, momentum,
     weight decay, cosine schedule, batch order). Measured on the CPU: 2e-7 relative after 3 epochs;
-    bound 1e-4 (1e-3 on CUDA, where cuDNN may pick other kernels for the grouped convolutions).
-    A constant learning rate, or a momentum buffer started at zero, moves the weights by > 1e-2."""
+    bound 1e-3 (rounding can meet a ReLU or max-pool flip: 2.5e-4 was seen on other data).
+    A constant learning rate, or a momentum buffer started at a tenth of the first step, moves the
+    weights by > 1e-2."""
     x, y = faces
     sets = torch.stack([x, x.flip(-1), 255 - x])  # one training set per model
     seeds = [0, 1, 2]
@@ -156,7 +157,7 @@ def test_fit_many_trains_each_model_like_fit(faces, device):
         assert not a.training
         for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
             rel = float((pa - pb).abs().max() / pb.abs().max())
-            assert rel < (1e-4 if device == "cpu" else 1e-3), (name, rel)
+            assert rel < 1e-3, (name, rel)
     shared = fit_many([net(5)], x, y, seeds=[5], epochs=1, device=device)[0]  # one set for all models
     ref = fit(net(5), x, y, epochs=1, seed=5, device=device)
     assert torch.allclose(shared.fc3.weight, ref.fc3.weight, rtol=0, atol=1e-4)
@@ -167,8 +168,7 @@ def test_warm_up_does_nothing_off_cuda():
 
     veil = VeilTransform(LeNet5(), key=bytes(32), device="cpu")
     assert veil.warm_up(4, (1, 28, 28)) is False
-    with pytest.raises(ValueError):  # on CUDA it would veil a dummy batch of this shape: checked first
-        VeilTransform(LeNet5(), key=bytes(32), device="cpu").check_shape((1, 4, 4))
+    assert not F._GRAPHS
 
 
 def test_fit_many_refuses_what_it_cannot_train(faces):
@@ -181,6 +181,24 @@ def test_fit_many_refuses_what_it_cannot_train(faces):
         fit_many([LeNet5(1, 2)], x, y[:10], seeds=[0])
     with pytest.raises(ValueError, match="BatchNorm2d"):
         fit_many([torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))], x, y, seeds=[0])
+    with pytest.raises(ValueError, match="Dropout2d"):
+        fit_many([torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Dropout2d())], x, y, seeds=[0])
+
+def test_precision_benchmark_pairs_by_key_when_a_config_fails():
+    """A fast config that failed for a key (say, a compiler missing) is paired with fp32 on the keys it has."""
+    import types
+
+    bench = _benchmark_module("precision_utility")
+    common = {"true_loss": [1.0] * 3, "F_agreement": [1.0] * 3, "veil_seconds_incl_warmup": [1.0] * 3}
+    rows = {"fp32 (reference)": {"key": [0, 1, 2], "acc_on_X": [[0.9, 0.9], [0.5, 0.5], [0.7, 0.7]], **common},
+            "bf16": {"key": [0, 2], "acc_on_X": [[0.91, 0.91], [0.72, 0.72]], "failed": [{"key": 1, "error": "Boom"}],
+                     **{k: v[:2] for k, v in common.items()}}}
+    args = types.SimpleNamespace(n_train=1, n_test=1, seeds=[0, 1], keys=3, trainer="one")
+    c = bench.summarize(rows, args, "cmd", "CPU", [])["configs"]["bf16"]
+    assert c["paired_keys"] == [0, 2] and c["paired_diff_per_key"] == pytest.approx([0.01, 0.02])  # not key 1's 0.5
+    md = "\n".join(bench.markdown(bench.summarize(rows, args, "cmd", "CPU", []), args))
+    assert "failed for 1 key(s) (Boom)" in md and "Student t, 1 dof" in md
+
 
 def test_library_not_slower_than_plain_batched_loop():
     """The CPU benchmark's core comparison on a tiny case: library fp32 <= 1.1x the plain loop's time."""
@@ -293,14 +311,17 @@ def test_kept_graph_replays_other_batches_and_follows_the_weights(faces, trained
 
 
 @cuda
-def test_warm_up_captures_the_graph_the_first_batch_replays(faces, trained, no_tf32):
+@pytest.mark.parametrize("threshold", [-math.inf, 0.3], ids=["no-early-stop", "paper-threshold"])
+def test_warm_up_captures_the_graph_the_first_batch_replays(faces, trained, no_tf32, threshold):
     """VeilTransform.warm_up (veil-shard runs it on its GPU thread while the first batch decodes):
     the first real batch of that size replays the warm-up's graph, captures none of its own, and
-    gets the veil it gets without a warm-up (to one grey level: the kept-graph tolerance above)."""
+    gets the veil it gets without a warm-up (to one grey level: the kept-graph tolerance above).
+    With the paper's threshold most of the dummy noise stops within the 3 eager steps before the
+    capture (71% on CPU with this model, real faces 9.5%): the warm-up captures all the same."""
     from veil_transforms import VeilTransform
 
     x = faces[0][:64]
-    kw = dict(key=bytes(range(32)), device="cuda", steps=40, threshold=-math.inf, cuda_graph=True)
+    kw = dict(key=bytes(range(32)), device="cuda", steps=40, threshold=threshold, cuda_graph=True)
     m = LeNet5(1, 2)
     m.load_state_dict(trained.state_dict())
     ref = VeilTransform(m, **kw).veil_batch(x)
@@ -314,7 +335,11 @@ def test_warm_up_captures_the_graph_the_first_batch_replays(faces, trained, no_t
     (graphs,) = F._GRAPHS.values()
     assert len(graphs) == 1 and next(iter(graphs.values())).graph is g
     d = (got.int() - ref.int()).abs()
-    assert int(d.max()) <= 1 and float(d.float().mean()) < 0.05, (int(d.max()), float(d.float().mean()))
+    if threshold == -math.inf:
+        assert int(d.max()) <= 1 and float(d.float().mean()) < 0.05, (int(d.max()), float(d.float().mean()))
+    else:  # a sample on the threshold may stop a step apart (>= 95% same stop steps, as above)
+        assert float((d.flatten(1).amax(1) > 1).float().mean()) <= 0.05 and float(d.float().mean()) < 0.1
+
 
 @cuda
 def test_all_gpu_levers_give_the_same_veil(faces):

@@ -227,6 +227,22 @@ CHECK_EVERY = 10
 CHECK_EVERY_CPU = 1
 
 
+# Set (per thread) by warming_up(): the first phase captures its graph even when most samples stopped
+# in the eager steps before the capture (a dummy batch of noise stops sooner than real images).
+_WARMING = threading.local()
+
+
+@contextlib.contextmanager
+def warming_up():
+    """Within: a call's first graph is captured (and kept) whatever its samples' losses do, for
+    :meth:`VeilTransform.warm_up`, whose dummy batch must leave the graph a real batch replays."""
+    _WARMING.on = True
+    try:
+        yield
+    finally:
+        _WARMING.on = False
+
+
 def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3, on=None, g=None):
     """Masked steps on one batch until ``steps`` are done or it is worth compacting.
 
@@ -272,7 +288,7 @@ def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, 
                 step()
         torch.cuda.current_stream(xt.device).wait_stream(side)
         done = warmup
-        if int(on.sum()) <= enough:
+        if int(on.sum()) <= enough and not getattr(_WARMING, "on", False):
             return done, on, True, None
         g = torch.cuda.CUDAGraph()
         try:

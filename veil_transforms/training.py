@@ -77,7 +77,7 @@ def fit_many(
         raise ValueError("fit_many: no models")
     if len(seeds) != len(models):
         raise ValueError(f"fit_many: {len(models)} models but {len(seeds)} seeds")
-    bad = [type(m).__name__ for net in models for m in net.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.Dropout))]
+    bad = [type(m).__name__ for net in models for m in net.modules() if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd))]
     if bad:
         raise ValueError(f"fit_many: models with {bad[0]} are not supported (train them one at a time with fit)")
     M = len(models)

@@ -169,12 +169,13 @@ class VeilTransform(v2.Transform):
         self.check_shape(tuple(sample_shape))
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 256, (int(batch_size), *sample_shape), dtype=torch.uint8, generator=g)
-        F.veil(  # a graph is captured after 3 eager steps and replayed for CHECK_EVERY: the fewest steps that capture
-            self.local_model, x, generator=g, p=self.p, alpha=self.alpha, beta=self.beta, lr=self.lr,
-            steps=min(self.steps, 3 + F.CHECK_EVERY), threshold=self.threshold, output=self.output, mode=self.mode,
-            device=self.device, precision=self.precision, cuda_graph=self.cuda_graph, compile=self.compile,
-            fold_bn=self.fold_bn,
-        )
+        with F.warming_up():  # noise stops sooner than images: capture even if most of the batch stopped
+            F.veil(  # a graph is captured after 3 eager steps and replayed for CHECK_EVERY: the fewest that capture
+                self.local_model, x, generator=g, p=self.p, alpha=self.alpha, beta=self.beta, lr=self.lr,
+                steps=min(self.steps, 3 + F.CHECK_EVERY), threshold=self.threshold, output=self.output,
+                mode=self.mode, device=self.device, precision=self.precision, cuda_graph=self.cuda_graph,
+                compile=self.compile, fold_bn=self.fold_bn,
+            )
         return True
 
     def uniforms(self, images: torch.Tensor) -> torch.Tensor:
