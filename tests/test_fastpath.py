@@ -169,6 +169,8 @@ def test_warm_up_does_nothing_off_cuda():
     veil = VeilTransform(LeNet5(), key=bytes(32), device="cpu")
     assert veil.warm_up(4, (1, 28, 28)) is False
     assert not F._GRAPHS
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        veil.warm_up(0, (1, 28, 28))
 
 
 def test_fit_many_refuses_what_it_cannot_train(faces):

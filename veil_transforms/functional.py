@@ -225,6 +225,9 @@ def gradient_iteration(
 # sync), and on the CPU (free there, so every step: stopped samples are dropped at once)
 CHECK_EVERY = 10
 CHECK_EVERY_CPU = 1
+# eager steps (on a side stream) before a graph is captured: so a call of fewer than
+# WARMUP_STEPS + CHECK_EVERY steps captures nothing
+WARMUP_STEPS = 3
 
 
 # Set (per thread) by warming_up(): the first phase captures its graph even when most samples stopped
@@ -243,7 +246,7 @@ def warming_up():
         _WARMING.on = False
 
 
-def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=3, on=None, g=None):
+def _phase(loss_fn, xt, x, target, taken, last, *, lr, threshold, steps, graph, warmup=WARMUP_STEPS, on=None, g=None):
     """Masked steps on one batch until ``steps`` are done or it is worth compacting.
 
     Updates ``xt``, ``taken``, ``last`` in place; returns (steps run, mask of

@@ -928,7 +928,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 (out / f".{shard_name(i)}.tmp").unlink()
     t0 = time.perf_counter()
     total = sum(len(plan.shard_items(i)) for i in mine)
-    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0, "marked": 0, "warm_up_s": None, "first_flush": None}
+    stats = {"shards": 0, "veiled": 0, "skipped": 0, "veil_s": 0.0, "warm_up_s": None, "first_flush": None}
     recorder = ManifestRecorder(out)
 
     def on_done(entry):  # on the writer thread, after the shard's file is in place
@@ -984,8 +984,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         t1 = time.perf_counter()
         stats["veil_s"] += t1 - t  # only this thread writes these
         if v is not None:
-            stats["marked"] += len(v)
-            marks.append((t1, stats["marked"]))
+            marks.append((t1, len(v) + (marks[-1][1] if marks else 0)))
         r = 0
         for m in msgs:
             if m[0] != "rows":

@@ -164,15 +164,17 @@ class VeilTransform(v2.Transform):
         I/O workers start and decode the first batch, so that work is off the critical path.
         Returns False (and does nothing) off CUDA, where there is nothing to warm.
         """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"warm_up: batch_size must be an integer >= 1, got {batch_size!r}")
         if self.device.type != "cuda":
             return False
         self.check_shape(tuple(sample_shape))
         g = torch.Generator().manual_seed(0)
-        x = torch.randint(0, 256, (int(batch_size), *sample_shape), dtype=torch.uint8, generator=g)
+        x = torch.randint(0, 256, (batch_size, *sample_shape), dtype=torch.uint8, generator=g)
         with F.warming_up():  # noise stops sooner than images: capture even if most of the batch stopped
-            F.veil(  # a graph is captured after 3 eager steps and replayed for CHECK_EVERY: the fewest that capture
+            F.veil(  # the fewest steps that capture a graph (and replay it once)
                 self.local_model, x, generator=g, p=self.p, alpha=self.alpha, beta=self.beta, lr=self.lr,
-                steps=min(self.steps, 3 + F.CHECK_EVERY), threshold=self.threshold, output=self.output,
+                steps=min(self.steps, F.WARMUP_STEPS + F.CHECK_EVERY), threshold=self.threshold, output=self.output,
                 mode=self.mode, device=self.device, precision=self.precision, cuda_graph=self.cuda_graph,
                 compile=self.compile, fold_bn=self.fold_bn,
             )
