@@ -103,18 +103,13 @@ def main(argv=None):
         configs = {k: v for k, v in CONFIGS.items() if k == "fp32 (reference)" or k in args.configs}
     (xtr, ytr), (xte, yte) = mnist_split(args.n_train, args.n_test)
     owner = fit(lenet(1234), xtr, ytr, epochs=args.epochs, seed=1234, device=dev)
-    if args.no_baseline:
-        baseline = []
-    elif args.trainer == "many":
-        baseline = [accuracy(m, xte, yte, device=dev) for m in fit_many(
-            [lenet(s) for s in args.seeds], xtr, ytr, seeds=args.seeds, epochs=args.epochs, device=dev)]
-    else:
-        baseline = [accuracy(fit(lenet(s), xtr, ytr, epochs=args.epochs, seed=s, device=dev), xte, yte, device=dev)
-                    for s in args.seeds]
+    # models trained on the originals, per seed, by the same trainer as the veiled ones
+    baseline = [] if args.no_baseline else list(train_third_party({(None, "originals"): xtr}, ytr, (xte, yte), args, dev).values())
     if baseline:
         print(f"baseline {100 * np.mean(baseline):.2f} ± {100 * np.std(baseline):.2f}", flush=True)
     f_orig = predict(owner, xtr, device=dev)
     xn = F.normalize(xtr).to(dev)
+    big = F.normalize(xtr).abs() > 0.5  # pixels whose flip sign is compared across veils
     with torch.no_grad():
         target = owner(xn)
     rows = {label: {"veil_seconds_incl_warmup": [], "acc_on_X": [], "F_agreement": [], "true_loss": []} for label in configs}
@@ -153,7 +148,6 @@ def main(argv=None):
                 else:
                     d = (vq.float() - ref.float()).abs()
                     a, b = F.normalize(ref), F.normalize(vq)
-                    big = F.normalize(xtr).abs() > 0.5
                     m["mean_grey_diff"] = float(d.mean())
                     m["frac_pixels_off_by_more_than_1"] = float((d > 1).float().mean())
                     m["sign_agreement"] = float((a.sign() == b.sign())[big].float().mean())
@@ -177,7 +171,8 @@ def main(argv=None):
 
 
 def train_third_party(veils, labels, test, args, dev):
-    """Accuracy on the original test images of a LeNet-5 trained on each veil, per seed: {(key, config, seed): acc}.
+    """Accuracy on the original test images of a LeNet-5 trained on each veil, per seed: {(key, config, seed): acc}
+    (in the order of ``veils``, then seeds).
 
     ``--trainer one`` trains them one after another with ``fit``; ``many`` trains up to ``--chunk`` at once with
     ``fit_many`` (the same recipe and batch order, vmapped: on a GPU, tens of LeNets cost about one).

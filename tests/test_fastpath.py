@@ -179,6 +179,8 @@ def test_fit_many_refuses_what_it_cannot_train(faces):
         fit_many([LeNet5(1, 2), LeNet5(1, 2)], x, y, seeds=[0])
     with pytest.raises(ValueError, match="3 sets for 2 models"):
         fit_many([LeNet5(1, 2), LeNet5(1, 2)], torch.stack([x, x, x]), y, seeds=[0, 1])
+    with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\]"):
+        fit_many([LeNet5(1, 2)], x[0], y, seeds=[0])
     with pytest.raises(ValueError, match="labels of shape"):
         fit_many([LeNet5(1, 2)], x, y[:10], seeds=[0])
     with pytest.raises(ValueError, match="BatchNorm2d"):

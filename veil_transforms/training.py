@@ -81,6 +81,8 @@ def fit_many(
     if bad:
         raise ValueError(f"fit_many: models with {bad[0]} are not supported (train them one at a time with fit)")
     M = len(models)
+    if images.ndim not in (4, 5):
+        raise ValueError(f"fit_many: images must be [N, C, H, W] or [M, N, C, H, W], got shape {tuple(images.shape)}")
     imgs = images.to(device)
     shared_x = imgs.ndim == 4
     if not shared_x and imgs.shape[0] != M:
