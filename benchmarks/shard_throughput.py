@@ -92,7 +92,8 @@ def timing_line(secs: float, t: dict) -> str:
     f = lambda v: "?" if v is None else f"{v:.2f} s"  # noqa: E731
     return (f"whole {secs:.2f} s = prepare {f(t['prepare_s'])} + run; first batch decoded at {f(t.get('first_batch_decoded_s'))} "
             f"(GPU warm-up meanwhile {f(t.get('warm_up_s'))}), veiled at {f(t['first_batch_s'])} into the run, "
-            f"veil_batch busy {f(t['veil_s'])}, after the last batch {f(t['after_last_batch_s'])}")
+            f"veil_batch busy {f(t['veil_s'])}, GPU thread waiting on the writer {f(t.get('writer_wait_s'))}, "
+            f"after the last batch {f(t['after_last_batch_s'])}")
 
 
 def cli_module() -> str:

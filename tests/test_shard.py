@@ -464,8 +464,31 @@ def test_write_shards_reports_its_timings(data, tmp_path):
                                   steps=1, device="cpu", shard_size=10, batch_size=8, progress=False)
     t = summary["timings"]
     assert summary["complete"] and t["prepare_s"] > 0 and 0 < t["veil_s"] < summary["seconds"]
-    assert set(t) == {"prepare_s", "first_batch_decoded_s", "warm_up_s", "first_batch_s", "veil_s", "after_last_batch_s"}
+    assert set(t) == {"prepare_s", "first_batch_decoded_s", "warm_up_s", "first_batch_s", "veil_s", "writer_wait_s",
+                      "after_last_batch_s"}
     assert 0 < t["first_batch_decoded_s"] < t["first_batch_s"] and t["warm_up_s"] is None  # nothing to warm on the CPU
+
+
+def test_the_veil_does_not_wait_on_each_shards_fsync(data, tmp_path, monkeypatch):
+    """The writer's queue holds whole batches: the GPU thread hands over a batch's messages (its
+    shards' begins, rows and ends) in one put and goes on veiling, unless the writer is several
+    batches behind. Here each shard's end takes 50 ms (a slow disk's fsync) and a batch of 40 spans
+    4 shards of 10: a queue of single messages blocked the veil for >= 2 of those ends per batch."""
+    real_fsync, real_put, in_put = shards.fsync_dir, shards._Writer.put, []
+    monkeypatch.setattr(shards, "fsync_dir", lambda d: (time.sleep(0.05), real_fsync(d)))
+
+    def put(self, msg):  # the veil's side of the queue: time blocked in put
+        t = time.perf_counter()
+        real_put(self, msg)
+        in_put.append(time.perf_counter() - t)
+
+    monkeypatch.setattr(shards._Writer, "put", put)
+    summary = shards.write_shards(data["src"], tmp_path / "out", str(data["model"]), key_file=data["key_file"],
+                                  steps=1, device="cpu", shard_size=10, batch_size=40, progress=False)
+    assert summary["complete"] and summary["shards_written"] >= 6
+    assert -(-N_GOOD // 40) <= 5  # batches: the 4 the queue holds + the one the writer is on
+    assert sum(in_put) < 0.04 and summary["timings"]["writer_wait_s"] < 0.04  # was 0.32 s
+    shards.verify(tmp_path / "out")
 
 
 def test_batch_times_are_taken_when_the_veil_returns(data, tmp_path, monkeypatch):
