@@ -445,18 +445,24 @@ def test_auto_io_procs(monkeypatch):
     assert shards.auto_io_procs(100_000) == 0
 
 
-def test_io_processes_from_an_unguarded_script_fail_clearly(data, tmp_path):
-    """Spawned I/O processes import the calling script again; without the __main__ guard they die.
-    The error must say what to do, not just "BrokenProcessPool"."""
-    script = tmp_path / "unguarded.py"
+def test_io_processes_do_not_rerun_the_calling_script(data, tmp_path):
+    """Spawn reruns the parent's __main__ in each child; the I/O processes are started without it.
+    An unguarded script (which would call write_shards again in each child: "BrokenProcessPool")
+    works, runs once (one line in its log), and gives the bytes of a threads-only run."""
+    script, log = tmp_path / "unguarded.py", tmp_path / "runs.log"
     script.write_text(
+        "import os\n"
+        f"open({str(log)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
         "from veil_transforms import shards\n"
         f"shards.write_shards({str(data['src'])!r}, {str(tmp_path / 'out')!r}, {str(data['model'])!r}, "
-        f"key_file={str(data['key_file'])!r}, steps=1, device='cpu', io_procs=1, progress=False)\n")
+        f"key_file={str(data['key_file'])!r}, steps=3, shard_size={SHARD_SIZE}, device='cpu', io_procs=2, "
+        "progress=False)\n")
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert r.returncode != 0
-    assert 'if __name__ == "__main__":' in r.stderr.splitlines()[-1]
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert len(log.read_text().splitlines()) == 1
+    shards.verify(tmp_path / "out")
+    assert shas(tmp_path / "out") == shas(data["ref"])
 
 
 def test_write_shards_reports_its_timings(data, tmp_path):

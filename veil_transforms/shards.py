@@ -719,6 +719,27 @@ def _encode_rows(okeys: list[str], labels: list[int], pixels: np.ndarray) -> byt
 ENCODE_ROWS = 256
 
 
+@contextlib.contextmanager
+def _main_not_rerun():
+    """While I/O processes are started: multiprocessing's spawn runs the parent's ``__main__``
+    (its file, or its module under ``-m``) again in each child, importing whatever it imports
+    (torch: ~1-3 s a process, on the first batch's critical path) and, in a script without an
+    ``if __name__ == "__main__":`` guard, running the script. The I/O processes run only this
+    module's functions, so they are started with a stand-in ``__main__`` that names no file."""
+    import sys
+    import types
+
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")  # no __file__, __spec__ None
+    try:
+        yield
+    finally:
+        if main is None:
+            del sys.modules["__main__"]
+        else:
+            sys.modules["__main__"] = main
+
+
 def auto_io_procs(total: int, world_size: int = 1) -> int:
     """I/O processes for one veil-shard process when not given: none (threads) for small runs,
     several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
@@ -907,9 +928,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
 
     ``io_workers`` decoding threads (default min(8, CPUs)); ``io_procs`` processes for
     decoding, key hashing and PNG encoding instead (0: none, threads only; None:
-    :func:`auto_io_procs`, the CLI's default). Processes cost a few seconds to start (they are
-    spawned, so a calling script needs the ``if __name__ == "__main__":`` guard); they pay off
-    when the GPU veils faster than one Python process can decode and encode (small images)."""
+    :func:`auto_io_procs`, the CLI's default). Processes are spawned (without rerunning the
+    calling script, see :func:`_main_not_rerun`) and cost a fraction of a second to start; they
+    pay off when the GPU veils faster than one Python process can decode and encode (small images)."""
     import torch
 
     from . import functional as F
@@ -953,6 +974,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
 
         # spawn, not fork: this process has CUDA and threads
         procs = ProcessPoolExecutor(io_procs, mp_context=multiprocessing.get_context("spawn"))
+        with _main_not_rerun():  # start them all now (one per submitted job), while the stub is in place
+            for _ in range(io_procs):
+                procs.submit(int)
         log.info("rank %d: %d I/O processes", rank, io_procs)
     writer = _Writer(out, on_done)
     writer.start()
@@ -1096,8 +1120,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             cause = cause.__cause__
         if cause is not None:  # seen here or first by the writer (an encoding job)
             raise RuntimeError(
-                "an I/O process died (killed for memory, crashed, or, started from a script, it imported "
-                "the script again: put the call under `if __name__ == \"__main__\":`); rerun to resume, "
+                "an I/O process died (killed for memory, or crashed); rerun to resume, "
                 "or use io_procs=0 (--io-procs 0) for threads"
             ) from e
         raise
