@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
   # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
-  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_keys* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
+  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_keys* benchmarks/results/*_cuda_long.* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
   tail -n 4 "$LOGS/$name.log"
   tar -C "$LOGS" -cf "$OUT/gpu.tar" .
 }
@@ -35,6 +35,7 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
     pytest) step pytest_cuda "${T_PYTEST:-80}" bash -c "python3 -m pytest -q tests/test_fastpath.py ${PYTEST_ARGS:-}" ;;
     levers) step mnist60k_levers "${T_LEVERS:-170}" bash -c "python3 benchmarks/mnist60k_levers.py ${LEVERS_ARGS:-}" ;;
     shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
+    shard_long) step shard_throughput_long "${T_SHARD_LONG:-150}" bash -c "python3 benchmarks/shard_throughput.py --device cuda --cases mnist_lenet5 --images 131072 --io-procs 8 --tag long" ;;
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;
     profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
              step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile ;;

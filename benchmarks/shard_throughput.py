@@ -174,6 +174,7 @@ def main(argv=None):
     ap.add_argument("--nproc", type=int, nargs="*", default=[], help="also time the CLI with these --nproc values")
     ap.add_argument("--io-procs", type=int, nargs="+", default=[0, 8],
                     help="time the engine with these io_procs values (0: threads; first one: the table's main row)")
+    ap.add_argument("--tag", default="", help="results file suffix: shard_throughput_<device>[_TAG].{json,md}")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -195,7 +196,8 @@ def main(argv=None):
     cmd = "python benchmarks/shard_throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    (out / f"shard_throughput_{device.type}.json").write_text(json.dumps(
+    stem = f"shard_throughput_{device.type}" + (f"_{args.tag}" if args.tag else "")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"command": cmd, "device": dev_name, "torch": torch.__version__, "cases": rows}, indent=1))
     md = [f"# veil-shard end to end vs the raw veil rate, on {dev_name} (torch {torch.__version__})", "",
           f"Command: `{cmd}`", "", "T = " + str(steps) + ", early stop off, random-weight models.", "",
@@ -216,7 +218,7 @@ def main(argv=None):
     md += ["", "Where the engine's time went (its summary's `timings`):", ""]
     md += [f"- {r['case']}, {f'{k} I/O processes' if k else 'threads'}: {timing_line(c['seconds'], c['timings'])}"
            for r in rows for k, c in r["io_procs"].items()]
-    (out / f"shard_throughput_{device.type}.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
