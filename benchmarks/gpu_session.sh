@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
   # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
-  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_keys* benchmarks/results/*_cuda_long.* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
+  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_keys* benchmarks/results/*_cuda_long.* benchmarks/results/throughput_cuda_vgg_* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
   tail -n 4 "$LOGS/$name.log"
   tar -C "$LOGS" -cf "$OUT/gpu.tar" .
 }
@@ -40,6 +40,12 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
     profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
              step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile ;;
     profile_vgg) step profile_vgg "${T_PROFILE:-60}" python3 benchmarks/profile_step.py --case vgg16_112 --bf16 --compile ;;
+    vgg_batch)  # VGG-16 bf16 + CUDA graph + compile at larger batches (the table's 256 as the same-run baseline)
+      for b in ${VGG_BATCHES:-1024 256 512}; do
+        plain=--skip-plain; [ "$b" = 512 ] && plain=
+        step vgg_b$b "${T_VGG:-150}" python3 benchmarks/throughput.py --device cuda --cases vgg16_112 --batch "$b" --one-sample 0 \
+          --no-60k $plain --methods "library bf16 + CUDA graph + compile" --out-name throughput_cuda_vgg_b$b
+      done ;;
     throughput) step throughput "${T_THROUGHPUT:-300}" python3 benchmarks/throughput.py --device cuda --one-sample 2 ${THROUGHPUT_ARGS:-} ;;
   esac
 done
