@@ -363,6 +363,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="best of this many runs (default: 1 on CUDA, 3 on the CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default on the CPU: 1)")
     ap.add_argument("--no-check", action="store_true", help="CPU: do not fail when the library is slower than the plain loop")
+    ap.add_argument("--cudnn-benchmark-limit", type=int, default=None, metavar="N",
+                    help="CUDA: torch.backends.cudnn.benchmark_limit, the cuDNN algorithms tried per convolution "
+                         "(torch's default 10; 0: all)")
     ap.add_argument("--out-name", default=None)
     ap.add_argument("--no-60k", action="store_true", help="CUDA: skip the 60,000-image LeNet-5 run")
     args = ap.parse_args(argv)
@@ -371,6 +374,8 @@ def main(argv=None):
     kind = device.type
     if kind == "cuda":
         torch.backends.cudnn.benchmark = True
+        if args.cudnn_benchmark_limit is not None:
+            torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     if args.threads or kind == "cpu":
         torch.set_num_threads(args.threads or 1)
     torch.set_flush_denormal(True)
