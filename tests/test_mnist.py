@@ -50,7 +50,7 @@ def test_model_trained_on_veiled_mnist_classifies_originals(veiled_mnist):
 
 def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist):
     """The result-preserving speed levers (torch.compile here; CUDA graphs are CUDA-only) on real data:
-    same veil up to rounding, same accuracy for the model trained on it (same seed).
+    the same veil up to rounding, the same local features, and the utility bar the fp32 veil meets.
     bf16 is not among them: it changes the veil (5 grey levels on average); its utility is measured over
     40 keys on a GPU instead (benchmarks/results/precision_utility_cuda_h100_keys40.md)."""
     local, (x, y), xv, (xte, yte) = veiled_mnist
@@ -62,13 +62,22 @@ def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist):
     if any("torch.compile failed" in str(w.message) for w in caught):
         pytest.skip("torch.compile cannot build here (inductor needs a C++ compiler on the CPU)")
     # Over 300 steps the loop amplifies the compiled kernels' different float rounding: measured here
-    # 0.046 grey levels on average, 0.8% of pixels off by more than one level (H100, graph + compile:
-    # 0.003 and 0.06%). The veil's own movement is ~60 levels, so 0.1 / 2% still means "the same veil".
+    # 0.046-0.054 grey levels on average, 0.8-0.9% of pixels off by more than one level (H100, graph +
+    # compile: 0.003 and 0.06%). The veil's own movement is ~60 levels, so 0.1 / 2% still means "the same veil".
     grey = (xf.float() - xv[:n].float()).abs()
     assert float(grey.mean()) <= 0.1 and float((grey > 1).float().mean()) <= 0.02, float(grey.mean())
-    torch.manual_seed(0)
-    ref = accuracy(fit(LeNet5(), xv[:n], y[:n], epochs=EPOCHS, seed=0), xte, yte)
-    torch.manual_seed(0)
-    got = accuracy(fit(LeNet5(), xf, y[:n], epochs=EPOCHS, seed=0), xte, yte)
-    print(f"\nMNIST {n} veiled, same seed: fp32 veil {ref:.4f}, fast-path veil {got:.4f}")
-    assert abs(got - ref) <= 0.015, (got, ref)
+    # what the veil must keep, measured without training's chaos: F sees the same classes
+    agree = float((predict(local, xf) == predict(local, xv[:n])).float().mean())
+    assert agree >= 0.99, agree
+    # Utility. Training is chaotic: the same seed on the fp32 veil and on this one (rounding apart) lands
+    # points apart (benchmarks/fastpath_training_noise.py, results/fastpath_training_noise_*.md: paired
+    # differences SD 10 points with 1,000 training images, SD 4.3 and -7.1 to +6.2 with 3,000). So a
+    # same-seed pair cannot show "within 0.5 points" (the GPU benchmark does, over 40 keys x 3 seeds); the
+    # closeness and agreement above carry "the same veil". This asserts the bar the fp32 veil's own test
+    # asserts (>= 0.80 on the originals; measured 0.87-0.96 here) for a training set with the fast veil in
+    # it, and a paired difference under 15 points (~3.5 SD): a utility collapse, not a subtle loss.
+    mixed = torch.cat([xf, xv[n:]])
+    ref = accuracy(fit(LeNet5(), xv, y, epochs=EPOCHS, seed=0), xte, yte)
+    got = accuracy(fit(LeNet5(), mixed, y, epochs=EPOCHS, seed=0), xte, yte)
+    print(f"\nMNIST {len(xv)} veiled ({n} by the fast path), same seed: fp32 veil {ref:.4f}, with the fast path {got:.4f}")
+    assert got >= 0.80 and abs(got - ref) <= 0.15, (got, ref)
