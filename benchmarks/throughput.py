@@ -165,8 +165,9 @@ def library_variants(device, shape, has_bn):
     return v
 
 
-def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0, skip_one_sample=False, only=None,
-             plain=True):
+def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0, only=None, plain=True):
+    """Time one case; ``one_sample`` 0 skips Algorithm 1, ``plain=False`` the plain loop, ``only``
+    keeps those library variants (labels)."""
     build, shape, _, _ = CASES[name]
     torch.manual_seed(seed)
     model = build().to(device).eval()
@@ -186,7 +187,7 @@ def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0,
         print(f"  {name:14s} {method:28s} {ips:10.1f} img/s  ({seconds:.3f} s for {n})", flush=True)
 
     # (1) Algorithm 1 as written, one sample at a time: a few samples, extrapolated
-    if not skip_one_sample and one_sample > 0:
+    if one_sample > 0:
         k = min(one_sample, batch)
         algorithm1(model, x0[:1], xn[:1], min(steps, 3), threshold)  # warm-up
         dt, _ = timed(lambda: [algorithm1(model, x0[i : i + 1], xn[i : i + 1], steps, threshold) for i in range(k)], device)
@@ -195,7 +196,11 @@ def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0,
     # (2) plain batched loop and (3) the library, interleaved, best of `repeats`
     methods = {"plain batched": lambda s: plain_batched(model, x0, xn, s, threshold)} if plain else {}
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    for label, opts in library_variants(device, shape, has_bn).items():
+    variants = library_variants(device, shape, has_bn)
+    if only and set(only) - set(variants):
+        raise SystemExit(f"--methods: {name} on {device.type} has no {sorted(set(only) - set(variants))}; "
+                         f"its library variants: {list(variants)}")
+    for label, opts in variants.items():
         if only and label not in only:
             continue
         methods[label] = lambda s, o=opts: F.veil(
@@ -398,7 +403,8 @@ def main(argv=None):
     if kind == "cuda" and not args.no_60k:
         result["mnist60k"] = mnist60k(device, steps, args.threshold)
     ok = True
-    if kind == "cpu" and all({"library fp32", "plain batched"} <= set(r["methods"]) for r in result["cases"]):  # on process CPU time: other processes on shared cores shift wall time by 10-20%
+    # the CPU check, on process CPU time (other processes on shared cores shift wall time by 10-20%)
+    if kind == "cpu" and all({"library fp32", "plain batched"} <= set(r["methods"]) for r in result["cases"]):
         ratios = [(r["case"], r["methods"]["plain batched"], r["methods"]["library fp32"]) for r in result["cases"]]
         ok = all(lib["cpu_seconds"] <= 1.1 * plain["cpu_seconds"] for _, plain, lib in ratios)
         result["check"] = ("PASS" if ok else "FAIL") + ": library fp32 / plain batched, process CPU time (wall time) = " + ", ".join(
