@@ -171,6 +171,12 @@ def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0,
     build, shape, _, _ = CASES[name]
     torch.manual_seed(seed)
     model = build().to(device).eval()
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    variants = library_variants(device, shape, has_bn)
+    if only and set(only) - set(variants):  # before any timing: a typo must not cost the run
+        raise SystemExit(f"--methods: {name} on {device.type} has no {sorted(set(only) - set(variants))}; "
+                         f"its library variants: {list(variants)}")
+    variants = {k: v for k, v in variants.items() if not only or k in only}
     images = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     # the library's own flip (veil with this generator) reproduced for the reference loops: same inputs
     xn = F.normalize(images).to(device)
@@ -195,14 +201,7 @@ def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0,
 
     # (2) plain batched loop and (3) the library, interleaved, best of `repeats`
     methods = {"plain batched": lambda s: plain_batched(model, x0, xn, s, threshold)} if plain else {}
-    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    variants = library_variants(device, shape, has_bn)
-    if only and set(only) - set(variants):
-        raise SystemExit(f"--methods: {name} on {device.type} has no {sorted(set(only) - set(variants))}; "
-                         f"its library variants: {list(variants)}")
     for label, opts in variants.items():
-        if only and label not in only:
-            continue
         methods[label] = lambda s, o=opts: F.veil(
             model, images, generator=gen(), steps=s, threshold=threshold, lr=LR, device=device, **o
         )

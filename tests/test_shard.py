@@ -483,9 +483,9 @@ def test_the_veil_does_not_wait_on_each_shards_fsync(data, tmp_path, monkeypatch
     real_fsync, real_put, in_put = shards.fsync_dir, shards._Writer.put, []
     monkeypatch.setattr(shards, "fsync_dir", lambda d: (time.sleep(0.05), real_fsync(d)))
 
-    def put(self, msg):  # the veil's side of the queue: time blocked in put
+    def put(self, group):  # the veil's side of the queue: time blocked in put
         t = time.perf_counter()
-        real_put(self, msg)
+        real_put(self, group)
         in_put.append(time.perf_counter() - t)
 
     monkeypatch.setattr(shards._Writer, "put", put)

@@ -787,12 +787,13 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
         self.throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
 
-    def put(self, msg) -> None:
+    def put(self, group: list[tuple]) -> None:
+        """Queue one batch's messages; waits while the writer is 4 batches behind, raises its error."""
         while True:
             if self.error is not None:
                 raise RuntimeError(f"shard writer failed: {self.error}") from self.error
             try:
-                self.q.put(msg, timeout=0.5)
+                self.q.put(group, timeout=0.5)
                 return
             except queue.Full:
                 continue
