@@ -34,6 +34,10 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
   case $s in
     pytest) step pytest_cuda "${T_PYTEST:-80}" bash -c "python3 -m pytest -q tests/test_fastpath.py ${PYTEST_ARGS:-}" ;;
     levers) step mnist60k_levers "${T_LEVERS:-170}" bash -c "python3 benchmarks/mnist60k_levers.py ${LEVERS_ARGS:-}" ;;
+    rewrites)  # LeNet-5's exact rewrites against the best config so far, same run (cold compile of each ~20-45 s)
+      step mnist60k_rewrites "${T_REWRITES:-240}" python3 benchmarks/mnist60k_levers.py --configs "graph + compile, one batch" \
+        "graph + compile, one batch, conv1 input gradient as shifted products" \
+        "graph + compile, one batch, even adaptive pool as max pool" "graph + compile, one batch, both rewrites" ;;
     shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
     shard_long) step shard_throughput_long "${T_SHARD_LONG:-150}" bash -c "python3 benchmarks/shard_throughput.py --device cuda --cases mnist_lenet5 --images 131072 --io-procs 8 --tag long" ;;
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;

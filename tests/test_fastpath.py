@@ -120,6 +120,33 @@ def _benchmark_module(name="throughput"):
     return mod
 
 
+def test_lenet_rewrites_in_the_levers_benchmark_are_exact():
+    """benchmarks/mnist60k_levers.py's rewrites of LeNet-5 (conv1's input gradient as shifted products,
+    the even adaptive pool as a max pool) must compute the same function and gradients with the same
+    weight tensors, or their GPU timings compare different work (float64: only summation order differs)."""
+    bench = _benchmark_module("mnist60k_levers")
+    torch.manual_seed(0)
+    m = LeNet5(1, 10).double().eval()
+    r = bench.rewrite(m)
+    assert r.conv1.weight is m.conv1.weight and r.fc3.weight is m.fc3.weight
+    for hw in (28, 27):  # conv2's output 10x10 (pooled as 2x2) and 9x9 (not a multiple of 5: adaptive)
+        x = torch.randn(5, 1, hw, hw, dtype=torch.float64, requires_grad=True)
+        y, yr = m(x), r(x)
+        assert torch.equal(y, yr)
+        g = torch.randn_like(y)
+        want = torch.autograd.grad(y, [x, *m.parameters()], g)
+        got = torch.autograd.grad(yr, [x, *r.parameters()], g)
+        assert float(want[0].abs().max()) > 1e-4  # not a vanishing gradient compared with nothing
+        for a, b in zip(want, got):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-13)
+    # the input gradient alone, wider channels, against the convolution it writes out
+    gout, w = torch.randn(3, 4, 9, 9, dtype=torch.float64), torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(bench.shifted_input_grad(gout, w, (9, 9), 1),
+                               torch.nn.functional.conv_transpose2d(gout, w, padding=1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="stride-1"):
+        bench._ShiftedGradConv2d(torch.nn.Conv2d(1, 2, 3, stride=2))
+
+
 def test_precision_benchmark_takes_the_error_over_keys():
     """benchmarks/precision_utility.py's bar is decided by these: a veil draw (key) is the unit, not a seed."""
     bench = _benchmark_module("precision_utility")
