@@ -37,7 +37,8 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
     rewrites)  # LeNet-5's exact rewrites against the best config so far, same run (cold compile of each ~20-45 s)
       step mnist60k_rewrites "${T_REWRITES:-240}" python3 benchmarks/mnist60k_levers.py --configs "graph + compile, one batch" \
         "graph + compile, one batch, conv1 input gradient as shifted products" \
-        "graph + compile, one batch, even adaptive pool as max pool" "graph + compile, one batch, both rewrites" ;;
+        "graph + compile, one batch, even adaptive pool as max pool" "graph + compile, one batch, both rewrites"
+      step profile_lenet_rewrite "${T_PROFILE:-60}" python3 benchmarks/profile_step.py --case lenet5_28 --compile --rewrite ;;
     shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
     shard_long) step shard_throughput_long "${T_SHARD_LONG:-150}" bash -c "python3 benchmarks/shard_throughput.py --device cuda --cases mnist_lenet5 --images 131072 --io-procs 8 --tag long" ;;
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;

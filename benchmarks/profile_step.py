@@ -1,10 +1,11 @@
 """Where one veil step's GPU time goes: torch.profiler's kernel table for a throughput.py case.
 
-    python benchmarks/profile_step.py --case lenet5_28 [--compile] [--bf16] [--steps 20]
+    python benchmarks/profile_step.py --case lenet5_28 [--compile] [--bf16] [--rewrite] [--steps 20]
 
 Runs gradient iteration eagerly (no CUDA graph, so the profiler sees each
 kernel) after a warm-up, and prints the kernels by total GPU time, with their
-share of the step. Writes benchmarks/results/profile_<case>[_compile][_bf16].md.
+share of the step. ``--rewrite`` (LeNet-5 only): mnist60k_levers.rewrite()'s exact rewrites.
+Writes benchmarks/results/profile_<case>[_compile][_bf16][_rewrite].md.
 """
 
 from __future__ import annotations
@@ -28,13 +29,19 @@ def main(argv=None):
     ap.add_argument("--case", choices=sorted(CASES), default="lenet5_28")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--rewrite", action="store_true", help="LeNet-5 with mnist60k_levers.rewrite() (lenet5_28 only)")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
+    if args.rewrite and args.case != "lenet5_28":
+        ap.error("--rewrite: LeNet-5 only (--case lenet5_28)")
     build, shape, batch, _ = CASES[args.case]
     dev = torch.device("cuda")
     torch.manual_seed(0)
     model = build().to(dev).eval()
+    if args.rewrite:
+        from mnist60k_levers import rewrite
+        model = rewrite(model)
     x = (torch.rand((batch, *shape), device=dev) * 2 - 1).contiguous(
         memory_format=torch.channels_last if shape[0] >= 3 else torch.contiguous_format)
     kw = dict(threshold=-math.inf, precision="bf16" if args.bf16 else "fp32", compile=args.compile)
@@ -46,9 +53,9 @@ def main(argv=None):
     rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.device_time_total > 0]
     total = sum(e.device_time_total for e in rows)
     rows.sort(key=lambda e: -e.device_time_total)
-    tag = args.case + ("_compile" if args.compile else "") + ("_bf16" if args.bf16 else "")
+    tag = args.case + ("_compile" if args.compile else "") + ("_bf16" if args.bf16 else "") + ("_rewrite" if args.rewrite else "")
     md = [f"# GPU time of one veil step, {args.case} (batch {batch}), {torch.cuda.get_device_name()}, "
-          f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}", "",
+          f"{'bf16' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}{', rewritten' if args.rewrite else ''}", "",
           f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
           f"Kernel time per step: {total / args.steps / 1e3:.3f} ms ({args.steps} eager steps profiled).", "",
           "| kernel | calls/step | ms/step | share |", "|---|---|---|---|"]
