@@ -799,15 +799,7 @@ class _Writer(threading.Thread):
                 continue
 
     def run(self) -> None:
-        f = None
-        tmp = None
-        count = size = 0
-        h = None
-
-        def write(data: bytes) -> int:  # hashed as written: the shard is not read back for its sha256
-            h.update(data)
-            return f.write(data)
-
+        shard = None
         try:
             while True:
                 group = self.q.get()
@@ -816,43 +808,26 @@ class _Writer(threading.Thread):
                 for msg in group:  # one batch's messages, in order
                     kind = msg[0]
                     if kind == "begin":
-                        _, index = msg
-                        tmp = self.out / f".{shard_name(index)}.tmp"
-                        f = open(tmp, "wb")
-                        h = hashlib.sha256()
-                        count = size = 0
+                        shard = _OpenShard(self.out, msg[1])
                     elif kind == "encoded":  # (n, future of the tar bytes of n samples) from an I/O process
                         _, n, fut = msg
-                        size += write(fut.result())
-                        count += n
+                        shard.write(fut.result(), n)
                     elif kind == "batch":
                         _, okeys, labels, pixels = msg
                         if self.throttle:
                             for k, y, a in zip(okeys, labels, pixels):
-                                size += write(tar_sample(k, y, a))
-                                count += 1
+                                shard.write(tar_sample(k, y, a), 1)
                                 time.sleep(self.throttle)
                         else:
-                            size += write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)))
-                            count += len(okeys)
-                    elif kind == "end":
-                        _, index, skipped = msg
-                        write(tar_end(size))
-                        f.flush()
-                        os.fsync(f.fileno())
-                        f.close()
-                        final = self.out / shard_name(index)
-                        sha, nbytes = h.hexdigest(), tmp.stat().st_size
-                        os.replace(tmp, final)
-                        fsync_dir(self.out)
-                        f = None
-                        self.on_done({"index": index, "name": final.name, "count": count, "sha256": sha,
-                                      "bytes": nbytes, "skipped": skipped})
+                            shard.write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)), len(okeys))
+                    elif kind == "end":  # (index, skipped): the index is the open shard's
+                        self.on_done(shard.finish(msg[2]))
+                        shard = None
         except BaseException as e:  # noqa: BLE001 - reported to the veil loop
             self.error = e
-            with contextlib.suppress(Exception):
-                if f is not None:
-                    f.close()
+            if shard is not None:
+                with contextlib.suppress(Exception):
+                    shard.f.close()
             # drain so the producer never blocks
             while True:
                 try:
@@ -861,6 +836,38 @@ class _Writer(threading.Thread):
                 except queue.Empty:
                     pass
 
+
+class _OpenShard:
+    """One shard being written: a hidden temporary file, hashed as written (not read back for its sha256),
+    moved into place whole by :meth:`finish`."""
+
+    def __init__(self, out: Path, index: int):
+        self.out, self.index = out, index
+        self.tmp = out / f".{shard_name(index)}.tmp"
+        self.f = open(self.tmp, "wb")
+        self.h = hashlib.sha256()
+        self.count = self.size = 0
+
+    def write(self, data: bytes, n: int) -> None:
+        """``n`` samples' tar records."""
+        self.h.update(data)
+        self.size += self.f.write(data)
+        self.count += n
+
+    def finish(self, skipped: list) -> dict:
+        """Ends the tar, makes the file durable and puts it in place; returns its manifest entry."""
+        data = tar_end(self.size)
+        self.h.update(data)
+        self.f.write(data)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        final = self.out / shard_name(self.index)
+        sha, nbytes = self.h.hexdigest(), self.tmp.stat().st_size
+        os.replace(self.tmp, final)
+        fsync_dir(self.out)
+        return {"index": self.index, "name": final.name, "count": self.count, "sha256": sha,
+                "bytes": nbytes, "skipped": skipped}
 
 
 def record_shards(out: Path, entries: list[dict]) -> dict:
