@@ -113,6 +113,29 @@ def test_fast_options_are_checked(faces, trained, monkeypatch):
     assert F.veil(trained, x, generator=torch.Generator(), steps=2, mode="other").shape == x.shape
 
 
+def test_bf16_on_a_cpu_that_emulates_it_warns_once(monkeypatch):
+    """bf16 is a speed option; on an AVX2-only CPU oneDNN emulates it and it runs 3-15x slower than fp32
+    (benchmarks/results/throughput_cpu_compile.md): say so once, keep the veil the user asked for."""
+    assert isinstance(F.cpu_has_native_bf16(), bool)
+    model, x = LeNet5().eval(), torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+
+    def messages(**kw):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                F.veil(model, x, generator=torch.Generator().manual_seed(0), steps=2, device="cpu", **kw)
+        return [str(w.message) for w in caught if "native bf16" in str(w.message)]
+
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(F, "_CPU_BF16_WARNED", False)
+    assert messages(precision="fp32") == []
+    got = messages(precision="bf16")
+    assert len(got) == 1 and "precision='fp32' is faster" in got[0], got
+    monkeypatch.setattr(F, "_CPU_BF16_WARNED", False)
+    monkeypatch.setattr(F, "cpu_has_native_bf16", lambda: True)
+    assert messages(precision="bf16") == []
+
+
 def _benchmark_module(name="throughput"):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)

@@ -167,6 +167,8 @@ def gradient_iteration(
     """
     check_steps(steps)
     check_precision(precision)
+    if precision == "bf16" and x.device.type == "cpu":
+        _warn_emulated_bf16()
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
     # compiled: the whole batch with static shapes (the fastest kernels; one compilation per batch
@@ -505,6 +507,28 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 natively on this CPU (AVX-512 class or newer); AVX2-only CPUs emulate it."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_CPU_BF16_WARNED = False
+
+
+def _warn_emulated_bf16() -> None:
+    """Once per process: bf16 asked for on a CPU that emulates it (a speed option that slows things down)."""
+    global _CPU_BF16_WARNED
+    if _CPU_BF16_WARNED or cpu_has_native_bf16():
+        return
+    _CPU_BF16_WARNED = True
+    warnings.warn(f"precision='bf16' on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
+                  "oneDNN emulates it, measured 3x (LeNet-5) to 15x (ResNet-18) slower than fp32 on an AVX2 CPU "
+                  "(benchmarks/results/throughput_cpu_compile.md); precision='fp32' is faster here", stacklevel=3)
+
+
 def _autocast(device_type: str, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
@@ -626,6 +650,8 @@ def veil(
         raise ValueError("veil: pass exactly one of key= (secret bytes) or generator=")
     in_dtype = images.dtype
     device = torch.device(device) if device is not None else images.device
+    if precision == "bf16" and device.type == "cpu":
+        _warn_emulated_bf16()
     xn = normalize(images)
     if uniforms is not None:
         if key is None or tuple(uniforms.shape) != tuple(images.shape):
