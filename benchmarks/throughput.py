@@ -26,7 +26,8 @@ per image) and T = ``--steps`` steps, it times:
    channels-last, gradient iteration, uint8 output), default fp32 and with its
    speed options (``precision="bf16"``, ``cuda_graph``, ``compile``, ``fold_bn``;
    "library fp32" is the eager loop, ``cuda_graph=False``; bf16 on the CPU
-   uses ``torch.autocast("cpu")``).
+   uses ``torch.autocast("cpu")``; the CPU's compiled variants, e.g.
+   "library fp32 + compile", run only when ``--methods`` names them).
 4. on CUDA, a bf16 8192^3 matmul: the card's practical peak.
 
 The early stop is off by default (``--threshold -inf``): with random weights it
@@ -147,10 +148,17 @@ def matmul_tflops(device):
     return 2 * n**3 * reps / dt / 1e12, f"{'bf16' if dtype == torch.bfloat16 else 'fp32'} {n}^3 matmul"
 
 
+CPU_DEFAULT = ("library fp32", "library bf16")  # the CPU variants timed unless --methods names others
+
+
 def library_variants(device, shape, has_bn):
     """label -> options of veil() timed for one case."""
-    if device.type != "cuda":
-        return {"library fp32": {}, "library bf16": {"precision": "bf16"}}
+    if device.type != "cuda":  # the compiled ones only when --methods names them (CPU_DEFAULT: CI's run)
+        v = {"library fp32": {}, "library bf16": {"precision": "bf16"},
+             "library fp32 + compile": {"compile": True}, "library bf16 + compile": {"precision": "bf16", "compile": True}}
+        if has_bn:
+            v["library bf16 + fold BN + compile"] = {"precision": "bf16", "fold_bn": True, "compile": True}
+        return v
     g, bf = {"cuda_graph": True}, {"precision": "bf16", "cuda_graph": True}
     v = {"library fp32": {"cuda_graph": False}, "library fp32 + CUDA graph": g}
     if shape[0] < 3:  # the default layout for 1-channel input is NCHW; show what channels-last costs
@@ -176,7 +184,8 @@ def run_case(name, device, steps, threshold, batch, one_sample, repeats, seed=0,
     if only and set(only) - set(variants):  # before any timing: a typo must not cost the run
         raise SystemExit(f"--methods: {name} on {device.type} has no {sorted(set(only) - set(variants))}; "
                          f"its library variants: {list(variants)}")
-    variants = {k: v for k, v in variants.items() if not only or k in only}
+    keep = only or (CPU_DEFAULT if device.type != "cuda" else variants)
+    variants = {k: v for k, v in variants.items() if k in keep}
     images = torch.randint(0, 256, (batch, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     # the library's own flip (veil with this generator) reproduced for the reference loops: same inputs
     xn = F.normalize(images).to(device)
@@ -299,7 +308,8 @@ def device_name(device):
                 break
     except OSError:
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    bf16 = "native bf16" if F.cpu_has_native_bf16() else "bf16 emulated"
+    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def fmt(v, spec):
