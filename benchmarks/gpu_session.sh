@@ -41,6 +41,7 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
       step profile_lenet_rewrite "${T_PROFILE:-60}" python3 benchmarks/profile_step.py --case lenet5_28 --compile --rewrite ;;
     shard) step shard_throughput "${T_SHARD:-100}" bash -c "python3 benchmarks/shard_throughput.py --device cuda ${SHARD_ARGS:---nproc 4}" ;;
     shard_long) step shard_throughput_long "${T_SHARD_LONG:-150}" bash -c "python3 benchmarks/shard_throughput.py --device cuda --cases mnist_lenet5 --images 131072 --io-procs 8 --tag long" ;;
+    tail) step compile_tail "${T_TAIL:-120}" python3 benchmarks/compile_tail.py --device cuda ;;  # recompile vs pad a last batch
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;
     profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
              step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile ;;
