@@ -11,6 +11,7 @@ kernels).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import threading
@@ -167,8 +168,7 @@ def gradient_iteration(
     """
     check_steps(steps)
     check_precision(precision)
-    if precision == "bf16" and x.device.type == "cpu":
-        _warn_emulated_bf16()
+    _warn_if_emulated_bf16(precision, x.device)
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
     # compiled: the whole batch with static shapes (the fastest kernels; one compilation per batch
@@ -507,6 +507,7 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether oneDNN runs bf16 natively on this CPU (AVX-512 class or newer); AVX2-only CPUs emulate it."""
     try:
@@ -518,10 +519,12 @@ def cpu_has_native_bf16() -> bool:
 _CPU_BF16_WARNED = False
 
 
-def _warn_emulated_bf16() -> None:
-    """Once per process: bf16 asked for on a CPU that emulates it (a speed option that slows things down)."""
+def _warn_if_emulated_bf16(precision: str, device: torch.device) -> None:
+    """Once per process: bf16 asked for on a CPU that emulates it (a speed option that slows things down).
+    Called where a call starts (veil, gradient_iteration), never per step: inside a compiled step it would
+    break the graph."""
     global _CPU_BF16_WARNED
-    if _CPU_BF16_WARNED or cpu_has_native_bf16():
+    if precision != "bf16" or device.type != "cpu" or _CPU_BF16_WARNED or cpu_has_native_bf16():
         return
     _CPU_BF16_WARNED = True
     warnings.warn(f"precision='bf16' on a CPU without native bf16 ({torch.backends.cpu.get_cpu_capability()}): "
@@ -650,8 +653,7 @@ def veil(
         raise ValueError("veil: pass exactly one of key= (secret bytes) or generator=")
     in_dtype = images.dtype
     device = torch.device(device) if device is not None else images.device
-    if precision == "bf16" and device.type == "cpu":
-        _warn_emulated_bf16()
+    _warn_if_emulated_bf16(precision, device)
     xn = normalize(images)
     if uniforms is not None:
         if key is None or tuple(uniforms.shape) != tuple(images.shape):

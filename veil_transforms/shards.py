@@ -827,7 +827,7 @@ class _Writer(threading.Thread):
             self.error = e
             if shard is not None:
                 with contextlib.suppress(Exception):
-                    shard.f.close()
+                    shard.f.close()  # its temporary file stays; the next run on OUT removes it and redoes the shard
             # drain so the producer never blocks
             while True:
                 try:
