@@ -16,15 +16,19 @@ benchmarks/results/compile_tail_<device>.md.
 from __future__ import annotations
 
 import argparse
+import atexit
 import math
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="compile_tail-")  # before torch reads it
+CACHE = tempfile.mkdtemp(prefix="compile_tail-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = CACHE  # before torch reads it
+atexit.register(shutil.rmtree, CACHE, ignore_errors=True)
 import torch  # noqa: E402
 
 from veil_transforms import functional as F  # noqa: E402

@@ -154,6 +154,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda", help="cuda (cpu only to smoke-test the script)")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error("no CUDA device here (--device cpu smoke-tests the script)")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = LeNet5(1, 10).to(dev).eval()

@@ -35,6 +35,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.rewrite and args.case != "lenet5_28":
         ap.error("--rewrite: LeNet-5 only (--case lenet5_28)")
+    if not torch.cuda.is_available():
+        ap.error("profiles GPU kernels: needs a CUDA device")
     build, shape, batch, _ = CASES[args.case]
     dev = torch.device("cuda")
     torch.manual_seed(0)
