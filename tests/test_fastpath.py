@@ -254,15 +254,39 @@ def test_precision_benchmark_pairs_by_key_when_a_config_fails():
     assert "failed for 1 key(s) (Boom)" in md and "Student t, 1 dof" in md
 
 
-def test_library_not_slower_than_plain_batched_loop():
-    """The CPU benchmark's core comparison on a small case: the library's fp32 veil against the plain
-    loop, as the median of 7 back-to-back pairs (order alternating) of process CPU times <= 1.15.
+class _HeavyOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that carry a step's arithmetic (convolutions, matmuls, pools, forward and
+    backward), with their input shapes: the same count means the same FLOPs."""
 
-    On this shared 2-core VM the two are even and the noise is large: over 6 trials at these settings
-    the median paired ratio ranged 0.92-1.08 and the best-of-7 ratio 0.99-1.10 (at 8 steps the ratio
-    sat at 1.05-1.12, and the former best-of-5 <= 1.1 check failed 4 times in 7). A library step
-    doing a second forward, or the loop run twice, gives ~1.5-2: what this is for. The benchmark's
-    larger case (``python benchmarks/throughput.py --device cpu``) keeps its 1.1 bar."""
+    HEAVY = ("convolution", "mm", "addmm", "max_pool2d", "adaptive_max_pool2d")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if any(name == h or name.startswith(h + "_") for h in self.HEAVY):
+            shapes = tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))
+            self.seen[(name, shapes)] = self.seen.get((name, shapes), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_library_not_slower_than_plain_batched_loop():
+    """The CPU benchmark's core comparison on a small case, the library's fp32 veil against the plain
+    loop, checked two ways:
+
+    * work, exactly: the same heavy aten ops (convolutions, matmuls, pools, forward and backward) with
+      the same shapes, as many times. A library step doing a second forward fails this on any machine.
+    * time: the median of 9 back-to-back pairs (order alternating) of process CPU times <= 1.15.
+
+    The time check failed once in CI (median 1.18, pairs 1.02-1.33) while passing on the development
+    VM. The cause found: page faults. With glibc's default allocator every step maps its large blocks
+    afresh, and kernel time was 20-25% of the loop's CPU time; the library's allocation pattern
+    faulted ~40% more than the plain loop's (84k against 60k per run, fresh processes,
+    ``python benchmarks/cpu_allocator.py``), and how many depends on the heap's history. veil() on the
+    CPU now tunes the allocator (``veil_transforms.allocator``), which removes the faults for both
+    loops in this process, so what is left to compare is the arithmetic and the Python around it."""
     bench = _benchmark_module()
     torch.manual_seed(0)
     model = LeNet5(1, 10).eval()
@@ -274,13 +298,18 @@ def test_library_not_slower_than_plain_batched_loop():
         "plain": lambda: bench.plain_batched(model, x0, xn, steps, thr),
         "library": lambda: F.veil(model, images, generator=torch.Generator().manual_seed(0), steps=steps, threshold=thr, device="cpu"),
     }
-    out = {k: f() for k, f in runs.items()}  # warm-up; same inputs, same result
+    out, ops = {}, {}
+    for k, f in runs.items():  # also the warm-up; same inputs, same result
+        with _HeavyOps() as counter:
+            out[k] = f()
+        ops[k] = counter.seen
     assert torch.equal(F.denormalize(out["plain"]), out["library"])
+    assert ops["library"] == ops["plain"] and sum(ops["plain"].values()) >= steps * 10, (ops["library"], ops["plain"])
     ratios = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # process CPU time of one thread: OpenMP threads spinning on busy cores would count too
     try:
-        for i in range(7):  # pairs back to back: a slow spell of the machine hits both sides of a pair
+        for i in range(9):  # pairs back to back: a slow spell of the machine hits both sides of a pair
             t = {}
             for k, f in (runs.items() if i % 2 == 0 else reversed(runs.items())):
                 t0 = time.process_time()
@@ -289,7 +318,7 @@ def test_library_not_slower_than_plain_batched_loop():
             ratios.append(t["library"] / t["plain"])
     finally:
         torch.set_num_threads(threads)
-    assert sorted(ratios)[3] <= 1.15, ratios
+    assert sorted(ratios)[4] <= 1.15, ratios
 
 
 # -- CUDA only (skipped on CPU machines) ----------------------------------------------------
