@@ -8,6 +8,10 @@ process: one torch thread, a warm-up of each method, then ``--reps`` alternating
 batched loop (``throughput.plain_batched``) and the library's ``veil`` on the same inputs (random
 weights, random uint8 images, early stop off, T = ``--steps``). Reported per run: user and kernel CPU
 seconds and minor page faults (``getrusage``), medians over the runs of both processes.
+With ``--mnist N`` (and ../shared/data/mnist present) also a real run: the library's keyed veil of
+the first N MNIST images with a LeNet-5 trained on the first 8,000 (10 epochs, seed 1234, as in
+tests/test_mnist.py), T = 300 and the early stop at 0.3, once per process (trained once, in this
+process, and handed to the children as a file).
 Writes ``benchmarks/results/cpu_allocator.{md,json}``.
 """
 
@@ -31,6 +35,7 @@ HERE = Path(__file__).resolve().parent
 CASES = {"lenet5_28": ((1, 28, 28), 256, 20), "lenet5_28_b512": ((1, 28, 28), 512, 10),
          "resnet18_32": ((3, 32, 32), 16, 5)}
 ORDER = ("default", "tuned", "tuned", "default")
+MNIST = "lenet5_mnist_trained"
 
 
 def child(case: str, allocator: str, reps: int) -> dict:
@@ -79,27 +84,68 @@ def child(case: str, allocator: str, reps: int) -> dict:
     return out
 
 
+def child_mnist(allocator: str, n: int, model_file: str) -> dict:
+    """A real veil in a fresh process: the first n MNIST images, trained LeNet-5, paper defaults."""
+    from veil_transforms import allocator as A
+
+    if allocator == "tuned":
+        assert A.tune_cpu_allocator(), "not glibc: nothing to compare"
+    else:
+        os.environ[A.ENV] = "0"
+    import torch
+
+    from veil_transforms import functional as F
+    from veil_transforms.data import load_mnist
+    from veil_transforms.nets import LeNet5
+
+    torch.set_num_threads(1)
+    model = LeNet5()
+    model.load_state_dict(torch.load(model_file))
+    x = load_mnist()[0][:n]
+    a, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    F.veil(model.eval(), x, key=b"cpu-allocator-benchmark-key-0001", device="cpu")
+    b, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
+    assert (A._TUNED is not None) == (allocator == "tuned")
+    return {"library": {"user": [b.ru_utime - a.ru_utime], "sys": [b.ru_stime - a.ru_stime],
+                        "faults": [b.ru_minflt - a.ru_minflt], "wall": [t]}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", nargs="+", choices=sorted(CASES), default=sorted(CASES))
     ap.add_argument("--reps", type=int, default=5, help="runs of each method per process")
+    ap.add_argument("--mnist", type=int, default=0, metavar="N",
+                    help="also veil the first N MNIST images with a trained LeNet-5 (0: skip)")
     ap.add_argument("--out-name", default="cpu_allocator")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "ALLOCATOR"), help=argparse.SUPPRESS)
+    ap.add_argument("--model-file", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child[0], args.child[1], args.reps)))
+        case, allocator = args.child
+        got = child_mnist(allocator, args.mnist, args.model_file) if case == MNIST else child(case, allocator, args.reps)
+        print(json.dumps(got))
         return 0
     if args.reps < 1:
         ap.error(f"--reps must be >= 1, got {args.reps}")
+    if args.mnist < 0 or args.mnist > 8000:
+        ap.error(f"--mnist must be in [0, 8000], got {args.mnist}")
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         ap.error("needs Linux with glibc (the setting measured is glibc's)")
+    cases, extra = list(args.cases), []
+    if args.mnist:
+        from veil_transforms.data import mnist_path
+
+        if mnist_path() is None:
+            ap.error("--mnist needs ../shared/data/mnist")
+        extra = ["--mnist", str(args.mnist), "--model-file", train_mnist_model()]
+        cases.append(MNIST)
     runs: dict = {}
-    for case in args.cases:
+    for case in cases:
         for allocator in ORDER:
             print(f"{case}: {allocator} allocator ...", file=sys.stderr, flush=True)
-            p = subprocess.run([sys.executable, __file__, "--reps", str(args.reps), "--child", case, allocator],
+            p = subprocess.run([sys.executable, __file__, "--reps", str(args.reps), "--child", case, allocator, *extra],
                                capture_output=True, text=True, check=False)
             if p.returncode:
                 sys.stderr.write(p.stderr)
@@ -119,6 +165,28 @@ def main(argv=None) -> int:
     return 0
 
 
+def train_mnist_model() -> str:
+    """LeNet-5 trained as tests/test_mnist.py trains its local model; saved to a temporary file."""
+    import atexit
+    import tempfile
+
+    import torch
+
+    from veil_transforms.data import load_mnist
+    from veil_transforms.nets import LeNet5
+    from veil_transforms.training import fit
+
+    torch.set_num_threads(1)
+    x, y = load_mnist()
+    print("training the MNIST LeNet-5 ...", file=sys.stderr, flush=True)
+    model = fit(LeNet5(), x[:8000], y[:8000], epochs=10, seed=1234)
+    fd, path = tempfile.mkstemp(suffix=".pt")
+    os.close(fd)
+    atexit.register(os.unlink, path)
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def summarize(runs: dict, args) -> dict:
     import torch
 
@@ -127,7 +195,7 @@ def summarize(runs: dict, args) -> dict:
 
     rows = []
     for case, by_alloc in runs.items():
-        shape, batch, steps = CASES[case]
+        shape, batch, steps = CASES[case] if case in CASES else ((1, 28, 28), args.mnist, 300)
         for allocator in ("default", "tuned"):
             for method, s in by_alloc[allocator].items():
                 med = {k: statistics.median(v) for k, v in s.items()}
@@ -153,6 +221,12 @@ def markdown(result: dict) -> str:
     lines += ["", "Library / plain CPU time (median CPU s):", ""]
     by = {(r["case"], r["allocator"], r["method"]): r for r in result["rows"]}
     for case in dict.fromkeys(r["case"] for r in result["rows"]):
+        if (case, "default", "plain") not in by:  # the real MNIST run: the library only
+            d, t = by[(case, "default", "library")], by[(case, "tuned", "library")]
+            lines.append(f"- {case} (keyed veil of {d['batch']} MNIST images, T = 300, early stop at 0.3), tuned / "
+                         f"default CPU time: {t['cpu_s'] / d['cpu_s']:.2f} ({t['cpu_s']:.1f} s against "
+                         f"{d['cpu_s']:.1f} s; wall {t['wall_s']:.1f} s against {d['wall_s']:.1f} s)")
+            continue
         for allocator in ("default", "tuned"):
             lib, plain = by[(case, allocator, "library")], by[(case, allocator, "plain")]
             lines.append(f"- {case}, {allocator}: {lib['cpu_s'] / plain['cpu_s']:.2f} "
