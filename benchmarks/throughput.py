@@ -11,7 +11,10 @@ is more than 1.1x slower than the plain batched loop):
 
 The CPU run uses one thread unless ``--threads N``: on shared cores, two
 OpenMP threads per process ran 2-3x slower than one, and the ratios jumped
-from run to run.
+from run to run. It tunes glibc's allocator before the first method, as the
+library's first CPU veil would (``veil_transforms.allocator``), so every method
+runs under the same allocator; ``VEIL_TUNE_ALLOCATOR=0`` measures glibc's
+defaults instead (``benchmarks/cpu_allocator.py`` compares the two).
 
 On the same inputs (random-weight models, random uint8 images, one flip mask
 per image) and T = ``--steps`` steps, it times:
@@ -57,6 +60,7 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from veil_transforms import functional as F
+from veil_transforms.allocator import tune_for_cpu_veil
 from veil_transforms.model import frozen
 from veil_transforms.nets import LeNet5
 
@@ -329,7 +333,9 @@ def write(result, out_name):
         f"torch {result['torch']}, T = {result['steps']} steps, early-stop threshold {result['threshold']}, lr {LR}; "
         f"random-weight models, random uint8 images; best of {result['repeats']} runs (one-sample: "
         f"{result['one_sample']} images timed, img/s extrapolated). Reference rate for the % column: {peak_what} at {peak:.3f} TFLOP/s."
-        + (" cudnn.benchmark on." if result["device"] == "cuda" else ""),
+        + (" cudnn.benchmark on." if result["device"] == "cuda" else "")
+        + {True: " glibc's allocator tuned (veil_transforms.allocator).", False: " glibc's allocator untuned."}.get(
+            result.get("cpu_allocator_tuned"), ""),
         "",
         "| case | batch | GFLOP/img/step | method | img/s | × one-sample | × plain batched | TFLOP/s | % of ref. matmul | max Δ vs plain (grey levels) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -392,6 +398,7 @@ def main(argv=None):
             torch.backends.cudnn.benchmark_limit = args.cudnn_benchmark_limit
     if args.threads or kind == "cpu":
         torch.set_num_threads(args.threads or 1)
+    tuned = tune_for_cpu_veil() if kind == "cpu" else None  # before any method: all under the same allocator
     torch.set_flush_denormal(True)
     steps = args.steps or DEFAULT_STEPS[kind]
     repeats = args.repeats or (1 if kind == "cuda" else 3)
@@ -402,7 +409,7 @@ def main(argv=None):
         "device": kind, "device_name": device_name(device), "torch": torch.__version__,
         "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:]) if argv is None else "main(" + repr(argv) + ")",
         "steps": steps, "threshold": args.threshold if math.isfinite(args.threshold) else str(args.threshold), "repeats": repeats, "one_sample": args.one_sample,
-        "matmul_tflops": peak, "matmul_what": peak_what, "cases": [],
+        "matmul_tflops": peak, "matmul_what": peak_what, "cpu_allocator_tuned": tuned, "cases": [],
     }
     for name in cases:
         batch = args.batch or CASES[name][2 if kind == "cuda" else 3]
