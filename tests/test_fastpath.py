@@ -282,8 +282,8 @@ def test_library_not_slower_than_plain_batched_loop():
 
     The time check failed once in CI (median 1.18, pairs 1.02-1.33) while passing on the development
     VM. The cause found: page faults. With glibc's default allocator every step maps its large blocks
-    afresh, and kernel time was 18-22% of the loop's CPU time; the library's allocation pattern
-    faulted ~30% more than the plain loop's (84k against 65k per run, fresh processes,
+    afresh, and kernel time was 16-21% of the loop's CPU time; the library's allocation pattern
+    faulted 30-50% more than the plain loop's (80-84k against 54-65k per run, fresh processes,
     ``python benchmarks/cpu_allocator.py``), and how many depends on the heap's history. veil() on the
     CPU now tunes the allocator (``veil_transforms.allocator``), which removes the faults for both
     loops in this process, so what is left to compare is the arithmetic and the Python around it."""

@@ -5,7 +5,7 @@ malloc, and glibc serves blocks above its (adaptive) mmap threshold with a
 fresh ``mmap`` and returns them with ``munmap`` when freed, and hands the free
 top of its heap back to the kernel. A step of the veil allocates the same
 blocks again, so each step page-faults tens of megabytes in anew: measured
-18-22% of the loop's CPU time as kernel time on a 2-core VM (LeNet-5), and the amount
+16-21% of the loop's CPU time as kernel time on a 2-core VM (LeNet-5), and the amount
 swings with the heap's history (``python benchmarks/cpu_allocator.py``;
 ``benchmarks/results/cpu_allocator.md``).
 

@@ -640,7 +640,7 @@ def veil(
 
     The first veil on the CPU tunes glibc's allocator for the process
     (:func:`veil_transforms.allocator.tune_for_cpu_veil`: freed blocks are kept
-    for the next step instead of page-faulted in anew: 0.70-0.78x the CPU time
+    for the next step instead of page-faulted in anew: 0.70-0.90x the CPU time
     on LeNet-5, benchmarks/results/cpu_allocator.md; ``VEIL_TUNE_ALLOCATOR=0``
     leaves it alone).
     """
