@@ -38,14 +38,35 @@ ORDER = ("default", "tuned", "tuned", "default")
 MNIST = "lenet5_mnist_trained"
 
 
-def child(case: str, allocator: str, reps: int) -> dict:
-    """Runs in a fresh process: time the plain loop and the library under one allocator setting."""
+def set_allocator(allocator: str) -> None:
+    """In a fresh child, before torch is imported: tune glibc's allocator, or keep veil() from doing so."""
     from veil_transforms import allocator as A
 
     if allocator == "tuned":
         assert A.tune_cpu_allocator(), "not glibc: nothing to compare"
     else:
         os.environ[A.ENV] = "0"  # veil() would tune it on its first CPU call
+
+
+def check_allocator(allocator: str) -> None:
+    from veil_transforms import allocator as A
+
+    assert (A._TUNED is not None) == (allocator == "tuned"), (allocator, A._TUNED)
+
+
+def measure(fn, into: dict) -> None:
+    """Run fn once; append its user and kernel CPU seconds, minor page faults and wall seconds."""
+    a, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    b, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
+    for k, v in (("user", b.ru_utime - a.ru_utime), ("sys", b.ru_stime - a.ru_stime),
+                 ("faults", b.ru_minflt - a.ru_minflt), ("wall", t)):
+        into.setdefault(k, []).append(v)
+
+
+def child(case: str, allocator: str, reps: int) -> dict:
+    """Runs in a fresh process: time the plain loop and the library under one allocator setting."""
+    set_allocator(allocator)
     import torch
     import torchvision
 
@@ -69,29 +90,17 @@ def child(case: str, allocator: str, reps: int) -> dict:
     }
     for f in runs.values():
         f()
-    out = {k: {"user": [], "sys": [], "faults": [], "wall": []} for k in runs}
+    out = {k: {} for k in runs}
     for i in range(reps):
         for k, f in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            a, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            f()
-            b, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
-            o = out[k]
-            o["user"].append(b.ru_utime - a.ru_utime)
-            o["sys"].append(b.ru_stime - a.ru_stime)
-            o["faults"].append(b.ru_minflt - a.ru_minflt)
-            o["wall"].append(t)
-    assert (A._TUNED is not None) == (allocator == "tuned")
+            measure(f, out[k])
+    check_allocator(allocator)
     return out
 
 
 def child_mnist(allocator: str, n: int, model_file: str) -> dict:
     """A real veil in a fresh process: the first n MNIST images, trained LeNet-5, paper defaults."""
-    from veil_transforms import allocator as A
-
-    if allocator == "tuned":
-        assert A.tune_cpu_allocator(), "not glibc: nothing to compare"
-    else:
-        os.environ[A.ENV] = "0"
+    set_allocator(allocator)
     import torch
 
     from veil_transforms import functional as F
@@ -102,12 +111,10 @@ def child_mnist(allocator: str, n: int, model_file: str) -> dict:
     model = LeNet5()
     model.load_state_dict(torch.load(model_file))
     x = load_mnist()[0][:n]
-    a, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    F.veil(model.eval(), x, key=b"cpu-allocator-benchmark-key-0001", device="cpu")
-    b, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t
-    assert (A._TUNED is not None) == (allocator == "tuned")
-    return {"library": {"user": [b.ru_utime - a.ru_utime], "sys": [b.ru_stime - a.ru_stime],
-                        "faults": [b.ru_minflt - a.ru_minflt], "wall": [t]}}
+    out: dict = {}
+    measure(lambda: F.veil(model.eval(), x, key=b"cpu-allocator-benchmark-key-0001", device="cpu"), out)
+    check_allocator(allocator)
+    return {"library": out}
 
 
 def main(argv=None) -> int:
