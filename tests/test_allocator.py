@@ -48,8 +48,8 @@ def _child(**env) -> dict:
 def test_cpu_veil_tunes_the_allocator_and_stops_page_faulting_each_step():
     """A CPU veil tunes glibc's allocator once; then a veil maps no fresh memory. Without the tuning
     (VEIL_TUNE_ALLOCATOR=0, which leaves it alone) the same veil page-faults its blocks in each step:
-    measured 14-16k faults per veil here (the fewest of three) against 0 tuned (and 16-21% of the loop's CPU time as kernel time,
-    benchmarks/results/cpu_allocator.md)."""
+    measured 14-16k faults per veil here (the fewest of three) against 0 tuned, and 16-21% of the
+    loop's CPU time as kernel time (benchmarks/results/cpu_allocator.md)."""
     default = _child(**{allocator.ENV: "0"})
     tuned = _child(**{allocator.ENV: "1"})
     assert default["tuned"] is None

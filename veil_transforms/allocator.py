@@ -22,8 +22,8 @@ trim threshold to 64 MiB); this starts there, with a trim threshold large
 enough for a CPU batch's working set. The same setting for any process,
 without the library: ``MALLOC_MMAP_THRESHOLD_=33554432
 MALLOC_TRIM_THRESHOLD_=268435456`` in its environment. Setting only one of the
-two is worse than neither: glibc then stops adapting the other (measured: twice
-the CPU time with the trim threshold alone).
+two is worse than neither: glibc then stops adapting the other (a one-off check
+here, not in the benchmark: twice the CPU time with the trim threshold alone).
 """
 
 from __future__ import annotations
@@ -63,6 +63,8 @@ def tune_cpu_allocator(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int
     mallopt = _glibc_mallopt()
     if mallopt is None:
         return False
+    # both or neither: with the values checked above glibc accepts both (it refuses only an mmap
+    # threshold above its maximum)
     if not (mallopt(M_MMAP_THRESHOLD, mmap_threshold) and mallopt(M_TRIM_THRESHOLD, trim_threshold)):
         return False
     _TUNED = (mmap_threshold, trim_threshold)
