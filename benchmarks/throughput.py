@@ -313,7 +313,8 @@ def device_name(device):
     except OSError:
         pass
     bf16 = "native bf16" if F.cpu_has_native_bf16() else "bf16 emulated"
-    return f"{model}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
+    n = torch.get_num_threads()
+    return f"{model}, {n} thread{'' if n == 1 else 's'}, {torch.backends.cpu.get_cpu_capability()}, {bf16}"
 
 
 def fmt(v, spec):

@@ -25,7 +25,7 @@ import pytest
 import numpy as np
 import torch
 
-from veil_transforms import functional as F
+from veil_transforms import allocator, functional as F
 from veil_transforms.nets import LeNet5
 from veil_transforms.training import accuracy, fit, fit_many
 
@@ -318,7 +318,8 @@ def test_library_not_slower_than_plain_batched_loop():
             ratios.append(t["library"] / t["plain"])
     finally:
         torch.set_num_threads(threads)
-    assert sorted(ratios)[4] <= 1.15, ratios
+    # the machine and the allocator state in the message: CI's CPU is not the development VM's
+    assert sorted(ratios)[4] <= 1.15, (ratios, bench.device_name(torch.device("cpu")), allocator._TUNED)
 
 
 # -- CUDA only (skipped on CPU machines) ----------------------------------------------------
