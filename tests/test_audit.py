@@ -232,6 +232,26 @@ def test_bad_input(faces):
         audit.run(x[:0], x[:0])
 
 
+def test_settings_that_switch_the_audit_off_are_refused(faces):
+    x = faces[0][:4]
+    for t in [(5, 5), (0.15, 1.0), (float("nan"), 0.3), (0.15, -2)]:  # SSIM lies in [-1, 1]
+        with pytest.raises(ValueError, match=r"must lie in \[-1, 1\)"):
+            audit.run(x, x, attacks=["identity"], thresholds=t)
+    for steps in (0, -5):  # 0 steps: the inversion returns its start, which scores nothing
+        with pytest.raises(ValueError, match="inversion_steps"):
+            audit.run(x, x, attacks=["inversion"], model=torch.nn.Flatten(), inversion_steps=steps)
+    assert not audit.run(x, x, attacks=["identity"], thresholds=(0.99, -1)).passed  # the range's ends
+
+
+def test_cli_refuses_settings_that_switch_the_audit_off(tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.uint8))
+    a = ("--originals", tmp_path / "x.npy", "--veiled", tmp_path / "x.npy", "--attacks", "identity")
+    for extra, words in [(("--mean-threshold", "5", "--max-threshold", "5"), "[-1, 1)"),
+                         (("--max-threshold", "nan"), "[-1, 1)"), (("--inversion-steps", "-5"), "inversion_steps")]:
+        p = cli(*a, *extra)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, (extra, p.stdout + p.stderr)
+
+
 # ----------------------------------------------------------------------------- real data
 @pytest.mark.slow
 def test_paper_veil_on_real_faces_fails_the_audit(faces, face_model):

@@ -282,9 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(True)
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be >= 1, got {args.limit}")
-        x, v, manifest = match(args)
         kw = dict(attacks=args.attacks, thresholds=(args.mean_threshold, args.max_threshold), device=args.device,
                   worst=args.worst, inversion_steps=args.inversion_steps, progress=not args.quiet)
+        try:  # before any work: settings audit.run would refuse
+            audit.check_options(**{k: v for k, v in kw.items() if k != "attacks"})
+        except (ValueError, TypeError) as e:
+            raise InputError(e) from None
+        x, v, manifest = match(args)
         if args.model:
             from veil_transforms.model import LocalModel
 

@@ -373,6 +373,30 @@ def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -
     return hits / G
 
 
+def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float, float], dict[str, Any]]:
+    """``(thresholds, options with defaults)`` as :func:`run` uses them; ValueError / TypeError for settings
+    that are out of range or would switch a check off (a bar SSIM cannot reach, an inversion of 0 steps)."""
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise TypeError(f"run: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
+    opts = {**OPTIONS, **options}
+    if isinstance(thresholds, dict):
+        thresholds = (thresholds.get("mean", DEFAULT_THRESHOLDS[0]), thresholds.get("max", DEFAULT_THRESHOLDS[1]))
+    thresholds = tuple(float(t) for t in thresholds)
+    if len(thresholds) != 2:
+        raise ValueError(f"thresholds: expected (mean, max), got {thresholds}")
+    for name, t in zip(("mean", "max"), thresholds):
+        if not -1 <= t < 1:  # also NaN
+            raise ValueError(f"{name} threshold must lie in [-1, 1), got {t:g}: SSIM is at most 1, "
+                             f"so a bar of 1 or more passes everything")
+    steps = opts["inversion_steps"]
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"inversion_steps must be an integer >= 1, got {steps!r}")
+    if not float(opts["inversion_lr"]) > 0 or not math.isfinite(float(opts["inversion_lr"])):
+        raise ValueError(f"inversion_lr must be a finite number > 0, got {opts['inversion_lr']!r}")
+    return thresholds, opts
+
+
 def run(
     originals,
     veiled,
@@ -400,15 +424,7 @@ def run(
             inversion_steps, inversion_lr, inversion_tv, device, worst,
             reid_gallery, progress).
     """
-    unknown = set(options) - set(OPTIONS)
-    if unknown:
-        raise TypeError(f"run: unknown option(s) {sorted(unknown)}; known: {sorted(OPTIONS)}")
-    opts = {**OPTIONS, **options}
-    if isinstance(thresholds, dict):
-        thresholds = (thresholds.get("mean", DEFAULT_THRESHOLDS[0]), thresholds.get("max", DEFAULT_THRESHOLDS[1]))
-    thresholds = tuple(float(t) for t in thresholds)
-    if len(thresholds) != 2:
-        raise ValueError(f"thresholds: expected (mean, max), got {thresholds}")
+    thresholds, opts = check_options(thresholds, **options)
     x01 = as_images01(originals, "originals")
     v01 = as_images01(veiled, "veiled")
     if x01.shape != v01.shape:
