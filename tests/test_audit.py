@@ -243,6 +243,24 @@ def test_settings_that_switch_the_audit_off_are_refused(faces):
     assert not audit.run(x, x, attacks=["identity"], thresholds=(0.99, -1)).passed  # the range's ends
 
 
+def test_bad_options_give_clear_errors(monkeypatch, tmp_path):
+    x = np.zeros((2, 1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        audit.run(x, x, attacks=["identity"], chunk=0)
+    for t in (None, ("a", "b")):
+        with pytest.raises(TypeError, match=r"thresholds: expected \(mean, max\)"):
+            audit.run(x, x, attacks=["identity"], thresholds=t)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is visible"):
+        audit.run(x, x, attacks=["identity"], device="cuda")
+    with pytest.raises(ValueError, match="device 'gpu': not a torch device"):
+        audit.run(x, x, attacks=["identity"], device="gpu")
+    r = audit.run(x, x, attacks=["identity"], reid_gallery=0)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'f'} is a file; it must be a folder"):
+        r.save(tmp_path / "f")
+
+
 def test_cli_refuses_settings_that_switch_the_audit_off(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.uint8))
     a = ("--originals", tmp_path / "x.npy", "--veiled", tmp_path / "x.npy", "--attacks", "identity")

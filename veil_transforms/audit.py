@@ -312,6 +312,8 @@ class AuditReport:
     def save(self, out_dir) -> Path:
         """Write ``report.md``, ``report.json`` and ``worst.png`` into ``out_dir`` (created); returns it."""
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"report.save: {out} is a file; it must be a folder (created if missing)")
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.md").write_text(self.summary())
         (out / "report.json").write_text(self.to_json())
@@ -373,6 +375,22 @@ def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -
     return hits / G
 
 
+def device_problem(device) -> str | None:
+    """Why the learned and inversion attacks cannot run on ``device`` (None if they can)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        return "not a torch device"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is visible"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"no CUDA GPU {d.index} ({torch.cuda.device_count()} visible)"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return "MPS is not available"
+    return None
+
+
 def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float, float], dict[str, Any]]:
     """``(thresholds, options with defaults)`` as :func:`run` uses them; ValueError / TypeError for settings
     that are out of range or would switch a check off (a bar SSIM cannot reach, an inversion of 0 steps)."""
@@ -382,16 +400,23 @@ def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float
     opts = {**OPTIONS, **options}
     if isinstance(thresholds, dict):
         thresholds = (thresholds.get("mean", DEFAULT_THRESHOLDS[0]), thresholds.get("max", DEFAULT_THRESHOLDS[1]))
-    thresholds = tuple(float(t) for t in thresholds)
+    try:
+        thresholds = tuple(float(t) for t in thresholds)
+    except (TypeError, ValueError):
+        raise TypeError(f"thresholds: expected (mean, max) numbers or dict(mean=..., max=...), got {thresholds!r}") from None
     if len(thresholds) != 2:
         raise ValueError(f"thresholds: expected (mean, max), got {thresholds}")
     for name, t in zip(("mean", "max"), thresholds):
         if not -1 <= t < 1:  # also NaN
             raise ValueError(f"{name} threshold must lie in [-1, 1), got {t:g}: SSIM is at most 1, "
                              f"so a bar of 1 or more passes everything")
-    steps = opts["inversion_steps"]
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
-        raise ValueError(f"inversion_steps must be an integer >= 1, got {steps!r}")
+    for name in ("chunk", "inversion_steps"):
+        v = opts[name]
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+    why = device_problem(opts["device"])
+    if why:
+        raise ValueError(f"device {opts['device']!r}: {why}")
     if not float(opts["inversion_lr"]) > 0 or not math.isfinite(float(opts["inversion_lr"])):
         raise ValueError(f"inversion_lr must be a finite number > 0, got {opts['inversion_lr']!r}")
     return thresholds, opts
@@ -413,7 +438,7 @@ def run(
         originals, veiled: matching batches ``[N, C, H, W]``, uint8 or [0, 1] float.
         attacks: names to run (default: all cheap ones, plus ``learned`` and
             ``inversion`` when their inputs are given).
-        thresholds: ``(mean, max)`` or ``dict(mean=..., max=...)`` SSIM bars.
+        thresholds: ``(mean, max)`` or ``dict(mean=..., max=...)`` SSIM bars, each in [-1, 1).
         learned: arguments of :func:`veil_transforms.attacks.learned_inverter`
             (``public_images``, ``public_labels``, ``veil_kwargs``, ``make_model``,
             optional ``epochs``, ``unet_epochs``, ``key``, ``seed``), or
