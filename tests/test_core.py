@@ -320,7 +320,7 @@ def test_bad_settings(face_model):
             VeilTransform(face_model, steps=steps)
     with pytest.raises(ValueError, match="mode must be one of"):
         VeilTransform(face_model, mode="nope")
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         VeilTransform(face_model, lr=0)
     with pytest.raises(ValueError, match="key"):
         VeilTransform(face_model, key=b"short")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +33,8 @@ from torch.utils.data import Dataset, IterableDataset
 from . import functional as F
 from . import keys as _keys
 from .transform import VeilTransform, from_chw, to_chw
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("image", "img", "png", "jpg", "jpeg", "x", "input")
 
@@ -69,9 +72,14 @@ class VeiledDataset(Dataset):
         self._memory: dict[Any, torch.Tensor] | None = {} if cache == "memory" else None
         self._dir: Path | None = None
         if cache not in (None, "memory"):
+            if not isinstance(cache, (str, os.PathLike)):
+                raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
             self._dir = Path(cache) / self._settings_id()
-            self._dir.mkdir(parents=True, exist_ok=True)
-            (self._dir / "settings.json").write_text(json.dumps(veil.settings, indent=1, sort_keys=True))
+            try:
+                self._dir.mkdir(parents=True, exist_ok=True)
+                (self._dir / "settings.json").write_text(json.dumps(veil.settings, indent=1, sort_keys=True))
+            except OSError as e:
+                raise ValueError(f"cache directory {cache} cannot be used: {e.strerror or e}") from None
 
     def _settings_id(self) -> str:
         s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key)
@@ -118,10 +126,9 @@ class VeiledDataset(Dataset):
                 out[i] = self._memory[ident]
                 continue
             if self._dir is not None:
-                digests[i] = _keys.sample_digest(self.veil.key, F.normalize(x)).hex()
-                f = self._dir / f"{digests[i]}.npy"
-                if f.exists():
-                    out[i] = torch.from_numpy(np.load(f))
+                digests[i] = self._digest(x)
+                out[i] = self._from_dir(digests[i], x)
+                if out[i] is not None:
                     continue
             todo[(tuple(x.shape), x.dtype)].append(i)
         for (shape, _), idx in todo.items():
@@ -139,6 +146,24 @@ class VeiledDataset(Dataset):
                     self._memory[ident] = out[i]
         return out  # type: ignore[return-value]
 
+    def _digest(self, x: torch.Tensor) -> str:
+        return _keys.sample_digest(self.veil.key, F.normalize(x)).hex()
+
+    def _from_dir(self, digest: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The directory cache's veil of ``x``, or None if absent or unusable (then it is veiled anew
+        and the file rewritten: a torn or foreign file must not come back as a veiled image)."""
+        f = self._dir / f"{digest}.npy"
+        if not f.exists():
+            return None
+        try:
+            a = np.load(f, allow_pickle=False)
+            if a.shape != tuple(x.shape) or a.dtype != torch.empty(0, dtype=x.dtype).numpy().dtype:
+                raise ValueError(f"holds {a.dtype} {a.shape}, expected {x.dtype} {tuple(x.shape)}")
+        except (OSError, ValueError, EOFError) as e:
+            log.warning("cache file %s is unusable (%s): veiling that sample again", f, e)
+            return None
+        return torch.from_numpy(a)
+
     def _veil_samples(self, samples: list[Any], ids: list[Any]) -> list[Any]:
         images = [self._get_image(s) for s in samples]
         veiled = self._veil_images([to_chw(im) for im in images], ids)
@@ -149,14 +174,23 @@ class VeiledDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"index must be an integer, got {type(index).__name__} (slices are not supported)")
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
-        index %= n
+        index = int(index) % n
         sample = self.dataset[index]
         if self._memory is not None and index in self._memory:
             im = self._get_image(sample)
             return self._put_image(sample, from_chw(self._memory[index], im))
+        if self._dir is not None:  # this sample's own file: a DataLoader worker after prepare() reads just that
+            im = self._get_image(sample)
+            x = to_chw(im)
+            F.check_pixels(x, "dataset image")
+            hit = self._from_dir(self._digest(x), x)
+            if hit is not None:
+                return self._put_image(sample, from_chw(hit, im))
         # veil the whole block this index falls in: one batch instead of one sample
         start = index // self.batch_size * self.batch_size
         block = range(start, min(start + self.batch_size, n))
@@ -182,6 +216,13 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
 
     def __len__(self) -> int:
         return len(self.dataset)  # raises TypeError if the wrapped dataset has no length
+
+    def __getitem__(self, index):
+        raise TypeError("a VeiledDataset over an IterableDataset has no indexing: iterate over it")
+
+    def prepare(self):
+        raise TypeError("prepare() needs a map-style dataset; an iterable one is veiled as it is iterated "
+                        "(with cache='memory' or a directory, each sample only the first time)")
 
     def __iter__(self):
         buf: list[Any] = []

@@ -592,6 +592,57 @@ def check_steps(steps: int) -> None:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_settings(*, p, alpha, beta, lr, steps, threshold, output, mode, precision) -> None:
+    """Raise a clear ValueError for veil settings that would break or silently invert the veil.
+
+    ``alpha`` > 0 and ``beta`` >= 0 (a negative weight turns the objective around: the
+    iteration would push F's output away from the original's), ``lr`` > 0, all finite;
+    ``threshold`` a number or ``-inf`` (never stop early).
+    """
+    check_p(p)
+    check_steps(steps)
+    for name, v, ok, bar in (("alpha", alpha, lambda v: v > 0, "> 0"), ("beta", beta, lambda v: v >= 0, ">= 0"),
+                             ("lr", lr, lambda v: v > 0, "> 0")):
+        if not _is_number(v) or not math.isfinite(v) or not ok(v):
+            raise ValueError(f"{name} must be a finite number {bar}, got {v!r}")
+    if not _is_number(threshold) or math.isnan(threshold) or threshold == math.inf:
+        raise ValueError(f"threshold must be a number or -inf (never stop early), got {threshold!r}")
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
+    check_precision(precision)
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` as a torch.device, with a one-line error for a name torch does not know
+    or a CUDA device that is not there (instead of torch's driver traceback)."""
+    if isinstance(device, torch.device):
+        d = device
+    elif isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
+        try:
+            d = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    else:
+        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(d)!r}: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(d)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif d.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=d)
+        except Exception as e:  # noqa: BLE001 - mps/xpu/... not built or not present
+            raise ValueError(f"device {str(d)!r} is not usable here: {type(e).__name__}") from None
+    return d
+
+
 def veil(
     model: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,
@@ -644,22 +695,21 @@ def veil(
     on LeNet-5, benchmarks/results/cpu_allocator.md; ``VEIL_TUNE_ALLOCATOR=0``
     leaves it alone).
     """
+    check_pixels(images, "images")
     if images.ndim != 4:
         raise ValueError(f"veil expects a batch [B, C, H, W], got shape {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError("veil: empty batch")
-    check_pixels(images, "images")
-    check_p(p)
-    check_steps(steps)
-    if output not in ("uint8", "float"):
-        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {sorted(MODES)}, got {mode!r}")
-    check_precision(precision)
+    check_settings(p=p, alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, output=output,
+                   mode=mode, precision=precision)
     if (key is None) == (generator is None):
         raise ValueError("veil: pass exactly one of key= (secret bytes) or generator=")
+    if key is not None:
+        key = _keys.as_key(key)  # bytes or hex str, >= 16 bytes: the same rule as VeilTransform's
+    if chunk is not None and chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+        raise ValueError(f"chunk must be an integer >= 1, 'auto' or None, got {chunk!r}")
     in_dtype = images.dtype
-    device = torch.device(device) if device is not None else images.device
+    device = resolve_device(device) if device is not None else images.device
     _warn_if_emulated_bf16(precision, device)
     if device.type == "cpu":
         tune_for_cpu_veil()  # once per process; VEIL_TUNE_ALLOCATOR=0 leaves glibc's allocator alone
@@ -667,6 +717,8 @@ def veil(
     if uniforms is not None:
         if key is None or tuple(uniforms.shape) != tuple(images.shape):
             raise ValueError("veil: uniforms= must come with key= and have the images' shape")
+        if not uniforms.is_floating_point() or not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+            raise ValueError("veil: uniforms= must be floats in [0, 1) (keyed_uniforms of the images)")
         u = uniforms
     else:
         u = keyed_uniforms(key, xn) if key is not None else None
@@ -697,6 +749,11 @@ def veil(
         gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)
         for s in range(0, len(xn), chunk)
     ])
+    if not bool(torch.isfinite(xt).all()):  # NaN would come out as black pixels, silently
+        raise ValueError(
+            "veil: the gradient iteration produced NaN or inf: F's output or its gradient is not finite "
+            "on these images (check the model; a smaller lr may help)"
+        )
     if in_dtype == torch.uint8:
         return denormalize(xt, torch.uint8).to(images.device)
     out = denormalize(xt, torch.uint8).float() / 255.0 if output == "uint8" else denormalize(xt, torch.float32)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -64,7 +66,11 @@ class LocalModel(nn.Module):
 
         if isinstance(module, torch.jit.ScriptModule):
             raise ValueError("layer selection needs a Python nn.Module, not a TorchScript module")
-        _, nodes = get_graph_node_names(module)
+        try:
+            _, nodes = get_graph_node_names(module)
+        except Exception as e:  # noqa: BLE001 - torch.fx cannot trace every module
+            raise ValueError(f"layer={layer!r} needs a module torch.fx can trace, and this one cannot be "
+                             f"({describe_error(e)}); use the output (layer=None)") from e
         if layer not in nodes:
             raise ValueError(f"layer {layer!r} not found; available: {', '.join(nodes)}")
         return create_feature_extractor(module, return_nodes={layer: "out"})
@@ -95,17 +101,23 @@ class LocalModel(nn.Module):
         sample_shape = tuple(int(s) for s in sample_shape)
         if sample_shape in self._checked:
             return
-        x = torch.zeros((2, *sample_shape), device=self.device)
+        x = torch.zeros((2, *sample_shape), device=self.device, requires_grad=True)
         try:
-            with torch.no_grad(), frozen(self):
+            with torch.enable_grad(), frozen(self):
                 out = self(x)
         except Exception as e:  # noqa: BLE001 - any failure means "does not accept"
             raise ValueError(
                 f"local model {self.name} does not accept images of shape {list(sample_shape)} "
-                f"(C, H, W): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                f"(C, H, W): {describe_error(e)}"
             ) from e
         if not isinstance(out, torch.Tensor):
             raise ValueError(f"local model {self.name} must return a tensor, got {type(out).__name__}")
+        if not out.is_floating_point() or not out.requires_grad:
+            # the veil follows dF/dx; without it the paper mode would be driven by the pixel term alone
+            raise ValueError(
+                f"local model {self.name}'s output ({out.dtype}) does not depend differentiably on its input "
+                "(detached, constant or integer output): the veil needs F's gradient with respect to the image"
+            )
         if self.layer is None and out.ndim != 2:
             raise ValueError(
                 f"local model {self.name} must return logits of shape [B, n] for the default layer, "
@@ -134,12 +146,22 @@ class LocalModel(nn.Module):
             m._source = ("onnx", data)
             return m
         if arch is not None:
-            module = build_arch(arch, torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+            try:
+                state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - text, a full pickle, a truncated file ...
+                raise ValueError(f"{path.name} is not a state dict torch.load can read safely "
+                                 f"({describe_error(e)})") from e
+            try:
+                module = build_arch(arch, state)
+            except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path.name} does not fit architecture {arch!r}: {error_cause(e)}") from e
             m = cls(module, layer, name=f"{arch}:{path.name}")
             m._source = ("arch:" + arch, data)
             return m
         try:
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+            with warnings.catch_warnings():  # torch 2.10+: "torch.jit.load is deprecated", noise for a user
+                warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+                module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise ValueError(
                 f"{path.name} is not a TorchScript file ({type(e).__name__}); for a state dict pass arch=..."
@@ -153,6 +175,34 @@ class LocalModel(nn.Module):
         if self._source is None:
             return (LocalModel, (self.module, self.layer), {"name": self.name})
         return (_from_source, (self._source, self.layer, self.name, str(self.device)))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TYPED = re.compile(r"^[A-Za-z_.]*(Error|Exception):")
+
+
+def error_cause(e: BaseException) -> str:
+    """The line of an exception's message that says what went wrong, without terminal colours.
+
+    TorchScript and torch.load put their cause last, after a traceback or a long preamble
+    ("The following operation failed in the TorchScript interpreter. ... RuntimeError: <cause>");
+    most others put it first.
+    """
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    for ln in reversed(lines):
+        if _TYPED.match(ln):
+            return ln[:300]
+    if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
+        return next((ln for ln in lines[1:] if ln), lines[0])[:300]  # state dicts: the first mismatch
+    return lines[0][:300]
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: cause`` of an exception in one line (see :func:`error_cause`)."""
+    cause = error_cause(e)
+    return cause if _TYPED.match(cause) else f"{type(e).__name__}: {cause}"
 
 
 def _from_source(source, layer, name, device):

@@ -86,22 +86,9 @@ class VeilTransform(v2.Transform):
         fold_bn: bool = False,
     ) -> None:
         super().__init__()
-        F.check_p(p)
-        F.check_steps(steps)
-        if output not in ("uint8", "float"):
-            raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
-        if mode not in F.MODES:
-            raise ValueError(f"mode must be one of {sorted(F.MODES)}, got {mode!r}")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
-        for name, v in (("alpha", alpha), ("beta", beta), ("lr", lr)):
-            if not isinstance(v, (int, float)) or not np.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if not isinstance(threshold, (int, float)) or np.isnan(threshold) or threshold == np.inf:
-            raise ValueError(f"threshold must be a number or -inf (never stop early), got {threshold!r}")
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        self.device = torch.device(device) if device is not None else default_device()
+        F.check_settings(p=p, alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, output=output,
+                         mode=mode, precision=precision)
+        self.device = F.resolve_device(device) if device is not None else default_device()
         self.local_model: LocalModel = as_local_model(model, layer).to(self.device)
         self.key = _keys.as_key(key)
         self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
@@ -185,15 +172,40 @@ class VeilTransform(v2.Transform):
         return F.keyed_uniforms(self.key, F.normalize(images))
 
     # -- v2.Transform hooks ----------------------------------------------------
+    def _needs_transform_list(self, flat_inputs: list[Any]) -> list[bool]:
+        # v2's rule for pure tensors (the first one is the image unless the sample has an explicit
+        # image), with numpy image arrays counted as explicit images: in (array, tensor(label)) the
+        # label is not the image. A sample with nothing to veil is an error, not a pass-through:
+        # handing on an unveiled image because its shape was unexpected would leak it.
+        if any(_is_image_array(x) for x in flat_inputs):
+            needs = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) or _is_image_array(x) for x in flat_inputs]
+        else:
+            needs = super()._needs_transform_list(flat_inputs)
+        if not any(needs):
+            seen = ", ".join(_describe(x) for x in flat_inputs[:4]) + (", ..." if len(flat_inputs) > 4 else "")
+            raise TypeError(
+                f"VeilTransform found no image to veil in its input ({seen}): expected a PIL image, a numpy "
+                "array HW, HWC or BHWC, a tensor [C, H, W] or [B, C, H, W], or a tv_tensors.Image"
+            )
+        return needs
+
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
         if isinstance(inpt, torch.Tensor) and inpt.ndim == 4:
             out = self.veil_batch(inpt.as_subclass(torch.Tensor))
             return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
         if isinstance(inpt, np.ndarray) and inpt.ndim == 4:  # B, H, W, C
+            if len(inpt) == 0:
+                raise ValueError("veil: empty batch")
             to_chw(inpt[0])  # validates dtype and layout
             t = torch.from_numpy(np.array(inpt, copy=True, order="C")).permute(0, 3, 1, 2)
             return self.veil_batch(t).permute(0, 2, 3, 1).contiguous().numpy()
         return from_chw(self.veil_batch(to_chw(inpt)[None])[0], inpt)
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (np.ndarray, torch.Tensor)):
+        return f"{type(x).__name__} of shape {tuple(x.shape)}"
+    return type(x).__name__
 
 
 def to_chw(inpt: Any) -> torch.Tensor:

@@ -1,0 +1,201 @@
+"""Bad input to the library gets a clear error, never a silent pass-through, a black image or a raw
+torch traceback; and a directory cache is read one file per sample."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import IterableDataset
+
+import veil_transforms.dataset as dataset_mod
+from veil_transforms import VeiledDataset, VeilTransform
+from veil_transforms import functional as F
+from veil_transforms.model import LocalModel
+from veil_transforms.nets import LeNet5
+
+KEY = b"k" * 32
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return LeNet5()
+
+
+@pytest.fixture(scope="module")
+def vt(lenet):
+    return VeilTransform(lenet, steps=2, key=KEY, device="cpu")
+
+
+def u8(n=2, c=1, s=28, seed=0):
+    return torch.randint(0, 256, (n, c, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+# -- VeilTransform: nothing unveiled gets through ---------------------------------------------------
+@pytest.mark.parametrize("inpt", [np.zeros(784, np.uint8), np.zeros((1, 1, 28, 28, 1), np.uint8), {"label": 3}, "x"])
+def test_transform_refuses_input_without_an_image(vt, inpt):
+    # v2 passes types it does not transform through unchanged: for a veil that hands on the raw image
+    with pytest.raises(TypeError, match="no image to veil"):
+        vt(inpt)
+
+
+def test_numpy_image_with_a_tensor_label(vt):
+    img = np.arange(784, dtype=np.uint8).reshape(28, 28)
+    out, label = vt((img, torch.tensor(3)))
+    assert isinstance(out, np.ndarray) and out.shape == (28, 28) and not np.array_equal(out, img)
+    assert torch.equal(label, torch.tensor(3))  # the label is not mistaken for the image
+
+
+def test_empty_numpy_batch(vt):
+    with pytest.raises(ValueError, match="empty batch"):
+        vt(np.zeros((0, 28, 28, 1), np.uint8))
+
+
+# -- functional.veil checks what VeilTransform checks ------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(key=b"x"), "at least 16 bytes"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0"),
+    (dict(lr=-1.0), "lr must be a finite number > 0"),
+    (dict(alpha=-1.0), "alpha must be a finite number > 0"),
+    (dict(beta=-0.1), "beta must be a finite number >= 0"),
+    (dict(threshold=float("nan")), "threshold must be a number"),
+    (dict(chunk=0), "chunk must be an integer >= 1"),
+    (dict(chunk="big"), "chunk must be an integer >= 1"),
+    (dict(uniforms=torch.full((2, 1, 28, 28), float("nan"))), "uniforms= must be floats in"),
+    (dict(device="gpu"), "not a torch device"),
+])
+def test_veil_rejects_bad_settings(lenet, kw, match):
+    kw = {"key": KEY, **kw}
+    with pytest.raises(ValueError, match=match):
+        F.veil(lenet, u8(), steps=2, **kw)
+
+
+def test_veil_accepts_a_hex_key_as_the_same_key(lenet):
+    assert torch.equal(F.veil(lenet, u8(), steps=2, key=KEY.hex()), F.veil(lenet, u8(), steps=2, key=KEY))
+
+
+def test_veil_rejects_non_tensor(lenet):
+    with pytest.raises(TypeError, match="expected a tensor, got list"):
+        F.veil(lenet, [1, 2], steps=2, key=KEY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_a_gpu(lenet):
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        VeilTransform(lenet, device="cuda")
+    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
+        F.veil(lenet, u8(), steps=2, key=KEY, device="cuda")
+
+
+def test_transform_rejects_negative_weights(lenet):
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        VeilTransform(lenet, alpha=-1.0)
+
+
+class _Lin(nn.Module):
+    def __init__(self, post):
+        super().__init__()
+        self.fc, self.post = nn.Linear(784, 10), post
+
+    def forward(self, x):
+        return self.post(self.fc(x.flatten(1)))
+
+
+def test_nan_output_is_an_error_not_a_black_image():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        F.veil(_Lin(lambda y: y * float("nan")), u8(), steps=2, key=KEY)
+
+
+@pytest.mark.parametrize("mode", ["paper", "hardened"])
+@pytest.mark.parametrize("post", [lambda y: y.detach(), lambda y: y.round().long()], ids=["detached", "integer"])
+def test_model_without_input_gradient_is_refused(mode, post):
+    with pytest.raises(ValueError, match="does not depend differentiably on its input"):
+        VeilTransform(_Lin(post), steps=2, key=KEY, device="cpu", mode=mode)(u8()[0])
+
+
+# -- LocalModel.load: the cause, in one line ------------------------------------------------------------
+def test_load_state_dict_errors(tmp_path, lenet):
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="text.pt is not a state dict"):
+        LocalModel.load(text, arch="lenet5")
+    sd = tmp_path / "lenet_sd.pt"
+    torch.save(lenet.state_dict(), sd)
+    with pytest.raises(ValueError, match="does not fit architecture 'resnet18'"):
+        LocalModel.load(sd, arch="resnet18")
+
+
+def test_torchscript_shape_error_names_the_cause(tmp_path, lenet):
+    path = tmp_path / "lenet.pt"
+    torch.jit.script(lenet).save(str(path))
+    m = LocalModel.load(path)
+    with pytest.raises(ValueError, match="expected input.*to have 1 channels, but got 3") as e:
+        m.check_input((3, 28, 28))
+    assert "\n" not in str(e.value)
+
+
+# -- VeiledDataset ---------------------------------------------------------------------------------------
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, n=40):
+        self.x = u8(n, seed=1)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 10
+
+
+def test_directory_cache_reads_one_file_per_sample(tmp_path, vt, monkeypatch):
+    ds = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False).prepare()
+    loads = []
+    real = np.load
+    monkeypatch.setattr(dataset_mod.np, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    fresh = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False)  # as in a worker
+    x, y = fresh[5]
+    assert len(loads) == 1  # not the 16 of its block: a DataLoader pass would cost batch_size loads per sample
+    assert torch.equal(x, ds[5][0]) and y == 5
+
+
+def test_bad_cache_files_are_veiled_again(tmp_path, vt):
+    ds = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False).prepare()
+    want = [ds[i][0] for i in range(3)]
+    files = {ds._digest(ds.dataset[i][0]): i for i in range(3)}
+    for digest, i in files.items():
+        f = ds._dir / f"{digest}.npy"
+        if i == 0:
+            f.write_bytes(b"")  # torn
+        elif i == 1:
+            np.save(f, np.zeros((3, 5, 5)))  # foreign shape and dtype
+        else:
+            f.write_bytes(b"\x93NUMPY garbage")
+    fresh = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False)
+    for i in range(3):
+        got = fresh[i][0]
+        assert got.dtype == torch.uint8 and torch.equal(got, want[i])
+    again = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False)
+    assert all(again._from_dir(d, again.dataset[i][0]) is not None for d, i in files.items())  # rewritten
+
+
+def test_dataset_bad_arguments(tmp_path, vt):
+    with pytest.raises(TypeError, match="cache: expected"):
+        VeiledDataset(_Images(), vt, cache=True)
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="cannot be used"):
+        VeiledDataset(_Images(), vt, cache=f)
+    ds = VeiledDataset(_Images(), vt, progress=False)
+    with pytest.raises(TypeError, match="slices are not supported"):
+        ds[0:2]
+
+
+def test_iterable_dataset_has_no_indexing(vt):
+    class It(IterableDataset):
+        def __iter__(self):
+            yield from (u8(1)[0] for _ in range(3))
+
+    ds = VeiledDataset(It(), vt, progress=False)
+    with pytest.raises(TypeError, match="no indexing"):
+        ds[0]
+    with pytest.raises(TypeError, match="map-style"):
+        ds.prepare()
