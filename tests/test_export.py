@@ -228,3 +228,47 @@ def test_export_without_originals_warns_and_skips_gate(data, tmp_path, capsys):
     assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet"]) == 0
     assert "privacy gate not run" in capsys.readouterr().err
     assert json.loads((dest / "receipt.json").read_text())["gate"]["run"] is False
+
+
+def test_gate_refuses_other_images_under_the_same_names(data, tmp_path, capsys):
+    """--originals must be the pixels veil-shard veiled, not just the same file names: each shard's
+    manifest entry carries a keyed tag of its samples' content, recomputed from the originals."""
+    other = tmp_path / "other-src"
+    shutil.copytree(data["src"], other)
+    victim = sorted((other / "Person B").iterdir())[0]
+    PIL.Image.fromarray(np.full((16, 16), 7, np.uint8)).save(victim, format="JPEG" if victim.suffix == ".jpg" else "PNG")
+    weak = data["root"] / "weak"
+    code = export_cli.main([str(weak), str(tmp_path / "d"), "--originals", str(other),
+                            "--key-file", str(data["root"] / "owner.key"), "--quiet", "--force",
+                            "--max-ssim", "1", "--max-attack-ssim", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "originals of veil-00000" in err and "content tag differs" in err and "wrong --originals" in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_source_tags_are_recorded_checked_and_not_exported(data, tmp_path, capsys):
+    weak = data["root"] / "weak"
+    m = shards.read_manifest(weak)
+    key = data["key"]
+    source = shards.open_source(data["src"])
+    items = {keys.opaque_key(key, it.rel): it for it in source.items}
+    lut = export_cli._normalize_lut()
+    for s in m["shards"]:
+        x = np.stack([shards.decode_image(source.read_bytes(items[smp["__key__"]]), channels=1)
+                      for smp in shards.read_tar_samples(weak / s["name"])])
+        assert s["source_tag"] == shards.source_tag(key, lut[x])
+    dest = tmp_path / "d"
+    assert _export(data, weak, dest, "--force") == 0
+    blob = _all_bytes(dest)
+    assert all(s["source_tag"].encode() not in blob for s in m["shards"]) and b"source_tag" not in blob
+    # manifests from before the tag: one warning, and the export goes on
+    old = tmp_path / "old"
+    shutil.copytree(weak, old)
+    mo = json.loads((old / "manifest.json").read_text())
+    for s in mo["shards"]:
+        del s["source_tag"]
+    (old / "manifest.json").write_text(json.dumps(mo))
+    capsys.readouterr()
+    assert _export(data, old, tmp_path / "d2", "--force") == 0
+    assert capsys.readouterr().err.count("no source tag") == 1

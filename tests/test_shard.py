@@ -82,8 +82,9 @@ def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     return got
 
 
-def shas(out: Path) -> list[tuple[str, int, str]]:
-    return [(s["name"], s["count"], s["sha256"]) for s in shards.read_manifest(out)["shards"]]
+def shas(out: Path) -> list[tuple[str, int, str, str]]:
+    """Each shard's name, count, sha256 and source tag (all paths must record the same tag)."""
+    return [(s["name"], s["count"], s["sha256"], s["source_tag"]) for s in shards.read_manifest(out)["shards"]]
 
 
 # -- the reference run --------------------------------------------------------------
@@ -114,6 +115,22 @@ def test_manifest_keys_assignment_and_pixels(data):
     v = veil.veil_batch(x).numpy()
     assert np.array_equal(v, np.stack([shards.decode_image(s["png"]) for s in smp]))
     assert not np.array_equal(v, x.numpy())
+
+
+def test_manifest_records_each_shards_source_tag(data):
+    """A keyed tag of the normalized pixels veiled, in shard order (veil-export checks --originals with it)."""
+    from veil_transforms import functional as F
+
+    ref, key = data["ref"], keys.read_key_file(data["key_file"])
+    source = shards.open_source(data["src"])
+    rel = {keys.opaque_key(key, it.rel): it for it in source.items}
+    m = shards.read_manifest(ref)
+    for s in m["shards"]:
+        x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(rel[smp["__key__"]])))
+                         for smp in shards.read_tar_samples(ref / s["name"])])
+        assert s["source_tag"] == shards.source_tag(key, F.normalize(x).numpy())
+    assert len({s["source_tag"] for s in m["shards"]}) == len(m["shards"])
+    assert key.hex() not in json.dumps(m)
 
 
 def test_corrupt_and_mismatched_files_are_skipped_and_listed(data):

@@ -9,7 +9,9 @@
    be <= --max-ssim and the best attack's SSIM <= --max-attack-ssim. The
    attacks come from ``veil_transforms.audit.run`` when that exists, else the
    fold attack ``|2 x~ - 1|``. Over-threshold samples are listed by opaque key
-   and nothing is exported (exit 1) unless ``--force``.
+   and nothing is exported (exit 1) unless ``--force``. Before that, each shard's
+   originals must give the content tag veil-shard recorded (a keyed hash of the
+   pixels it veiled): other images under the same names are refused (exit 2).
 3. Writes DEST/veil-NNNNNN.tar with only the re-encoded veiled PNG (no
    metadata), the label and the opaque key, plus DEST/receipt.json (counts,
    sha256, veil parameters, gate results; never the key or file names).
@@ -51,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Verify veiled shards, run the privacy gate, and export them for a third party.",
-        epilog="Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input.",
+        epilog="Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input (including "
+               "--originals whose pixels are not the images veil-shard veiled: content tag differs).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("shards", metavar="SHARDS", help="a veil-shard output folder (with manifest.json)")
@@ -160,6 +163,15 @@ def _original(source, item, channels: int) -> np.ndarray:
         raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {e})") from None
 
 
+def _normalize_lut() -> np.ndarray:
+    """The normalized float32 value of each uint8 pixel, as veil-shard hashes them."""
+    import torch
+
+    from veil_transforms import functional as F
+
+    return F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
+
+
 def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tuple[str, int]:
     body = b"".join(shards.tar_sample(k, y, a) for k, a, y in samples)
     with open(path, "wb") as f:
@@ -195,7 +207,8 @@ def export(args) -> int:
     gate = args.originals is not None
     items = source = None
     if gate:
-        _, items, source = _originals(args, manifest, shards_dir)
+        key, items, source = _originals(args, manifest, shards_dir)
+        lut = _normalize_lut()
     manifest = shards.verify(shards_dir)  # raises VerifyError
     channels = int(manifest["source"]["sample_shape"][0])
 
@@ -227,6 +240,15 @@ def export(args) -> int:
                     v = np.stack([a for _, a, _ in samples])
                     if x.shape != v.shape:
                         raise shards.ShardError(f"originals of {s['name']} have shape {x.shape[1:]}, veiled {v.shape[1:]}")
+                    if s.get("source_tag") is None:
+                        if not state.get("untagged_warned"):
+                            state["untagged_warned"] = True
+                            print(f"{PROG}: warning: {s['name']} has no source tag in the manifest (made before "
+                                  "veil-shard recorded one): cannot check that --originals hold the images veiled",
+                                  file=sys.stderr, flush=True)
+                    elif shards.source_tag(key, lut[x]) != s["source_tag"]:
+                        raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
+                                                "(content tag differs): wrong --originals?")
                     s_x = ssim(x, v)
                     s_a = attack_ssim(x, v, state)
                     for (k, _, y), a1, a2 in zip(samples, s_x, s_a):

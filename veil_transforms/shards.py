@@ -26,6 +26,8 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
 - with ``rank``/``world_size`` several processes split the shards
   (shard ``i`` -> rank ``i % world_size``); the output is identical to a
   one-process run;
+- each shard's manifest entry records a ``source_tag``: a keyed HMAC of its samples' content
+  (:func:`source_tag`), which ``veil-export`` checks against ``--originals``;
 - corrupt or unreadable images are skipped and listed in the manifest.
   Every image is converted to the channel count of the first decodable image
   (grey ``L`` -> 1 channel, anything else -> RGB); images of another height or
@@ -43,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import hmac
 import io
 import json
 import logging
@@ -376,6 +379,18 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
         yield current
 
 
+def source_tag(key: bytes, x_norm_batch) -> str:
+    """A keyed tag of a shard's source content: the HMAC of the ``keys.sample_digest`` of each
+    veiled sample's normalized float32 pixels ``[N, C, H, W]``, in shard order (as hashed for the
+    mask). ``veil-export`` recomputes it from ``--originals`` to check they are the images veiled;
+    it reveals nothing about them without the key."""
+    return source_tag_of_digests(key, [_keys.sample_digest(key, a) for a in x_norm_batch])
+
+
+def source_tag_of_digests(key: bytes, digests: Iterable[bytes]) -> str:
+    return hmac.new(key, b"veil-source" + b"".join(digests), hashlib.sha256).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -701,13 +716,19 @@ def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: byt
     """Decode a chunk of items and derive the key's uniforms of the good ones (the CPU work
     before the veil; runs in a decoding thread or an I/O process, without torch). ``lut``: the
     256 normalized values of uint8 pixels, as the library's normalize() computes them (the key's
-    digest hashes those float32 bytes). Returns, per item, (pixels, None, uniforms) or (None, reason, None)."""
+    digest hashes those float32 bytes). Returns, per item, (pixels, None, uniforms, digest) or (None, reason, None, None); the
+    digest is ``keys.sample_digest`` of the normalized pixels (see :func:`source_tag`)."""
     out = [_decode_job(it, shape) for it in items]
     good = [a for a, _ in out if a is not None]
     if not good:
-        return [(a, why, None) for a, why in out]
-    u = iter(_keys.keyed_uniforms_np(key, lut[np.stack(good)]))
-    return [(a, why, next(u) if a is not None else None) for a, why in out]
+        return [(a, why, None, None) for a, why in out]
+    xn = lut[np.stack(good)]
+    # keys.keyed_uniforms_np, keeping each sample's digest for the shard's source tag
+    digests = [_keys.sample_digest(key, a) for a in xn]
+    n = int(np.prod(xn.shape[1:]))
+    u = iter(_keys._uniforms_np(b"".join(_keys._mask_stream(key, d, n) for d in digests), xn.shape))
+    dg = iter(digests)
+    return [(a, why, next(u), next(dg)) if a is not None else (a, why, None, None) for a, why in out]
 
 
 def _encode_rows(okeys: list[str], labels: list[int], pixels: np.ndarray) -> bytes:
@@ -820,8 +841,8 @@ class _Writer(threading.Thread):
                                 time.sleep(self.throttle)
                         else:
                             shard.write(b"".join(tar_sample(k, y, a) for k, y, a in zip(okeys, labels, pixels)), len(okeys))
-                    elif kind == "end":  # (index, skipped): the index is the open shard's
-                        self.on_done(shard.finish(msg[2]))
+                    elif kind == "end":  # (index, skipped, source tag): the index is the open shard's
+                        self.on_done(shard.finish(msg[2], msg[3]))
                         shard = None
         except BaseException as e:  # noqa: BLE001 - reported to the veil loop
             self.error = e
@@ -854,7 +875,7 @@ class _OpenShard:
         self.size += self.f.write(data)
         self.count += n
 
-    def finish(self, skipped: list) -> dict:
+    def finish(self, skipped: list, tag: str | None = None) -> dict:
         """Ends the tar, makes the file durable and puts it in place; returns its manifest entry."""
         data = tar_end(self.size)
         self.h.update(data)
@@ -867,7 +888,7 @@ class _OpenShard:
         os.replace(self.tmp, final)
         fsync_dir(self.out)
         return {"index": self.index, "name": final.name, "count": self.count, "sha256": sha,
-                "bytes": nbytes, "skipped": skipped}
+                "bytes": nbytes, "skipped": skipped, "source_tag": tag}
 
 
 def record_shards(out: Path, entries: list[dict]) -> dict:
@@ -1092,8 +1113,9 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 for i in mine:
                     msgs.append(("begin", i))
                     skipped: list[dict] = []
+                    digests: list[bytes] = []
                     for it in plan.shard_items(i):
-                        arr, why, uni = next(decoded)
+                        arr, why, uni, digest = next(decoded)
                         if arr is None:
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
                             log.warning("skipping %s: %s", it.rel, why)
@@ -1106,9 +1128,10 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                         msgs[-1][2].append(it.label)
                         batch.append(arr)
                         ubatch.append(uni)
+                        digests.append(digest)
                         if len(batch) == batch_size:
                             flush()
-                    msgs.append(("end", i, skipped))
+                    msgs.append(("end", i, skipped, source_tag_of_digests(veil.key, digests)))
                 if msgs:
                     flush()
                 drain(0, pb)
