@@ -353,6 +353,44 @@ def test_cli_arrays_exit_codes(faces, tmp_path):
     assert p.returncode == 0 and "--originals" in p.stdout and "default" in p.stdout
 
 
+def test_cli_bad_out_device_model_public_are_one_line_errors(tmp_path, monkeypatch):
+    from veil_transforms.nets import LeNet5
+
+    x = np.random.default_rng(0).integers(0, 256, (4, 1, 28, 28), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", x)
+    a = ("--originals", tmp_path / "x.npy", "--veiled", tmp_path / "x.npy", "--attacks", "identity", "--quiet")
+
+    def one_line_error(*extra, words):
+        p = cli(*a, *extra)
+        assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stdout + p.stderr
+        assert p.stdout == "", "the audit ran before the bad input was noticed"
+
+    (tmp_path / "afile").write_text("")
+    one_line_error("--out", tmp_path / "afile", words="is a file; it must be a folder")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        if os.access(tmp_path / "ro", os.W_OK):  # root: simulate the read-only folder
+            real = os.access
+            monkeypatch.setattr(os, "access", lambda p, m, **k: False if str(p) == str(tmp_path / "ro") else real(p, m, **k))
+        one_line_error("--out", tmp_path / "ro" / "audit", words="is not writable")
+    finally:
+        monkeypatch.undo()
+        os.chmod(tmp_path / "ro", 0o755)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    one_line_error("--device", "cuda", words="--device cuda: no CUDA GPU is visible")
+    one_line_error("--device", "gpu", words="--device gpu: not a torch device")
+    torch.save(LeNet5(1, 2).state_dict(), tmp_path / "sd.pt")
+    p = cli(*a, "--model", tmp_path / "sd.pt", "--arch", "resnet18")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "as resnet18: state dict does not match that architecture (first mismatch: " in p.stderr and len(p.stderr) < 400
+    (tmp_path / "pub" / "a").mkdir(parents=True)
+    Image.fromarray(x[0, 0]).save(tmp_path / "pub" / "a" / "good.png")
+    (tmp_path / "pub" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    p = cli(*a, "--learned-public", tmp_path / "pub")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "broken.png" in p.stderr, p.stderr
+
+
 def test_cli_matches_shards_through_the_key(faces, tmp_path):
     """Shards as veil-shard writes them: opaque keys from the owner's key, PNG + cls, a manifest."""
     import io

@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -101,6 +102,46 @@ def load_array(path: str) -> np.ndarray:
     if a is None or a.ndim not in (3, 4):
         raise InputError(f"{path}: expected images [N, C, H, W], got shape {getattr(a, 'shape', None)}")
     return a[:, None] if a.ndim == 3 else a
+
+
+def _why(e: BaseException) -> str:
+    """``Type: message`` of a decoding error in one line, without PIL's ``<_io.BytesIO object at 0x...>``."""
+    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
+    msg = msg.splitlines()[0] if msg else ""
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def check_out(out: str) -> None:
+    """Refuse, before any work, an --out that is a file or lies where it cannot be created or written."""
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError(f"--out {out} is a file; it must be a folder (created if missing)")
+    q = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), None)
+    if q is not None and not q.is_dir():
+        raise InputError(f"--out {out}: {q} is a file, not a folder")
+    if q is not None and not os.access(q, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot write there ({q} is not writable)")
+
+
+def model_error(args, e: BaseException) -> str:
+    """One line for a --model that LocalModel.load refused; a state dict of another architecture names
+    its first mismatch instead of torch's list of every key."""
+    cur: BaseException | None = e
+    for _ in range(8):  # the exception and its causes
+        if cur is None:
+            break
+        lines = [ln.strip() for ln in str(cur).splitlines() if ln.strip()]
+        if lines and "Error(s) in loading state_dict" in lines[0]:
+            first = lines[1] if len(lines) > 1 else lines[0]
+            if first.startswith(("Missing key", "Unexpected key")):
+                head, _, names = first.partition(": ")
+                names = names.rstrip(". ").split(", ")
+                first = f"{head}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
+            return (f"cannot load --model {args.model} as {args.arch}: state dict does not match that "
+                    f"architecture (first mismatch: {first.rstrip('.')})")
+        cur = cur.__cause__ or cur.__context__
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"--model {args.model}: {lines[0][:300] if lines else type(e).__name__}"
 
 
 def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
@@ -257,7 +298,10 @@ def load_public(paths: list[str], channels: int, size: tuple[int, int]):
         for ci, c in enumerate(classes):
             for f in sorted((p / c).rglob("*")):
                 if f.suffix.lower() in IMAGE_EXTS:
-                    a = _decode(f.read_bytes(), channels)
+                    try:
+                        a = _decode(f.read_bytes(), channels)
+                    except Exception as e:  # noqa: BLE001 - any unreadable image is bad input
+                        raise InputError(f"--learned-public image {f} cannot be read ({_why(e)})") from None
                     if a.shape[1:] != size:
                         raise InputError(f"--learned-public image {f} is {a.shape[1:]}, the audited images {size}")
                     xs.append(torch.from_numpy(a)[None])
@@ -282,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(True)
         if args.limit is not None and args.limit < 1:
             raise InputError(f"--limit must be >= 1, got {args.limit}")
+        why = audit.device_problem(args.device)
+        if why:
+            raise InputError(f"--device {args.device}: {why}")
+        if args.out:
+            check_out(args.out)
         kw = dict(attacks=args.attacks, thresholds=(args.mean_threshold, args.max_threshold), device=args.device,
                   worst=args.worst, inversion_steps=args.inversion_steps, progress=not args.quiet)
         try:  # before any work: settings audit.run would refuse
@@ -294,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 kw["model"] = LocalModel.load(args.model, arch=args.arch)
-            except (OSError, ValueError) as e:
-                raise InputError(f"--model: {e}") from None
+            except Exception as e:  # noqa: BLE001 - a model that cannot be loaded is bad input
+                raise InputError(model_error(args, e)) from None
         if args.learned_public:
             from veil_transforms import nets
 
@@ -326,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return fail(PROG, "interrupted", 1)
     if args.out:
-        report.save(args.out)
+        try:
+            report.save(args.out)
+        except OSError as e:
+            return fail(PROG, f"cannot write the report to {args.out}: {e}")
     if not args.quiet:
         print(report.summary())
     verdict = "passed" if report.passed else "FAILED"
