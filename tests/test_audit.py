@@ -426,6 +426,43 @@ def test_cli_matches_shards_through_the_key(faces, tmp_path):
     assert p.returncode == 2
 
 
+def test_cli_names_the_unreadable_original_and_shard_sample(tmp_path):
+    import io
+    import tarfile
+
+    from veil_transforms import keys
+
+    key = keys.new_key()
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    (tmp_path / "key").write_text(key.hex())
+    x = np.random.default_rng(0).integers(0, 256, (3, 8, 8), dtype=np.uint8)
+
+    def shards(name, bad=None):
+        (tmp_path / name).mkdir()
+        with tarfile.open(tmp_path / name / "veil-000000.tar", "w") as tf:
+            for i in range(3):
+                buf = io.BytesIO()
+                Image.fromarray(255 - x[i]).save(buf, format="PNG")
+                data = b"not a png" if i == bad else buf.getvalue()
+                ti = tarfile.TarInfo(f"{keys.opaque_key(key, f'c/{i}.png')}.png")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+    for i in range(3):
+        Image.fromarray(x[i]).save(tmp_path / "src" / "c" / f"{i}.png")
+    shards("ok")
+    shards("bad", bad=1)
+    a = ("--originals", tmp_path / "src", "--key-file", tmp_path / "key", "--attacks", "identity", "--quiet")
+    p = cli(*a, "--veiled", tmp_path / "bad")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"shard veil-000000.tar: sample {keys.opaque_key(key, 'c/1.png')} is not a readable image" in p.stderr
+    assert "BytesIO" not in p.stderr
+    (tmp_path / "src" / "c" / "2.png").write_bytes(b"now corrupt")
+    p = cli(*a, "--veiled", tmp_path / "ok")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"cannot read original {tmp_path / 'src' / 'c' / '2.png'}" in p.stderr and "BytesIO" not in p.stderr
+
+
 def test_wavelet_skipped_with_a_note_without_pywavelets(faces, monkeypatch):
     monkeypatch.setattr(A, "wavelet_available", lambda: False)
     x = faces[0][:4]

@@ -184,7 +184,11 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
                         continue
                     key, ext = base.split(".", 1)
                     if ext.lower() == "png":
-                        out[key] = _decode(tf.extractfile(m).read())
+                        data = tf.extractfile(m).read()
+                        try:
+                            out[key] = _decode(data)
+                        except Exception as e:  # noqa: BLE001 - any undecodable sample is bad input
+                            raise InputError(f"shard {t.name}: sample {key} is not a readable image ({_why(e)})") from None
         except (tarfile.TarError, OSError, EOFError) as e:
             raise InputError(f"cannot read shard {t.name}: {e}") from None
     if not out:
@@ -248,7 +252,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
     for rel, ref in items:
         k = _keys.opaque_key(key, rel)
         if k in veiled:
-            pairs.append((k, ref))
+            pairs.append((k, rel, ref))
     if not pairs:
         raise InputError(f"no sample of {args.veiled} matches an image of {args.originals} under this key")
     pairs.sort()
@@ -256,15 +260,16 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
     if args.limit:
         pairs = pairs[: args.limit]
     xs, vs = [], []
-    for k, ref in pairs:
+    for k, rel, ref in pairs:
         v = veiled[k]
-        data = source.read_bytes(ref) if source is not None else Path(ref).read_bytes()
+        where = Path(args.originals) / rel if Path(args.originals).is_dir() else f"{rel} in {args.originals}"
         try:
+            data = source.read_bytes(ref) if source is not None else Path(ref).read_bytes()
             x = _decode(data, v.shape[0])
         except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot decode an original ({type(e).__name__}: {e})") from None
+            raise InputError(f"cannot read original {where} ({_why(e)})") from None
         if x.shape != v.shape:
-            raise InputError(f"an original has shape {x.shape} but its veiled image {v.shape}")
+            raise InputError(f"original {where} has shape {x.shape} but its veiled image {v.shape}")
         xs.append(x)
         vs.append(v)
     if unmatched:
