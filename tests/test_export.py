@@ -272,3 +272,37 @@ def test_source_tags_are_recorded_checked_and_not_exported(data, tmp_path, capsy
     capsys.readouterr()
     assert _export(data, old, tmp_path / "d2", "--force") == 0
     assert capsys.readouterr().err.count("no source tag") == 1
+
+
+def test_private_map_problems_leave_no_dest(data, tmp_path, capsys, monkeypatch):
+    """The map is checked before any work and written before DEST appears: never a DEST without its map."""
+    weak = data["root"] / "weak"
+    (tmp_path / "mapdir").mkdir()
+    dest = tmp_path / "d"
+    assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "mapdir")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder" in err, err
+    assert not dest.exists() and not list(tmp_path.glob(".d.partial-*"))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if not os.access(ro, os.W_OK):  # root with CAP_DAC_OVERRIDE can write anyway
+            assert _export(data, weak, dest, "--force", "--private-map", str(ro / "m.csv")) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and "not writable" in err, err
+            assert not dest.exists()
+    finally:
+        ro.chmod(0o755)
+
+    def broken(path, rows):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(export_cli, "_write_private_map", broken)
+    assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "m.csv")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write the private map" in err and "nothing exported" in err, err
+    assert not dest.exists() and not list(tmp_path.glob(".d.partial-*"))
+    monkeypatch.undo()
+    assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "m.csv")) == 0  # a rerun works
+    assert (tmp_path / "m.csv").is_file() and (dest / "receipt.json").is_file()

@@ -19,7 +19,8 @@
    ``<SHARDS>.private-map.csv`` beside SHARDS).
 
 DEST is assembled in a hidden folder beside it and renamed into place at the
-end, so a failed or refused export leaves no DEST behind.
+end, after the private map is written (its path is checked before any work),
+so a failed or refused export leaves no DEST behind and no DEST without its map.
 Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input.
 """
 
@@ -129,11 +130,30 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
 
 
-def _private_map_path(arg, shards_dir: Path, dest: Path) -> Path:
+def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> Path:
+    """Where the map goes, checked before any work: it is written before DEST appears (all or nothing)."""
     pm = Path(arg).absolute() if arg else default_private_map(shards_dir)
     if shards.is_inside(pm, dest) or shards.is_inside(pm.parent, dest):
         raise shards.ShardError(f"the private map {pm} must not be inside DEST {dest}: DEST goes to the third party")
+    if gate:
+        if pm.is_dir():
+            raise shards.ShardError(f"--private-map {pm} is a folder: give a file name (e.g. {pm / 'private-map.csv'})")
+        why = _unwritable_folder(pm.parent)
+        if why:
+            raise shards.ShardError(f"cannot write the private map {pm}: {why}")
     return pm
+
+
+def _unwritable_folder(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (or in the folders it would be created as), or None."""
+    f = folder
+    while not f.exists() and f.parent != f:
+        f = f.parent
+    if not f.is_dir():
+        return f"{f} is not a folder"
+    if not os.access(f, os.W_OK | os.X_OK):
+        return f"{f} is not writable"
+    return None
 
 
 def _originals(args, manifest: dict, shards_dir: Path):
@@ -161,6 +181,17 @@ def _original(source, item, channels: int) -> np.ndarray:
         return shards.decode_image(source.read_bytes(item), channels=channels)
     except Exception as e:  # noqa: BLE001
         raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {e})") from None
+
+
+def _write_private_map(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["opaque_key", "path", "label", "shard"])
+    w.writerows(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shards.atomic_write_bytes(path, buf.getvalue().encode("utf-8"), mode=0o600)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o600)
 
 
 def _normalize_lut() -> np.ndarray:
@@ -203,8 +234,8 @@ def export(args) -> int:
             raise shards.ShardError(f"{name} must lie in [-1, 1], got {v}")
     manifest = shards.read_manifest(shards_dir)
     _check_dest(dest, shards_dir)
-    pm_path = _private_map_path(args.private_map, shards_dir, dest)
     gate = args.originals is not None
+    pm_path = _private_map_path(args.private_map, shards_dir, dest, gate)
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
@@ -292,6 +323,12 @@ def export(args) -> int:
         }
         shards.atomic_write_json(staging / shards.RECEIPT, receipt)
         shards.fsync_dir(staging)
+        if gate:  # before DEST appears: an export without its map must not exist
+            try:
+                _write_private_map(pm_path, private_rows)
+            except OSError as e:
+                raise shards.ShardError(f"cannot write the private map {pm_path}: {e.strerror or e}; "
+                                        "nothing exported") from None
         if dest.exists():
             dest.rmdir()  # empty, checked above
         os.replace(staging, dest)
@@ -299,16 +336,7 @@ def export(args) -> int:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if gate:
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["opaque_key", "path", "label", "shard"])
-        w.writerows(private_rows)
-        pm_path.parent.mkdir(parents=True, exist_ok=True)
-        shards.atomic_write_bytes(pm_path, buf.getvalue().encode("utf-8"), mode=0o600)
-        with contextlib.suppress(OSError):
-            os.chmod(pm_path, 0o600)
-    else:
+    if not gate:
         print(f"{PROG}: warning: no --originals: privacy gate not run and no private map written",
               file=sys.stderr, flush=True)
     g = receipt["gate"]
