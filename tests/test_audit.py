@@ -391,6 +391,16 @@ def test_cli_bad_out_device_model_public_are_one_line_errors(tmp_path, monkeypat
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "broken.png" in p.stderr, p.stderr
 
 
+def test_cli_help_says_each_default_once():
+    from veil_transforms.tools.audit import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: <VEILED>.key beside the shard folder)" in text and "(default: None)" not in text
+    assert text.count("(default: all cheap ones") == 1 and "(default: 0.15)" in text
+    for line in build_parser().format_help().split("\n  -"):
+        assert " ".join(line.split()).count("(default:") <= 1, line
+
+
 def test_cli_matches_shards_through_the_key(faces, tmp_path):
     """Shards as veil-shard writes them: opaque keys from the owner's key, PNG + cls, a manifest."""
     import io

@@ -43,6 +43,15 @@ class InputError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" where the help does not already say the default and there is one (not None)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from veil_transforms import audit
 
@@ -50,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Privacy audit: run keyless and adaptive attacks on veiled images and score them by SSIM.",
         epilog="Exit codes: 0 passed, 1 failed (an attack recovers too much), 2 bad input.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--originals", required=True, help="source folder the shards were made from, or a .npy/.pt uint8 [N, C, H, W]")
     p.add_argument("--veiled", required=True, help="veil-shard output folder or .tar, or a .npy/.pt uint8 [N, C, H, W]")
@@ -61,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for report.md, report.json and worst.png")
     p.add_argument("--attacks", nargs="+", default=None, choices=list(audit.ATTACKS),
                    help="attacks to run (default: all cheap ones, plus learned/inversion when their inputs are given)")
-    p.add_argument("--mean-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[0], help="fail if any attack's mean SSIM reaches this")
-    p.add_argument("--max-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[1], help="fail if any sample's SSIM reaches this")
-    p.add_argument("--limit", type=int, default=None, help="audit only the first N matched samples (sorted by key)")
+    p.add_argument("--mean-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[0], help="fail if any attack's mean SSIM reaches this; in [-1, 1)")
+    p.add_argument("--max-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[1], help="fail if any sample's SSIM reaches this; in [-1, 1)")
+    p.add_argument("--limit", type=int, default=None, help="audit only the first N matched samples, sorted by key (default: all)")
     p.add_argument("--learned-public", nargs="+", default=None, metavar="DIR",
                    help="public images (ImageFolder folders, or a .pt holding (images, labels)) for the learned inverter")
     p.add_argument("--learned-arch", default="lenet5", help="surrogate local model architecture for the learned inverter")
