@@ -199,3 +199,14 @@ def test_iterable_dataset_has_no_indexing(vt):
         ds[0]
     with pytest.raises(TypeError, match="map-style"):
         ds.prepare()
+
+
+def test_key_file_text_as_bytes_is_refused(tmp_path):
+    from veil_transforms import keys
+
+    path = tmp_path / "owner.key"
+    key = keys.read_key_file(path, create=True)
+    with pytest.raises(ValueError, match="hex text of a key"):
+        keys.as_key(path.read_bytes())  # open(path, "rb").read(): 65 bytes of text, another key
+    assert keys.as_key(path.read_text()) == key == keys.read_key_file(path)
+    assert keys.as_key(b"\x01" * 32) == b"\x01" * 32

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -36,6 +37,9 @@ def new_key() -> bytes:
     return secrets.token_bytes(KEY_BYTES)
 
 
+_HEX_TEXT = re.compile(rb"\s*(?:[0-9a-fA-F]{2}){16,}\s*")
+
+
 def as_key(key: bytes | str | os.PathLike | None) -> bytes:
     """Normalise a user-supplied key: bytes, a hex string, or None (draws a new key).
 
@@ -45,6 +49,13 @@ def as_key(key: bytes | str | os.PathLike | None) -> bytes:
         return new_key()
     if isinstance(key, (bytes, bytearray)):
         key = bytes(key)
+        if _HEX_TEXT.fullmatch(key):
+            # open("owner.key", "rb").read() of a key file: using the text's bytes as the key would
+            # silently veil with another key than veil-shard's
+            raise ValueError(
+                "key: these bytes are the hex text of a key (a key file's contents); pass "
+                "keys.read_key_file(path), or the text as a str"
+            )
     elif isinstance(key, str):
         try:
             key = bytes.fromhex(key.strip())
