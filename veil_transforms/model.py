@@ -164,7 +164,8 @@ class LocalModel(nn.Module):
                 module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise ValueError(
-                f"{path.name} is not a TorchScript file ({type(e).__name__}); for a state dict pass arch=..."
+                f"{path.name} is not a TorchScript file ({type(e).__name__}); for a state dict pass arch=... "
+                "(--arch on the command line)"
             ) from e
         m = cls(module, layer, name=path.name)
         m._source = ("jit", data)

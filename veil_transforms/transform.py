@@ -50,7 +50,10 @@ class VeilTransform(v2.Transform):
         device: where the gradient iteration runs (default: CUDA if present).
         output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
             ``"float"`` keeps full precision for float inputs.
-        mode: ``"paper"`` is exactly the paper's Algorithm 1.
+        mode: ``"paper"`` is exactly the paper's Algorithm 1 (a key-free fold
+            attack reads it, see README "What it protects"); ``"hardened"``
+            starts from a keyed one-time pad and matches F's output only, and
+            holds against the audit's attacks (README "Which mode to use").
         precision, cuda_graph, compile, fold_bn: GPU speed levers
             (``"bf16"`` autocast for F's forward; CUDA-graph replay of the
             steps, default on for CUDA devices; ``torch.compile`` of F and the
