@@ -306,3 +306,32 @@ def test_private_map_problems_leave_no_dest(data, tmp_path, capsys, monkeypatch)
     monkeypatch.undo()
     assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "m.csv")) == 0  # a rerun works
     assert (tmp_path / "m.csv").is_file() and (dest / "receipt.json").is_file()
+
+
+def test_unwritable_dest_parent_exit_2(data, tmp_path, capsys, monkeypatch):
+    """An unwritable DEST parent is found before any work; an I/O error later is exit 2 too (1 means
+    verification failed or the gate refused)."""
+    weak = data["root"] / "weak"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        monkeypatch.setattr(export_cli.os, "access", lambda p, mode: str(p) != str(ro))  # as without root's override
+        assert _export(data, weak, ro / "d", "--force") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "cannot create DEST" in err and "not writable" in err, err
+        monkeypatch.undo()
+        if not os.access(ro, os.W_OK):  # really read-only (not root with CAP_DAC_OVERRIDE): the same
+            assert _export(data, weak, ro / "d", "--force") == 2
+            assert "cannot create DEST" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o755)
+    assert not (ro / "d").exists() and not list(ro.iterdir())
+    def full(path, samples):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(export_cli, "_write_shard", full)
+    assert _export(data, weak, tmp_path / "d2", "--force") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left" in err, err
+    assert not (tmp_path / "d2").exists() and not list(tmp_path.glob(".d2.partial-*"))

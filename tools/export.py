@@ -21,7 +21,9 @@
 DEST is assembled in a hidden folder beside it and renamed into place at the
 end, after the private map is written (its path is checked before any work),
 so a failed or refused export leaves no DEST behind and no DEST without its map.
-Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input.
+Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input
+(including I/O errors such as an unwritable DEST parent, and --originals that
+are not the images veiled).
 """
 
 from __future__ import annotations
@@ -54,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Verify veiled shards, run the privacy gate, and export them for a third party.",
-        epilog="Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input (including "
-               "--originals whose pixels are not the images veil-shard veiled: content tag differs).",
+        epilog="Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input or I/O error "
+               "(an unwritable DEST parent, a full disk; --originals whose pixels are not the images veil-shard veiled: content tag differs).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("shards", metavar="SHARDS", help="a veil-shard output folder (with manifest.json)")
@@ -128,6 +130,9 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"DEST {dest} exists and is not an empty folder")
     if shards.is_inside(dest, shards_dir) or shards.is_inside(shards_dir, dest):
         raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
+    why = _unwritable_folder(dest.parent)  # DEST is assembled beside it, then renamed
+    if why:
+        raise shards.ShardError(f"cannot create DEST {dest}: {why}")
 
 
 def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> Path:
@@ -244,10 +249,13 @@ def export(args) -> int:
     channels = int(manifest["source"]["sample_shape"][0])
 
     staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # from an export that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    staging.mkdir()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # from an export that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir()
+    except OSError as e:
+        raise shards.ShardError(f"cannot create DEST {dest}: {e.strerror or e}: {e.filename}") from None
     try:
         state: dict = {}
         ssims: list[float] = []
@@ -359,6 +367,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, e, 1)
     except KeyboardInterrupt:
         return 130
+    except OSError as e:  # reading or writing files (a full disk, permissions): bad input/IO, not a refusal
+        if debug():
+            raise
+        return fail(PROG, f"{type(e).__name__}: {e}", 2)
     except Exception as e:  # noqa: BLE001
         if debug():
             raise
