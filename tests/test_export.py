@@ -89,6 +89,9 @@ def test_gate_refuses_weak_veil_then_force_exports(data, tmp_path, capsys):
     assert _export(data, weak, dest) == 1
     err = capsys.readouterr().err
     assert "refused" in err and "nothing exported" in err
+    # which bar each sample broke, with the worst value and the flag to change
+    assert "12 exceed --max-ssim 0.05 (SSIM(x, x~), max " in err.splitlines()[0]
+    assert "exceed --max-attack-ssim 0.3 (" in err.splitlines()[0]
     m = shards.read_manifest(weak)
     all_keys = {s["__key__"] for sh in m["shards"] for s in shards.read_tar_samples(weak / sh["name"])}
     listed = {line.split()[0] for line in err.splitlines()[1:] if line.startswith("  ") and "ssim=" in line}

@@ -217,6 +217,17 @@ def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tupl
     return shards.file_sha256(path), path.stat().st_size
 
 
+def refusal_reasons(ssims, attacks, max_ssim: float, max_attack_ssim: float, method) -> str:
+    """How many samples break each bar of the gate, with the worst value and the flag that sets the bar."""
+    parts = []
+    for vals, flag, bar_, what in ((ssims, "--max-ssim", max_ssim, "SSIM(x, x~)"),
+                                   (attacks, "--max-attack-ssim", max_attack_ssim, f"{method} attack SSIM")):
+        v = np.asarray(vals, dtype=np.float64)
+        n = int(np.sum(v > bar_ + EPS))
+        parts.append(f"{n} exceed {flag} {bar_} ({what}, max {v.max():.3f})" if len(v) else f"0 exceed {flag} {bar_}")
+    return ", ".join(parts)
+
+
 def _stats(a: list[float]) -> dict:
     if not a:
         return {"mean": None, "max": None}
@@ -303,9 +314,10 @@ def export(args) -> int:
             shutil.rmtree(staging, ignore_errors=True)
             show = "\n".join(f"  {k}  ssim={a:.4f}  attack_ssim={b:.4f}" for k, a, b in offenders[:50])
             more = f"\n  ... and {len(offenders) - 50} more" if len(offenders) > 50 else ""
-            print(f"{PROG}: refused: {len(offenders)} of {len(ssims)} samples exceed SSIM {args.max_ssim} or "
-                  f"attack SSIM {args.max_attack_ssim} ({state.get('method')}); nothing exported "
-                  f"(--force exports anyway):\n{show}{more}", file=sys.stderr, flush=True)
+            print(f"{PROG}: refused: {len(offenders)} of {len(ssims)} samples fail the privacy gate: "
+                  f"{refusal_reasons(ssims, attacks, args.max_ssim, args.max_attack_ssim, state.get('method'))}; "
+                  f"nothing exported (veil again with more --steps in veil-shard, or raise the flag named "
+                  f"if its bar is too strict; --force exports anyway):\n{show}{more}", file=sys.stderr, flush=True)
             return 1
         receipt = {
             "format": "veil-export/1",
