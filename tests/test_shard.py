@@ -634,3 +634,16 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     again = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     assert shards.run(again, batch_size=4, progress=False)["complete"]
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
+
+
+def test_io_workers_is_checked_by_argparse(data, tmp_path, capsys):
+    """--io-workers -3 used to reach the thread pool ('max_workers must be greater than 0', exit 1)."""
+    with pytest.raises(SystemExit) as e:
+        shard_cli.main([*_argv(data, tmp_path / "o"), "--io-workers", "-3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--io-workers: must be >= 0 (0: automatic), got -3" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit):
+        shard_cli.main(["--help"])
+    assert "0: automatic" in " ".join(capsys.readouterr().out.split())

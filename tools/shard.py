@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="--compile and --fold-bn (both keep the veil up to float rounding)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--io-workers", type=int, default=None, help="image decoding threads; None: min(8, CPUs)")
+    p.add_argument("--io-workers", type=_nonneg_int, default=0,
+                   help="image decoding threads (without --io-procs); 0: automatic, min(8, CPUs) and at least 2")
     p.add_argument("--io-procs", type=int, default=None,
                    help="processes that decode, hash and PNG-encode instead of threads (0: threads only). "
                         "Default: up to 8 when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
@@ -91,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar, no key notice, only errors")
     p.add_argument("-v", "--verbose", action="store_true", help="log every shard")
     return p
+
+
+def _nonneg_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: automatic), got {n}")
+    return n
 
 
 def _dist_env() -> tuple[int, int, int]:

@@ -955,7 +955,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True) -> dict:
     """Veil and write this rank's unfinished shards. Returns a summary dict.
 
-    ``io_workers`` decoding threads (default min(8, CPUs)); ``io_procs`` processes for
+    ``io_workers`` decoding threads (None or 0: min(8, CPUs)); ``io_procs`` processes for
     decoding, key hashing and PNG encoding instead (0: none, threads only; None:
     :func:`auto_io_procs`, the CLI's default). Processes are spawned (without rerunning the
     calling script, see :func:`_main_not_rerun`) and cost a fraction of a second to start; they
@@ -969,6 +969,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         raise ShardError(f"--batch-size must be an integer >= 1, got {batch_size!r}")
     if not (0 <= rank < world_size):
         raise ShardError(f"rank {rank} out of range for world size {world_size}")
+    if io_workers is not None and (not isinstance(io_workers, int) or io_workers < 0):
+        raise ShardError(f"--io-workers must be an integer >= 0 (0: automatic), got {io_workers!r}")
     out, veil = plan.out, plan.veil
     shape = tuple(plan.header["source"]["sample_shape"])
     done = done_shards(plan)
