@@ -112,6 +112,30 @@ def _dist_env() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def _device_problem(arg: str) -> str | None:
+    """Why --device cannot be used here (one line), or None."""
+    if arg == "auto":
+        return None
+    import torch
+
+    try:
+        d = torch.device(arg)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {arg}: not a torch device; use cpu, cuda or cuda:N"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {arg}: no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            return f"--device {arg}: only {n} CUDA GPU{'s' if n != 1 else ''} visible (cuda:0 to cuda:{n - 1})"
+    elif d.type != "cpu":
+        backend = getattr(torch, d.type, None) or getattr(torch.backends, d.type, None)
+        available = getattr(backend, "is_available", None)
+        if callable(available) and not available():
+            return f"--device {arg}: no {d.type} device is visible"
+    return None
+
+
 def _device(arg: str, local_rank: int, world: int):
     import torch
 
@@ -223,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"--nproc must be >= 1, got {args.nproc}")
     if args.threads < 0:
         return fail(PROG, f"--threads must be >= 0, got {args.threads}")
+    problem = _device_problem(args.device)
+    if problem:
+        return fail(PROG, problem)
     if args.threads:
         import torch
 
