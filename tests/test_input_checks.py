@@ -121,7 +121,8 @@ def test_load_state_dict_errors(tmp_path, lenet):
         LocalModel.load(text, arch="lenet5")
     sd = tmp_path / "lenet_sd.pt"
     torch.save(lenet.state_dict(), sd)
-    with pytest.raises(ValueError, match="does not fit architecture 'resnet18'"):
+    with pytest.raises(ValueError, match=r"does not fit architecture 'resnet18': Missing key\(s\) in state_dict: "
+                       r"\"\w+\.\w+\" and \d+ more$"):
         LocalModel.load(sd, arch="resnet18")
 
 
@@ -210,3 +211,11 @@ def test_key_file_text_as_bytes_is_refused(tmp_path):
         keys.as_key(path.read_bytes())  # open(path, "rb").read(): 65 bytes of text, another key
     assert keys.as_key(path.read_text()) == key == keys.read_key_file(path)
     assert keys.as_key(b"\x01" * 32) == b"\x01" * 32
+
+
+def test_audit_inversion_with_a_model_for_other_images(tmp_path, lenet):
+    from veil_transforms import audit
+
+    x = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    with pytest.raises(ValueError, match="does not accept images of shape \\[3, 28, 28\\].*1 channels"):
+        audit.run(x, x, attacks=["inversion"], model=lenet, inversion_steps=2)

@@ -495,6 +495,7 @@ def run(
         from .model import as_local_model
 
         ctx["model"] = as_local_model(model).to(opts["device"])
+        ctx["model"].check_input(tuple(x01.shape[1:]))  # one-line ValueError for images it does not take
 
     N = len(x01)
     refs = _references(x01)

@@ -196,7 +196,12 @@ def error_cause(e: BaseException) -> str:
         if _TYPED.match(ln):
             return ln[:300]
     if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
-        return next((ln for ln in lines[1:] if ln), lines[0])[:300]  # state dicts: the first mismatch
+        first = next((ln for ln in lines[1:] if ln), lines[0])  # state dicts: the first mismatch ...
+        head, sep, names = first.partition(": ")
+        if head.endswith("key(s) in state_dict") and sep:  # ... and of a key list, the first key
+            keys = names.rstrip(". ").split(", ")
+            return f"{head}: {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
+        return first[:300]
     return lines[0][:300]
 
 
