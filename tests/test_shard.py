@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -660,3 +661,28 @@ def test_device_is_checked_up_front(data, tmp_path, capsys, monkeypatch):
         assert needle in _one_line_error(capsys)
     assert not (tmp_path / "o").exists()
     assert shard_cli._device_problem("cpu") is None and shard_cli._device_problem("auto") is None
+
+
+def test_damaged_manifest_is_one_line_naming_the_field(data, tmp_path, capsys):
+    """A hand-damaged manifest.json (a list, no "shards", no "source") gave raw KeyError/AttributeError."""
+    from veil_transforms.tools import export as export_cli
+
+    good = json.loads((data["ref"] / "manifest.json").read_text())
+    for damage, needle in [(lambda m: [m], "expected a JSON object, got a JSON list"),
+                           (lambda m: {k: v for k, v in m.items() if k != "shards"}, "missing field 'shards'"),
+                           (lambda m: {k: v for k, v in m.items() if k != "source"}, "missing field 'source'"),
+                           (lambda m: {**m, "shards": [{**m["shards"][0], "sha256": None}]}, "field 'sha256'")]:
+        out = tmp_path / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(data["ref"], out)
+        (out / "manifest.json").write_text(json.dumps(damage(json.loads(json.dumps(good)))))
+        with pytest.raises(shards.ShardError, match=needle) as e:
+            shards.read_manifest(out)
+        assert "manifest.json is damaged" in str(e.value)
+        with pytest.raises(shards.ShardError, match=needle):
+            shards.load(out)
+        assert shard_cli.main(_argv(data, out)) == 2
+        assert needle in _one_line_error(capsys)
+        assert export_cli.main([str(out), str(tmp_path / "dest"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err

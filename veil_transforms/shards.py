@@ -451,13 +451,46 @@ def manifest_lock(out: Path):
 
 
 def read_manifest(out: str | os.PathLike) -> dict:
+    """OUT's manifest, its structure checked (a damaged one: :class:`ShardError` naming the field)."""
     path = Path(out) / MANIFEST
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        m = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ShardError(f"no {MANIFEST} in {out}: not a veil-shard output folder") from None
     except (OSError, ValueError) as e:
         raise ShardError(f"cannot read {path}: {e}") from None
+    check_manifest(m, path)
+    return _summarise(m)
+
+
+# what the tools read from a manifest: field -> type (shards' entries: _MANIFEST_SHARD)
+_MANIFEST_FIELDS = {"format": str, "veil": dict, "key_fingerprint": str, "num_shards": int, "source": dict,
+                    "shards": list}
+_MANIFEST_SOURCE = {"listing_sha256": str, "sample_shape": list}
+_MANIFEST_SHARD = {"index": int, "name": str, "count": int, "sha256": str, "bytes": int}
+
+
+def check_manifest(m: Any, path: str | os.PathLike) -> None:
+    """Raise :class:`ShardError` (one line: the file and the field) unless ``m`` has a manifest's structure."""
+    def need(obj: Any, fields: dict, where: str) -> None:
+        for k, t in fields.items():
+            if k not in obj:
+                raise ShardError(f"{path} is damaged: {where}missing field {k!r} (restore it, or start a new OUT)")
+            if not isinstance(obj[k], t) or (t is int and isinstance(obj[k], bool)):
+                raise ShardError(f"{path} is damaged: {where}field {k!r} is not a {_JSON_NAMES[t]}")
+
+    if not isinstance(m, dict):
+        raise ShardError(f"{path} is damaged: expected a JSON object, got a {_JSON_NAMES.get(type(m), type(m).__name__)}")
+    need(m, _MANIFEST_FIELDS, "")
+    need(m["source"], _MANIFEST_SOURCE, "source: ")
+    for i, s in enumerate(m["shards"]):
+        if not isinstance(s, dict):
+            raise ShardError(f"{path} is damaged: shards[{i}] is not a JSON object")
+        need(s, _MANIFEST_SHARD, f"shards[{i}]: ")
+
+
+_JSON_NAMES = {dict: "JSON object", list: "JSON list", str: "string", int: "integer", float: "number",
+               bool: "boolean", type(None): "null"}
 
 
 def _summarise(m: dict) -> dict:
@@ -1248,7 +1281,7 @@ def shard_urls(urls) -> list[str] | str:
         if p.is_dir():
             for name in (MANIFEST, RECEIPT):
                 if (p / name).is_file():
-                    meta = json.loads((p / name).read_text(encoding="utf-8"))
+                    meta = read_manifest(p) if name == MANIFEST else _read_receipt(p / name)
                     names = [s["name"] for s in sorted(meta["shards"], key=lambda s: s.get("index", 0))]
                     if not names:
                         raise ValueError(f"{p / name} lists no finished shards")
@@ -1262,6 +1295,20 @@ def shard_urls(urls) -> list[str] | str:
     if not out:
         raise ValueError("no shard urls given")
     return out
+
+
+def _read_receipt(path: Path) -> dict:
+    """A DEST's receipt.json, checked for the shard list the reader needs."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ShardError(f"cannot read {path}: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), list):
+        raise ShardError(f"{path} is damaged: missing field 'shards' (a list)")
+    for i, s in enumerate(meta["shards"]):
+        if not (isinstance(s, dict) and isinstance(s.get("name"), str)):
+            raise ShardError(f"{path} is damaged: shards[{i}] has no 'name'")
+    return meta
 
 
 class _ToTuple:
