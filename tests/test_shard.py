@@ -686,3 +686,19 @@ def test_damaged_manifest_is_one_line_naming_the_field(data, tmp_path, capsys):
         assert export_cli.main([str(out), str(tmp_path / "dest"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_resume_rewrites_a_changed_shard_of_the_same_size(data, tmp_path, caplog):
+    """Resume used to check only each recorded shard's size: a tampered shard of the same size stayed."""
+    out = tmp_path / "out"
+    shutil.copytree(data["ref"], out)
+    t = out / "veil-000003.tar"
+    b = bytearray(t.read_bytes())
+    b[700] ^= 0xFF
+    t.write_bytes(bytes(b))
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([a for a in _argv(data, out) if a != "--quiet"]) == 0  # --quiet: errors only
+    assert any("veil-000003.tar differs from its sha256" in r.getMessage() for r in caplog.records)
+    files = lambda d: [(f.name, shards.file_sha256(f)) for f in sorted(d.glob("veil-*.tar"))]  # noqa: E731
+    assert files(out) == files(data["ref"]) and shas(out) == shas(data["ref"])
+    shards.verify(out)

@@ -13,8 +13,8 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   and then recorded in ``manifest.json`` (rewritten atomically, under a file
   lock, so several processes can share one OUT; when rewriting it grows
   costly next to the pace of shards, records are spaced and carry several
-  shards, see ``MANIFEST_SPACING``); a rerun skips recorded shards and redoes
-  the rest, so ``kill -9`` at any moment loses nothing and duplicates
+  shards, see ``MANIFEST_SPACING``); a rerun skips recorded shards (whose
+  files still match their sha256) and redoes the rest, so ``kill -9`` at any moment loses nothing and duplicates
   nothing. A rerun with other veil parameters, another key or another source
   listing is refused;
 - images are decoded (and their keyed masks derived) by a thread pool ahead
@@ -971,16 +971,23 @@ class ManifestRecorder:
             self.seconds += self.cost
 
 
-def done_shards(plan: Plan) -> set[int]:
-    """Shards recorded in the manifest whose files are still there, whole."""
+def done_shards(plan: Plan, rank: int = 0, world_size: int = 1) -> set[int]:
+    """Shards recorded in the manifest whose files are still there, whole and unchanged (sha256):
+    this rank's are checked (the others' are their ranks' to check) and any other is written again."""
     m = read_manifest(plan.out)
     done = set()
     for s in m["shards"]:
-        f = plan.out / s["name"]
-        if f.is_file() and f.stat().st_size == s["bytes"]:
+        if s["index"] % world_size != rank:
             done.add(s["index"])
-        else:
+            continue
+        f = plan.out / s["name"]
+        if not (f.is_file() and f.stat().st_size == s["bytes"]):
             log.warning("shard %s is listed in the manifest but missing or damaged: writing it again", s["name"])
+        elif file_sha256(f) != s["sha256"]:
+            log.warning("shard %s differs from its sha256 in the manifest (changed since it was written): "
+                        "writing it again", s["name"])
+        else:
+            done.add(s["index"])
     return done
 
 
@@ -1006,7 +1013,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         raise ShardError(f"--io-workers must be an integer >= 0 (0: automatic), got {io_workers!r}")
     out, veil = plan.out, plan.veil
     shape = tuple(plan.header["source"]["sample_shape"])
-    done = done_shards(plan)
+    done = done_shards(plan, rank, world_size)
     mine = [i for i in range(plan.num_shards) if i % world_size == rank and i not in done]
     for i in range(plan.num_shards):  # leftovers of killed runs (only this rank's shards)
         if i % world_size == rank:
