@@ -63,6 +63,7 @@ import numpy as np
 import torch
 
 from . import attacks as A
+from .functional import device_problem  # noqa: F401 - veil-audit asks it too
 
 log = logging.getLogger(__name__)
 
@@ -373,22 +374,6 @@ def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -
         sc = A.ssim_batch(np.broadcast_to(out[i], ref.shape), ref)
         hits += int(np.argmax(sc) == i)
     return hits / G
-
-
-def device_problem(device) -> str | None:
-    """Why the learned and inversion attacks cannot run on ``device`` (None if they can)."""
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        return "not a torch device"
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA GPU is visible"
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            return f"no CUDA GPU {d.index} ({torch.cuda.device_count()} visible)"
-    if d.type == "mps" and not torch.backends.mps.is_available():
-        return "MPS is not available"
-    return None
 
 
 def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float, float], dict[str, Any]]:

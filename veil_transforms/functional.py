@@ -618,29 +618,36 @@ def check_settings(*, p, alpha, beta, lr, steps, threshold, output, mode, precis
     check_precision(precision)
 
 
-def resolve_device(device) -> torch.device:
-    """``device`` as a torch.device, with a one-line error for a name torch does not know
-    or a CUDA device that is not there (instead of torch's driver traceback)."""
-    if isinstance(device, torch.device):
-        d = device
-    elif isinstance(device, str) or (isinstance(device, int) and not isinstance(device, bool)):
-        try:
-            d = torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"device {device!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'") from None
-    else:
-        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+def device_problem(device) -> str | None:
+    """Why ``device`` cannot be used here, in a few words (None if it can): not a torch device,
+    or a CUDA / other accelerator that is not there (torch would fail later, with its driver's
+    traceback)."""
+    try:
+        d = device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        return "not a torch device; use 'cpu', 'cuda' or 'cuda:N'"
     if d.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(d)!r}: no CUDA GPU is visible (torch.cuda.is_available() is False)")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(d)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+            return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+        n = torch.cuda.device_count()
+        if d.index is not None and d.index >= n:
+            return f"only {n} CUDA GPU{'s' if n != 1 else ''} visible (cuda:0 to cuda:{n - 1})"
     elif d.type not in ("cpu", "meta"):
-        try:
-            torch.empty(0, device=d)
-        except Exception as e:  # noqa: BLE001 - mps/xpu/... not built or not present
-            raise ValueError(f"device {str(d)!r} is not usable here: {type(e).__name__}") from None
-    return d
+        backend = getattr(torch, d.type, None) or getattr(torch.backends, d.type, None)
+        available = getattr(backend, "is_available", None)
+        if not callable(available) or not available():
+            return f"no {d.type} device is visible"
+    return None
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` as a torch.device; a one-line ValueError (:func:`device_problem`) if it is unusable."""
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+    why = device_problem(device)
+    if why:
+        raise ValueError(f"device {str(device)!r}: {why}")
+    return torch.device(device)
 
 
 def veil(
