@@ -702,3 +702,23 @@ def test_resume_rewrites_a_changed_shard_of_the_same_size(data, tmp_path, caplog
     files = lambda d: [(f.name, shards.file_sha256(f)) for f in sorted(d.glob("veil-*.tar"))]  # noqa: E731
     assert files(out) == files(data["ref"]) and shas(out) == shas(data["ref"])
     shards.verify(out)
+
+
+def test_reader_errors_name_the_file_and_the_sample(tmp_path):
+    """A garbage .tar gave tarfile's ReadError naming a BufferedReader; a corrupt PNG PIL's
+    UnidentifiedImageError naming a BytesIO."""
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(shards.ShardError) as e:
+        list(shards.load(str(garbage)))
+    msg = str(e.value)
+    assert str(garbage) in msg and "ReadError" in msg and "BufferedReader" not in msg and "0x" not in msg, msg
+    okey = "0123456789abcdef0123456789abcdef"
+    body = shards.tar_member(f"{okey}.cls", b"1") + shards.tar_member(f"{okey}.png", b"\x89PNG\r\n\x1a\n garbage")
+    bad_png = tmp_path / "bad-png.tar"
+    bad_png.write_bytes(body + shards.tar_end(len(body)))
+    with pytest.raises(shards.ShardError) as e:
+        list(shards.load(str(bad_png)))
+    msg = str(e.value)
+    assert str(bad_png) in msg and f"sample {okey}" in msg and "BytesIO" not in msg and "0x" not in msg, msg
+    assert len(list(shards.load(str(bad_png), decode=False))) == 1  # the bytes themselves are readable

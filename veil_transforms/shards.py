@@ -1327,11 +1327,34 @@ class _ToTuple:
     def __call__(self, sample: dict):
         import torch
 
+        where = f"{sample.get('__url__', 'a shard')}: sample {sample.get('__key__')}"
+        if "png" not in sample or "cls" not in sample:
+            raise ShardError(f"{where} lacks its {'png' if 'png' not in sample else 'cls'}")
         img = sample["png"]
-        if self.decode:
-            img = torch.from_numpy(decode_image(img))
-        y = int(sample["cls"].decode() if isinstance(sample["cls"], (bytes, bytearray)) else sample["cls"])
+        try:
+            if self.decode:
+                img = torch.from_numpy(decode_image(img))
+            y = int(sample["cls"].decode() if isinstance(sample["cls"], (bytes, bytearray)) else sample["cls"])
+        except Exception as e:  # noqa: BLE001 - PIL names only a BytesIO: say which file and sample
+            raise ShardError(f"{where}: cannot decode it ({type(e).__name__}: {_one_line(e)})") from e
         return (img, y, sample["__key__"]) if self.with_keys else (img, y)
+
+
+_AT_STREAM = re.compile(r"\s*@\s*<[^<>]*>")  # webdataset appends " @ <_io.BufferedReader name=...>"
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e.args[0]) if e.args else str(e)
+    return _ADDR.sub("", _AT_STREAM.sub("", " ".join(msg.split()))).strip()
+
+
+def reraise_named(exn: BaseException) -> bool:
+    """webdataset error handler: raise :class:`ShardError` naming the shard (webdataset's own
+    message names a stream object), e.g. a file that is not a tar or a truncated one."""
+    if isinstance(exn, ShardError):
+        raise exn
+    url = exn.args[-1] if len(exn.args) >= 2 and isinstance(exn.args[-1], str) else None
+    raise ShardError(f"cannot read shard {url or '(unknown)'}: {type(exn).__name__}: {_one_line(exn)}") from exn
 
 
 def load(
@@ -1357,7 +1380,9 @@ def load(
         shard_shuffle: shuffle the shard order too (default: when ``shuffle`` > 0).
         seed: seed for both shuffles (None: different every time).
         with_keys: also yield each sample's opaque key.
-        handler: webdataset error handler (default: raise).
+        handler: webdataset error handler (default: :func:`reraise_named`, a :class:`ShardError`
+            naming the shard file; a sample that cannot be decoded raises one naming the
+            file and the sample key).
 
     Shards are split over DataLoader workers; with more workers than shards some get none.
     """
@@ -1371,7 +1396,7 @@ def load(
         seed=seed,
         nodesplitter=wds.split_by_node if split_by_node else wds.single_node_only,
         workersplitter=wds.split_by_worker,
-        handler=handler or wds.reraise_exception,
+        handler=handler or reraise_named,
         empty_check=False,
     )
     if shuffle:
