@@ -722,3 +722,18 @@ def test_reader_errors_name_the_file_and_the_sample(tmp_path):
     msg = str(e.value)
     assert str(bad_png) in msg and f"sample {okey}" in msg and "BytesIO" not in msg and "0x" not in msg, msg
     assert len(list(shards.load(str(bad_png), decode=False))) == 1  # the bytes themselves are readable
+
+
+def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys):
+    """A negative label was taken as 'no label' and its image skipped."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\n\nf1.png,-1\nf2.png,1\n")  # a blank line
+    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "line 4 (f1.png): label -1 is negative" in err, err
+    assert not (tmp_path / "o").exists()

@@ -218,7 +218,11 @@ def _labels_csv_source(root: Path, labels: Path) -> Source:
         raise ShardError(f"labels file not found: {labels}")
     try:
         with open(labels, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            rows, lines = [], []  # and each row's line in the file (for messages)
+            for r in reader:
+                rows.append(r)
+                lines.append(reader.line_num)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ShardError(f"cannot read labels file {labels}: {e}") from None
     if not rows or not {"filename", "label"} <= set(rows[0]):
@@ -231,6 +235,11 @@ def _labels_csv_source(root: Path, labels: Path) -> Source:
         classes = sorted({v for _, v in raw})
         index = {c: i for i, c in enumerate(classes)}
         lab = [index[v] for _, v in raw]
+    else:
+        bad = next((i for i, y in enumerate(lab) if y < 0), None)
+        if bad is not None:
+            raise ShardError(f"labels file {labels} line {lines[bad]} ({raw[bad][0]}): label {lab[bad]} is negative; "
+                             "class indices start at 0")
     items = []
     root_r = root.resolve()
     for (fn, _), y in zip(raw, lab):
