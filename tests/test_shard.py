@@ -737,3 +737,23 @@ def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys)
     err = _one_line_error(capsys)
     assert "line 4 (f1.png): label -1 is negative" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_class_folder_is_an_error_not_a_silent_loss(data, tmp_path, capsys):
+    """os.walk left out a class folder it could not list: its images vanished, unlisted, exit 0.
+    Needs real permissions: skipped as root with CAP_DAC_OVERRIDE (run it under a shell without it)."""
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            (src / c / f"{i}.png").write_bytes(_png(np.full((12, 12), 50 * i, np.uint8)))
+    (src / "a").chmod(0)
+    try:
+        if os.access(src / "a", os.R_OK):
+            pytest.skip("this user reads folders of mode 0 (root with CAP_DAC_OVERRIDE)")
+        assert shard_cli.main([str(src), str(tmp_path / "o"), "--model", str(data["model"]),
+                               "--key-file", str(data["key_file"]), *COMMON]) == 2
+        err = _one_line_error(capsys)
+        assert f"cannot list folder {src / 'a'}" in err and "left out" in err, err
+    finally:
+        (src / "a").chmod(0o755)

@@ -28,7 +28,8 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   one-process run;
 - each shard's manifest entry records a ``source_tag``: a keyed HMAC of its samples' content
   (:func:`source_tag`), which ``veil-export`` checks against ``--originals``;
-- corrupt or unreadable images are skipped and listed in the manifest.
+- corrupt or unreadable images are skipped and listed in the manifest (a folder that
+  cannot be listed is an error: its images would vanish unreported).
   Every image is converted to the channel count of the first decodable image
   (grey ``L`` -> 1 channel, anything else -> RGB); images of another height or
   width are skipped as ``size mismatch`` (listed like corrupt ones).
@@ -161,7 +162,20 @@ def open_source(src: str | os.PathLike, labels: str | os.PathLike | None = None)
 
     Raises :class:`ShardError` when ``src`` does not exist or holds no images.
     """
-    s = str(src)
+    try:
+        source = _open_source(str(src), labels)
+    except OSError as e:
+        raise ShardError(f"cannot read the source {e.filename or src}: {e.strerror or e}") from None
+    if not source.items:
+        raise ShardError(f"no images found in {src}")
+    source.items.sort(key=lambda it: it.rel)
+    rels = [it.rel for it in source.items]
+    if len(set(rels)) != len(rels):
+        raise ShardError(f"source {src} lists the same sample twice")
+    return source
+
+
+def _open_source(s: str, labels) -> Source:
     p = Path(s)
     if labels is not None:
         if not p.is_dir():
@@ -188,20 +202,19 @@ def open_source(src: str | os.PathLike, labels: str | os.PathLike | None = None)
         )
     else:
         raise ShardError(f"source not found: {s}")
-    if not source.items:
-        raise ShardError(f"no images found in {s}")
-    source.items.sort(key=lambda it: it.rel)
-    rels = [it.rel for it in source.items]
-    if len(set(rels)) != len(rels):
-        raise ShardError(f"source {s} lists the same sample twice")
     return source
 
 
 def _imagefolder_source(root: Path) -> Source:
     classes = sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
     items = []
+
+    def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
+        raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
+                         "make it readable, or move it out of the source")
+
     for ci, c in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+        for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             # paths joined as strings, once per folder: pathlib per file was most of the listing's
             # time (1.3 s for 32k files on a 2-core CPU); same strings (dirpath comes from a Path)
