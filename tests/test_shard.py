@@ -757,3 +757,27 @@ def test_unreadable_class_folder_is_an_error_not_a_silent_loss(data, tmp_path, c
         assert f"cannot list folder {src / 'a'}" in err and "left out" in err, err
     finally:
         (src / "a").chmod(0o755)
+
+
+def test_reference_size_is_the_most_common_one(data, tmp_path, capsys):
+    """The size came from the first file in sort order: one outlier there made every other image a
+    "size mismatch" (skipped, exit 0). Now the most common size wins, and when more than half of the
+    images are skipped for size anyway, veil-shard says so and exits 1."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "000-outlier.png").write_bytes(_png(np.zeros((10, 10), np.uint8)))
+    for i in range(5):
+        (src / "a" / f"{i + 1:03d}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    argv = [str(src), str(tmp_path / "o"), "--model", str(data["model"]), "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 0
+    m = shards.read_manifest(tmp_path / "o")
+    assert m["source"]["sample_shape"] == [1, 12, 12] and m["num_veiled"] == 5
+    assert [sk["path"] for sk in m["skipped"]] == ["a/000-outlier.png"]
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    (mixed / "a").mkdir(parents=True)
+    for i, n in enumerate([12, 12, 12, 10, 10, 8, 8]):
+        (mixed / "a" / f"{i}.png").write_bytes(_png(np.full((n, n), 30 * i, np.uint8)))
+    assert shard_cli.main([str(mixed), str(tmp_path / "o2"), *argv[2:]]) == 1
+    err = _one_line_error(capsys)
+    assert "4 of 7 images were skipped for size mismatch (not 12x12" in err and "resize" in err, err

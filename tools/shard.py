@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Veil images into WebDataset shards (resumable, multi-process).",
         epilog=(
-            "Corrupt or unreadable images, and images whose height/width differ from the first "
-            "decodable image, are skipped and listed in OUT/manifest.json; images are converted to "
-            "the channel count of the first one. Exit codes: 0 ok, 1 failure, 2 bad input."
+            "Corrupt or unreadable images, and images whose height/width differ from the most common "
+            "size (among 33 sampled), are skipped and listed in OUT/manifest.json (more than half "
+            "skipped for size: exit 1); images are converted to the channel count of the first one. "
+            "Exit codes: 0 ok, 1 failure, 2 bad input."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -176,6 +177,18 @@ def _summary_line(out, seconds: float | None = None) -> str:
     return s if m["complete"] else s + " - incomplete, rerun to finish"
 
 
+def _size_problem(out) -> str | None:
+    """More than half of SRC skipped as "size mismatch": the shards are not what the owner meant."""
+    m = shards.read_manifest(out)
+    n = sum(1 for sk in m["skipped"] if str(sk.get("reason", "")).startswith("size mismatch"))
+    total = m["source"].get("num_samples") or 0
+    if not m["complete"] or n * 2 <= total:
+        return None
+    _, h, w = m["source"]["sample_shape"]
+    return (f"{n} of {total} images were skipped for size mismatch (not {h}x{w}, the most common size): "
+            "resize the images to one size before veil-shard; skipped files are listed in OUT/manifest.json")
+
+
 def _spawn(args, argv: list[str]) -> int:
     """--nproc N: validate and create the key here, then run N rank processes and wait for them."""
     t0 = time.perf_counter()
@@ -221,6 +234,9 @@ def _spawn(args, argv: list[str]) -> int:
                 pr.kill()
     line = _summary_line(plan.out, time.perf_counter() - t0)
     print(line, flush=True)
+    problem = _size_problem(plan.out)
+    if problem:
+        return fail(PROG, problem, 1)
     return 0 if shards.read_manifest(plan.out)["complete"] else 1
 
 
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if child or rank != 0:
         return 0
     print(_summary_line(plan.out, time.perf_counter() - t0), flush=True)
+    problem = _size_problem(plan.out)
+    if problem:
+        return fail(PROG, problem, 1)
     complete = shards.read_manifest(plan.out)["complete"]
     return 0 if complete or (world > 1 and not dist) else 1
 

@@ -31,8 +31,10 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
 - corrupt or unreadable images are skipped and listed in the manifest (a folder that
   cannot be listed is an error: its images would vanish unreported).
   Every image is converted to the channel count of the first decodable image
-  (grey ``L`` -> 1 channel, anything else -> RGB); images of another height or
-  width are skipped as ``size mismatch`` (listed like corrupt ones).
+  (grey ``L`` -> 1 channel, anything else -> RGB); images whose height or width
+  differ from the most common size among ``SHAPE_SAMPLE`` images spread over the
+  listing are skipped as ``size mismatch`` (listed like corrupt ones; ``veil-shard``
+  fails when that is more than half of them).
 
 The manifest stays with the data owner (it lists skipped files by relative
 path); ``veil-export`` produces what a third party gets.
@@ -58,7 +60,7 @@ import tarfile
 import threading
 import time
 import zlib
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -580,13 +582,33 @@ class Plan:
         return self.source.items[i * self.shard_size : (i + 1) * self.shard_size]
 
 
-def _first_shape(source: Source) -> tuple[int, int, int]:
-    for it in source.items:
+# images decoded (spread evenly over the sorted listing) to find the most common height and width
+SHAPE_SAMPLE = 33
+
+
+def _reference_shape(source: Source) -> tuple[int, int, int]:
+    """(channels of the first decodable image, the most common height and width among a sample of
+    ``SHAPE_SAMPLE`` images): one outlier first in sort order must not make all the others "size
+    mismatch" (ties go to the first image)."""
+    items = source.items
+    for first, it in enumerate(items):
         try:
-            return tuple(decode_image(source.read_bytes(it)).shape)  # type: ignore[return-value]
+            shape = decode_image(source.read_bytes(it)).shape
+            break
         except Exception as e:  # noqa: BLE001 - corrupt files are expected here
             log.debug("cannot decode %s: %s", it.rel, e)
-    raise ShardError(f"none of the {len(source.items)} images in {source.root or 'the source'} could be decoded")
+    else:
+        raise ShardError(f"none of the {len(items)} images in {source.root or 'the source'} could be decoded")
+    sizes = Counter({shape[1:]: 1})
+    picks = np.linspace(first, len(items) - 1, min(len(items) - first, SHAPE_SAMPLE)).round().astype(int)
+    for i in sorted(set(picks.tolist()) - {first}):
+        with contextlib.suppress(Exception):
+            sizes[decode_image(source.read_bytes(items[i]), channels=shape[0]).shape[1:]] += 1
+    (h, w), n = sizes.most_common(1)[0]
+    if (h, w) != shape[1:]:
+        log.info("reference size %dx%d (%d of %d sampled images), not the first image's %dx%d",
+                 h, w, n, sum(sizes.values()), shape[1], shape[2])
+    return (shape[0], h, w)
 
 
 def create_key_file(path: Path) -> bytes:
@@ -677,7 +699,7 @@ def prepare(
         model_sha = h.hexdigest()
     # 2. the source, and the shape the model must take
     source = open_source(src, labels)
-    shape = _first_shape(source)
+    shape = _reference_shape(source)
     try:
         veil.check_shape(shape)
     except ValueError as e:
