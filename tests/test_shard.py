@@ -781,3 +781,28 @@ def test_reference_size_is_the_most_common_one(data, tmp_path, capsys):
     assert shard_cli.main([str(mixed), str(tmp_path / "o2"), *argv[2:]]) == 1
     err = _one_line_error(capsys)
     assert "4 of 7 images were skipped for size mismatch (not 12x12" in err and "resize" in err, err
+
+
+def test_truncated_source_tar_is_reported_even_quiet(data, tmp_path, capsys):
+    """A source .tar cut at a member boundary read as a complete tar with fewer samples, reported nowhere."""
+    tar_path = tmp_path / "src.tar"
+    with tarfile.open(tar_path, "w") as tf:
+        for i in range(4):
+            for name, payload in ((f"s{i}.png", _png(np.full((12, 12), 50 * i, np.uint8))), (f"s{i}.cls", b"0")):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    with tarfile.open(tar_path) as tf:
+        cut = tf.getmember("s2.png").offset  # the third sample's first header
+    cut_path = tmp_path / "cut.tar"
+    cut_path.write_bytes(tar_path.read_bytes()[:cut])
+    assert [it.rel for it in shards.open_source(tar_path).items] == [f"src.tar/s{i}" for i in range(4)]
+    assert not shards.open_source(tar_path).errors
+    src = shards.open_source(cut_path)
+    assert len(src.items) == 2 and "no end-of-archive marker" in src.errors[0]
+    argv = [str(cut_path), str(tmp_path / "o"), "--model", str(data["model"]), "--key-file", str(data["key_file"]),
+            *COMMON]
+    assert shard_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "veil-shard: warning: source shard cut.tar: no end-of-archive marker after 2 samples" in err, err
+    assert "no end-of-archive marker" in shards.read_manifest(tmp_path / "o")["source"]["errors"][0]

@@ -160,6 +160,14 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
     )
 
 
+def _source_warnings(plan: shards.Plan, quiet: bool) -> None:
+    """Damaged or truncated source shards lose samples: shown under --quiet too (the library's
+    warnings are hidden there)."""
+    if quiet:
+        for e in plan.source.errors:
+            print(f"{PROG}: warning: source shard {e}: samples may be missing", file=sys.stderr, flush=True)
+
+
 def _key_notice(plan: shards.Plan, quiet: bool) -> None:
     if plan.key_created or not quiet:
         state = "created a new key in" if plan.key_created else "key from"
@@ -193,6 +201,7 @@ def _spawn(args, argv: list[str]) -> int:
     """--nproc N: validate and create the key here, then run N rank processes and wait for them."""
     t0 = time.perf_counter()
     plan = _prepare(args, rank=0, world=1, local_rank=0)
+    _source_warnings(plan, args.quiet)
     _key_notice(plan, args.quiet)
     n = args.nproc
     threads = str(max(1, (os.cpu_count() or 1) // n))
@@ -278,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         dist = _init_dist(world)
         plan = _prepare(args, rank=rank, world=world, local_rank=local_rank)
         if rank == 0 and not child:
+            _source_warnings(plan, args.quiet)
             _key_notice(plan, args.quiet)
         summary = shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
                              io_workers=args.io_workers, io_procs=args.io_procs, progress=not args.quiet)

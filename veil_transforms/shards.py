@@ -284,6 +284,13 @@ def _webdataset_source(tars: list[str], root: Path | None) -> Source:
                     groups.setdefault(k, {})[e] = m
                     if e in LABEL_EXTS and k not in label_data:
                         label_data[k] = tf.extractfile(m).read()
+                end = tf.offset  # where tarfile stopped: the end-of-archive marker, if any
+            if not _has_end_marker(t, end):
+                # tarfile stops silently at the end of the file (or at a damaged header): a tar cut at a
+                # member boundary looks complete, minus the samples after the cut
+                errors.append(f"{name}: no end-of-archive marker after {len(groups)} samples (truncated?)")
+                log.warning("source shard %s has no end-of-archive marker: it may be truncated, and the samples "
+                            "after the cut are missing (%d read)", name, len(groups))
         except (tarfile.TarError, OSError, EOFError) as e:
             errors.append(f"{name}: {type(e).__name__}: {e}")
             log.warning("source shard %s is damaged (%s); using the samples before the damage", name, e)
@@ -297,6 +304,14 @@ def _webdataset_source(tars: list[str], root: Path | None) -> Source:
                 y = -1  # skipped as "no label" when decoded
             items.append(SourceItem(f"{name}/{k}", y, str(t), img.offset_data, img.size))
     return Source("webdataset", str(root.resolve()) if root else "", items, errors=errors)
+
+
+def _has_end_marker(path: str, offset: int) -> bool:
+    """True if a zero block (the end-of-archive marker) follows the last member, at ``offset``."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        block = f.read(_TAR_BLOCK)
+    return len(block) == _TAR_BLOCK and not any(block)
 
 
 # -- images ------------------------------------------------------------------------
