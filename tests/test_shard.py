@@ -654,7 +654,7 @@ def test_device_is_checked_up_front(data, tmp_path, capsys, monkeypatch):
     """--device gpu used to print torch's list of 20 device types, --device cuda without a GPU 'RuntimeError:
     Found no NVIDIA driver ... (rerun the same command to resume)', exit 1."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for dev, needle in [("gpu", "--device gpu: not a torch device; use cpu, cuda or cuda:N"),
+    for dev, needle in [("gpu", "--device gpu: not a torch device; use 'cpu', 'cuda' or 'cuda:N'"),
                         ("cuda", "--device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)"),
                         ("cuda:1", "--device cuda:1: no CUDA GPU is visible")]:
         assert shard_cli.main([*_argv(data, tmp_path / "o"), "--device", dev]) == 2, dev

@@ -114,27 +114,13 @@ def _dist_env() -> tuple[int, int, int]:
 
 
 def _device_problem(arg: str) -> str | None:
-    """Why --device cannot be used here (one line), or None."""
+    """Why --device cannot be used here (one line), or None: the library's check, up front."""
     if arg == "auto":
         return None
-    import torch
+    from veil_transforms import functional as F
 
-    try:
-        d = torch.device(arg)
-    except (RuntimeError, ValueError, TypeError):
-        return f"--device {arg}: not a torch device; use cpu, cuda or cuda:N"
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            return f"--device {arg}: no CUDA GPU is visible (torch.cuda.is_available() is False)"
-        n = torch.cuda.device_count()
-        if d.index is not None and d.index >= n:
-            return f"--device {arg}: only {n} CUDA GPU{'s' if n != 1 else ''} visible (cuda:0 to cuda:{n - 1})"
-    elif d.type != "cpu":
-        backend = getattr(torch, d.type, None) or getattr(torch.backends, d.type, None)
-        available = getattr(backend, "is_available", None)
-        if callable(available) and not available():
-            return f"--device {arg}: no {d.type} device is visible"
-    return None
+    why = F.device_problem(arg)
+    return f"--device {arg}: {why}" if why else None
 
 
 def _device(arg: str, local_rank: int, world: int):
