@@ -498,3 +498,23 @@ def test_blank_guess_baseline(faces):
     r = audit.run(x, torch.zeros_like(x), attacks=["identity"])  # a veil that reveals nothing
     assert r.blank_ssim >= r.attacks["identity"]["mean_ssim"] - 1e-9  # black is one of the blank guesses
     assert "blank guess" in r.summary() and "blank_ssim" in json.loads(r.to_json(per_sample=False))
+
+
+def test_cli_refuses_originals_that_are_not_the_images_veiled(faces, tmp_path):
+    """Same file names, other pixels: the audit would score the wrong pairs (and could pass); the
+    content tag veil-shard records per shard tells them apart."""
+    from veil_transforms import shards
+    from veil_transforms.nets import LeNet5
+
+    x, y = faces
+    src, other, out = tmp_path / "src", tmp_path / "other", tmp_path / "shards"
+    for root, imgs in ((src, x[:6]), (other, x[6:12])):
+        (root / "a").mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(imgs[i, 0].numpy()).save(root / "a" / f"p{i}.png")
+    torch.manual_seed(0)
+    shards.write_shards(src, out, LeNet5(1, 2), steps=2, progress=False)
+    p = cli("--originals", other, "--veiled", out, "--attacks", "fold", "--quiet")
+    assert p.returncode == 2 and "content tag differs" in p.stderr, p.stdout + p.stderr
+    p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--quiet", "--limit", "2")
+    assert p.returncode in (0, 1) and "over 2 samples" in p.stdout, p.stdout + p.stderr  # a partial shard still checked

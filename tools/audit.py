@@ -164,8 +164,9 @@ def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
     return a[None].copy() if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    """Veiled samples ``{opaque key: uint8 [C, H, W]}`` of a shard folder or .tar, and its manifest (or {})."""
+def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[str]]]:
+    """Veiled samples ``{opaque key: uint8 [C, H, W]}`` of a shard folder or .tar, its manifest (or {}),
+    and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
     p = Path(path)
     manifest = {}
     if p.is_dir():
@@ -182,7 +183,9 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
     else:
         raise InputError(f"veiled shards not found: {path}")
     out: dict[str, np.ndarray] = {}
+    order: dict[str, list[str]] = {}
     for t in tars:
+        order[t.name] = []
         try:
             with tarfile.open(t, "r:") as tf:
                 for m in tf:
@@ -194,6 +197,7 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
                     key, ext = base.split(".", 1)
                     if ext.lower() == "png":
                         data = tf.extractfile(m).read()
+                        order[t.name].append(key)
                         try:
                             out[key] = _decode(data)
                         except Exception as e:  # noqa: BLE001 - any undecodable sample is bad input
@@ -202,7 +206,42 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict]:
             raise InputError(f"cannot read shard {t.name}: {e}") from None
     if not out:
         raise InputError(f"no png samples in {path}")
-    return out, manifest
+    return out, manifest, order
+
+
+def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, originals: dict[str, np.ndarray],
+                      read_original) -> int:
+    """Check that the originals are the images veil-shard veiled, by the content tag it recorded per
+    shard (same file names with other pixels would otherwise be audited as if they were the source).
+    ``originals``: decoded originals by opaque key; ``read_original(k)`` decodes one more (used when no
+    shard is fully covered, e.g. under --limit). Returns the number of shards checked."""
+    from veil_transforms import shards
+
+    tagged = [s for s in manifest.get("shards", []) if s.get("source_tag") and order.get(s["name"])]
+    if not tagged:
+        if manifest.get("shards"):
+            print(f"{PROG}: warning: the manifest has no source tags (shards made before veil-shard recorded "
+                  "them): cannot check that --originals hold the images veiled", file=sys.stderr, flush=True)
+        return 0
+    covered = [s for s in tagged if all(k in originals for k in order[s["name"]])]
+    if not covered:  # check the smallest shard at least
+        covered = [min(tagged, key=lambda s: len(order[s["name"]]))]
+    lut = _normalize_lut()
+    for s in covered:
+        x = np.stack([originals[k] if k in originals else read_original(k) for k in order[s["name"]]])
+        if shards.source_tag(key, lut[x]) != s["source_tag"]:
+            raise InputError(f"originals of {s['name']} are not the images veil-shard veiled (content tag "
+                             "differs): wrong --originals?")
+    return len(covered)
+
+
+def _normalize_lut() -> np.ndarray:
+    """The normalized float32 value of each uint8 pixel, as veil-shard hashes them."""
+    import torch
+
+    from veil_transforms import functional as F
+
+    return F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
 
 
 def list_originals(src: str, labels: str | None):
@@ -248,7 +287,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
         return x, v, {}
     from veil_transforms import keys as _keys
 
-    veiled, manifest = read_shards(args.veiled)
+    veiled, manifest, order = read_shards(args.veiled)
     key_file = Path(args.key_file) if args.key_file else Path(args.veiled.rstrip("/")).absolute().parent / f"{Path(args.veiled.rstrip('/')).name}.key"
     try:
         key = _keys.read_key_file(key_file)
@@ -266,10 +305,12 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
         raise InputError(f"no sample of {args.veiled} matches an image of {args.originals} under this key")
     pairs.sort()
     unmatched = len(veiled) - len(pairs)
+    by_key = {k: (rel, ref) for k, rel, ref in pairs}
     if args.limit:
         pairs = pairs[: args.limit]
-    xs, vs = [], []
-    for k, rel, ref in pairs:
+
+    def read_original(k: str) -> np.ndarray:
+        rel, ref = by_key[k]
         v = veiled[k]
         where = Path(args.originals) / rel if Path(args.originals).is_dir() else f"{rel} in {args.originals}"
         try:
@@ -279,11 +320,20 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
             raise InputError(f"cannot read original {where} ({_why(e)})") from None
         if x.shape != v.shape:
             raise InputError(f"original {where} has shape {x.shape} but its veiled image {v.shape}")
-        xs.append(x)
-        vs.append(v)
+        return x
+
+    originals = {k: read_original(k) for k, _, _ in pairs}
+    check_source_tags(manifest, order, key, originals,
+                      lambda k: read_original(k) if k in by_key else _missing_original(k, args.originals))
+    xs = [originals[k] for k, _, _ in pairs]
+    vs = [veiled[k] for k, _, _ in pairs]
     if unmatched:
         print(f"{PROG}: note: {unmatched} veiled samples have no original in {args.originals}", file=sys.stderr)
     return np.stack(xs), np.stack(vs), manifest
+
+
+def _missing_original(k: str, src: str):
+    raise InputError(f"veiled sample {k} has no original in {src}: cannot check the shard's content tag")
 
 
 def load_public(paths: list[str], channels: int, size: tuple[int, int]):
