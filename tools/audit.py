@@ -226,22 +226,12 @@ def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, o
     covered = [s for s in tagged if all(k in originals for k in order[s["name"]])]
     if not covered:  # check the smallest shard at least
         covered = [min(tagged, key=lambda s: len(order[s["name"]]))]
-    lut = _normalize_lut()
     for s in covered:
         x = np.stack([originals[k] if k in originals else read_original(k) for k in order[s["name"]]])
-        if shards.source_tag(key, lut[x]) != s["source_tag"]:
+        if shards.source_tag(key, x) != s["source_tag"]:
             raise InputError(f"originals of {s['name']} are not the images veil-shard veiled (content tag "
                              "differs): wrong --originals?")
     return len(covered)
-
-
-def _normalize_lut() -> np.ndarray:
-    """The normalized float32 value of each uint8 pixel, as veil-shard hashes them."""
-    import torch
-
-    from veil_transforms import functional as F
-
-    return F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
 
 
 def list_originals(src: str, labels: str | None):

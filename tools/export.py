@@ -199,15 +199,6 @@ def _write_private_map(path: Path, rows: list[tuple[str, str, int, str]]) -> Non
         os.chmod(path, 0o600)
 
 
-def _normalize_lut() -> np.ndarray:
-    """The normalized float32 value of each uint8 pixel, as veil-shard hashes them."""
-    import torch
-
-    from veil_transforms import functional as F
-
-    return F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
-
-
 def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tuple[str, int]:
     body = b"".join(shards.tar_sample(k, y, a) for k, a, y in samples)
     with open(path, "wb") as f:
@@ -255,7 +246,6 @@ def export(args) -> int:
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
-        lut = _normalize_lut()
     manifest = shards.verify(shards_dir)  # raises VerifyError
     channels = int(manifest["source"]["sample_shape"][0])
 
@@ -296,7 +286,7 @@ def export(args) -> int:
                             print(f"{PROG}: warning: {s['name']} has no source tag in the manifest (made before "
                                   "veil-shard recorded one): cannot check that --originals hold the images veiled",
                                   file=sys.stderr, flush=True)
-                    elif shards.source_tag(key, lut[x]) != s["source_tag"]:
+                    elif shards.source_tag(key, x) != s["source_tag"]:
                         raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
                                                 "(content tag differs): wrong --originals?")
                     s_x = ssim(x, v)

@@ -129,12 +129,17 @@ def _uniforms_np(raw: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return u.astype(np.float32).reshape(shape)
 
 
-def keyed_uniforms_np(key: bytes, x_norm: np.ndarray) -> np.ndarray:
-    """:func:`keyed_uniforms_batch` for a float32 numpy batch (no torch needed)."""
+def keyed_uniforms_np(key: bytes, x_norm: np.ndarray, digests: list[bytes] | None = None) -> np.ndarray:
+    """:func:`keyed_uniforms_batch` for a float32 numpy batch (no torch needed).
+
+    ``digests``: a list that receives each sample's :func:`sample_digest` (``veil-shard`` tags
+    a shard's source content with them)."""
     shape = tuple(x_norm.shape[1:])
     n = int(np.prod(shape))
-    raw = b"".join(_mask_stream(key, sample_digest(key, a), n) for a in x_norm)
-    return _uniforms_np(raw, (len(x_norm), *shape))
+    ds = [sample_digest(key, a) for a in x_norm]
+    if digests is not None:
+        digests.extend(ds)
+    return _uniforms_np(b"".join(_mask_stream(key, d, n) for d in ds), (len(x_norm), *shape))
 
 
 def keyed_uniforms_batch(key: bytes, x_norm: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import hmac
 import io
@@ -418,12 +419,24 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
         yield current
 
 
-def source_tag(key: bytes, x_norm_batch) -> str:
+def source_tag(key: bytes, pixels: np.ndarray) -> str:
     """A keyed tag of a shard's source content: the HMAC of the ``keys.sample_digest`` of each
-    veiled sample's normalized float32 pixels ``[N, C, H, W]``, in shard order (as hashed for the
-    mask). ``veil-export`` recomputes it from ``--originals`` to check they are the images veiled;
-    it reveals nothing about them without the key."""
-    return source_tag_of_digests(key, [_keys.sample_digest(key, a) for a in x_norm_batch])
+    veiled sample (uint8 ``[N, C, H, W]``, in shard order; hashed normalized, as for the mask).
+    ``veil-export`` and ``veil-audit`` recompute it from ``--originals`` to check they are the
+    images veiled; it reveals nothing about them without the key."""
+    lut = normalize_lut()
+    return source_tag_of_digests(key, [_keys.sample_digest(key, lut[a]) for a in pixels])
+
+
+@functools.lru_cache(maxsize=1)
+def normalize_lut() -> np.ndarray:
+    """The normalized float32 value of each uint8 pixel, as the library's normalize() computes it
+    (the key's digest hashes those bytes)."""
+    import torch
+
+    from . import functional as F
+
+    return F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
 
 
 def source_tag_of_digests(key: bytes, digests: Iterable[bytes]) -> str:
@@ -814,11 +827,8 @@ def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: byt
     good = [a for a, _ in out if a is not None]
     if not good:
         return [(a, why, None, None) for a, why in out]
-    xn = lut[np.stack(good)]
-    # keys.keyed_uniforms_np, keeping each sample's digest for the shard's source tag
-    digests = [_keys.sample_digest(key, a) for a in xn]
-    n = int(np.prod(xn.shape[1:]))
-    u = iter(_keys._uniforms_np(b"".join(_keys._mask_stream(key, d, n) for d in digests), xn.shape))
+    digests: list[bytes] = []
+    u = iter(_keys.keyed_uniforms_np(key, lut[np.stack(good)], digests))
     dg = iter(digests)
     return [(a, why, next(u), next(dg)) if a is not None else (a, why, None, None) for a, why in out]
 
@@ -1187,7 +1197,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
             try:
                 # 32 images per decoding job: one future per image cost ~30 us of this thread each
                 # (items only, not the Source: an I/O process would be sent its whole listing per job)
-                lut = F.normalize(torch.arange(256, dtype=torch.uint8)).numpy()
+                lut = normalize_lut()
                 chunked = ((items, shape, veil.key, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
                 decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
                 batch: list[np.ndarray] = []
