@@ -383,7 +383,7 @@ def test_cli_bad_out_device_model_public_are_one_line_errors(tmp_path, monkeypat
     torch.save(LeNet5(1, 2).state_dict(), tmp_path / "sd.pt")
     p = cli(*a, "--model", tmp_path / "sd.pt", "--arch", "resnet18")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "as resnet18: state dict does not match that architecture (first mismatch: " in p.stderr and len(p.stderr) < 400
+    assert "does not fit architecture 'resnet18': Missing key(s) in state_dict: " in p.stderr and len(p.stderr) < 400
     (tmp_path / "pub" / "a").mkdir(parents=True)
     Image.fromarray(x[0, 0]).save(tmp_path / "pub" / "a" / "good.png")
     (tmp_path / "pub" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")

@@ -133,24 +133,11 @@ def check_out(out: str) -> None:
 
 
 def model_error(args, e: BaseException) -> str:
-    """One line for a --model that LocalModel.load refused; a state dict of another architecture names
-    its first mismatch instead of torch's list of every key."""
-    cur: BaseException | None = e
-    for _ in range(8):  # the exception and its causes
-        if cur is None:
-            break
-        lines = [ln.strip() for ln in str(cur).splitlines() if ln.strip()]
-        if lines and "Error(s) in loading state_dict" in lines[0]:
-            first = lines[1] if len(lines) > 1 else lines[0]
-            if first.startswith(("Missing key", "Unexpected key")):
-                head, _, names = first.partition(": ")
-                names = names.rstrip(". ").split(", ")
-                first = f"{head}: {names[0]}" + (f" and {len(names) - 1} more" if len(names) > 1 else "")
-            return (f"cannot load --model {args.model} as {args.arch}: state dict does not match that "
-                    f"architecture (first mismatch: {first.rstrip('.')})")
-        cur = cur.__cause__ or cur.__context__
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"--model {args.model}: {lines[0][:300] if lines else type(e).__name__}"
+    """One line for a --model that LocalModel.load refused (its ValueErrors are one line already,
+    a state dict of another architecture naming its first mismatch)."""
+    from veil_transforms.model import describe_error
+
+    return f"--model {args.model}: {e if isinstance(e, ValueError) else describe_error(e)}"
 
 
 def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
