@@ -119,6 +119,10 @@ def test_load_state_dict_errors(tmp_path, lenet):
     text.write_text("not a checkpoint")
     with pytest.raises(ValueError, match="text.pt is not a state dict"):
         LocalModel.load(text, arch="lenet5")
+    whole = tmp_path / "whole.pt"
+    torch.save(lenet, whole)  # the module object, not its state dict
+    with pytest.raises(ValueError, match="whole.pt holds pickled Python objects.*state_dict"):
+        LocalModel.load(whole, arch="lenet5")
     sd = tmp_path / "lenet_sd.pt"
     torch.save(lenet.state_dict(), sd)
     with pytest.raises(ValueError, match=r"does not fit architecture 'resnet18': Missing key\(s\) in state_dict: "

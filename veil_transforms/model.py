@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -148,7 +149,11 @@ class LocalModel(nn.Module):
         if arch is not None:
             try:
                 state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except Exception as e:  # noqa: BLE001 - text, a full pickle, a truncated file ...
+            except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects, e.g. torch.save(model)
+                raise ValueError(f"{path.name} holds pickled Python objects, not only tensors (a whole module "
+                                 "saved with torch.save(model)?); loading it could run code: save "
+                                 "model.state_dict() or a TorchScript file instead") from e
+            except Exception as e:  # noqa: BLE001 - text, a truncated file ...
                 raise ValueError(f"{path.name} is not a state dict torch.load can read safely "
                                  f"({describe_error(e)})") from e
             try:
