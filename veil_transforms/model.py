@@ -149,11 +149,11 @@ class LocalModel(nn.Module):
         if arch is not None:
             try:
                 state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:  # weights_only refuses arbitrary objects, e.g. torch.save(model)
-                raise ValueError(f"{path.name} holds pickled Python objects, not only tensors (a whole module "
-                                 "saved with torch.save(model)?); loading it could run code: save "
-                                 "model.state_dict() or a TorchScript file instead") from e
-            except Exception as e:  # noqa: BLE001 - text, a truncated file ...
+            except Exception as e:  # noqa: BLE001 - text, a truncated file, a whole pickled module ...
+                if isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e):
+                    raise ValueError(f"{path.name} holds pickled Python objects, not only tensors (a whole "
+                                     "module saved with torch.save(model)?); loading it could run code: save "
+                                     "model.state_dict() or a TorchScript file instead") from e
                 raise ValueError(f"{path.name} is not a state dict torch.load can read safely "
                                  f"({describe_error(e)})") from e
             try:
