@@ -807,3 +807,11 @@ def test_truncated_source_tar_is_reported_even_quiet(data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "veil-shard: warning: source shard cut.tar: no end-of-archive marker after 2 samples" in err, err
     assert "no end-of-archive marker" in shards.read_manifest(tmp_path / "o")["source"]["errors"][0]
+
+
+def test_paper_mode_warns_hardened_does_not(data, tmp_path, capsys):
+    argv = [a for a in _argv(data, tmp_path / "p") if a != "--quiet"]
+    assert shard_cli.main(argv + ["--mode", "paper"]) == 0
+    assert "--mode paper is the paper's veil" in capsys.readouterr().err
+    assert shard_cli.main([a for a in _argv(data, tmp_path / "h") if a != "--quiet"] + ["--mode", "hardened"]) == 0
+    assert "--mode paper" not in capsys.readouterr().err

@@ -261,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = _device_problem(args.device)
     if problem:
         return fail(PROG, problem)
+    if args.mode == "paper" and not args.quiet and rank == 0 and not child:
+        print(f"{PROG}: warning: --mode paper is the paper's veil, which a key-free fold attack reads "
+              "(veil-audit fails it, veil-export refuses it); use --mode hardened for data that leaves "
+              "your hands", file=sys.stderr, flush=True)
     if args.threads:
         import torch
 
