@@ -154,6 +154,14 @@ def _source_warnings(plan: shards.Plan, quiet: bool) -> None:
             print(f"{PROG}: warning: source shard {e}: samples may be missing", file=sys.stderr, flush=True)
 
 
+def _mode_notice(args) -> None:
+    """After the input checked out (errors stay one line): the default mode is not the one to ship."""
+    if args.mode == "paper" and not args.quiet:
+        print(f"{PROG}: warning: --mode paper is the paper's veil, which a key-free fold attack reads "
+              "(veil-audit fails it, veil-export refuses it); use --mode hardened for data that leaves "
+              "your hands", file=sys.stderr, flush=True)
+
+
 def _key_notice(plan: shards.Plan, quiet: bool) -> None:
     if plan.key_created or not quiet:
         state = "created a new key in" if plan.key_created else "key from"
@@ -188,6 +196,7 @@ def _spawn(args, argv: list[str]) -> int:
     t0 = time.perf_counter()
     plan = _prepare(args, rank=0, world=1, local_rank=0)
     _source_warnings(plan, args.quiet)
+    _mode_notice(args)
     _key_notice(plan, args.quiet)
     n = args.nproc
     threads = str(max(1, (os.cpu_count() or 1) // n))
@@ -261,10 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     problem = _device_problem(args.device)
     if problem:
         return fail(PROG, problem)
-    if args.mode == "paper" and not args.quiet and rank == 0 and not child:
-        print(f"{PROG}: warning: --mode paper is the paper's veil, which a key-free fold attack reads "
-              "(veil-audit fails it, veil-export refuses it); use --mode hardened for data that leaves "
-              "your hands", file=sys.stderr, flush=True)
     if args.threads:
         import torch
 
@@ -278,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = _prepare(args, rank=rank, world=world, local_rank=local_rank)
         if rank == 0 and not child:
             _source_warnings(plan, args.quiet)
+            _mode_notice(args)
             _key_notice(plan, args.quiet)
         summary = shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
                              io_workers=args.io_workers, io_procs=args.io_procs, progress=not args.quiet)
