@@ -223,3 +223,39 @@ def test_audit_inversion_with_a_model_for_other_images(tmp_path, lenet):
     x = np.random.default_rng(0).integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
     with pytest.raises(ValueError, match="does not accept images of shape \\[3, 28, 28\\].*1 channels"):
         audit.run(x, x, attacks=["inversion"], model=lenet, inversion_steps=2)
+
+
+def test_veil_names_a_channel_mismatch_in_one_line(lenet):
+    with pytest.raises(ValueError, match=r"does not accept images of shape \[3, 28, 28\].*1 channels"):
+        F.veil(lenet, u8(c=3), steps=2, key=KEY)
+
+
+def test_missing_shard_is_named(tmp_path):
+    from veil_transforms import shards
+
+    with pytest.raises(shards.ShardError, match=f"cannot read shard {tmp_path}/veil-000000.tar: FileNotFoundError"):
+        list(shards.load(str(tmp_path / "veil-000000.tar")))
+
+
+def test_load_a_folder_or_none(tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        LocalModel.load(tmp_path)
+    with pytest.raises(TypeError, match="expected a file path"):
+        LocalModel.load(None)
+
+
+def test_audit_threshold_below_minus_one_says_why():
+    from veil_transforms import audit
+
+    x = np.zeros((2, 1, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="below -1 fails everything"):
+        audit.run(x, x, thresholds=(-5, 0.3))
+
+
+def test_pixels_that_require_grad_are_checked_without_a_warning():
+    import warnings
+
+    x = torch.rand(1, 1, 28, 28, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.check_pixels(x)

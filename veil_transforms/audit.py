@@ -393,8 +393,9 @@ def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float
         raise ValueError(f"thresholds: expected (mean, max), got {thresholds}")
     for name, t in zip(("mean", "max"), thresholds):
         if not -1 <= t < 1:  # also NaN
-            raise ValueError(f"{name} threshold must lie in [-1, 1), got {t:g}: SSIM is at most 1, "
-                             f"so a bar of 1 or more passes everything")
+            why = ("SSIM is at most 1, so a bar of 1 or more passes everything" if t >= 1 else
+                   "SSIM is at least -1, so a bar below -1 fails everything" if t < -1 else "not a number")
+            raise ValueError(f"{name} threshold must lie in [-1, 1), got {t:g}: {why}")
     for name in ("chunk", "inversion_steps"):
         v = opts[name]
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:

@@ -24,7 +24,7 @@ import torch
 
 from . import keys as _keys
 from .allocator import tune_for_cpu_veil
-from .model import frozen
+from .model import LocalModel, frozen
 
 # Chosen from benchmarks/lr_sweep.py on MNIST 8k/2k / LeNet-5 (benchmarks/results/lr_sweep.md,
 # H200): 0.03, 0.1 and 0.3 all leave the veiled model 4.6-5.5 points below the baseline on
@@ -62,6 +62,7 @@ def check_pixels(x: torch.Tensor, what: str = "input") -> None:
         return
     if not x.is_floating_point():
         raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}")
+    x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or inf")
     lo, hi = float(x.min()), float(x.max())
@@ -752,10 +753,15 @@ def veil(
     unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
     if unsupported:
         raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
-    xt = torch.cat([
-        gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)
-        for s in range(0, len(xn), chunk)
-    ])
+    try:
+        xt = torch.cat([
+            gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)
+            for s in range(0, len(xn), chunk)
+        ])
+    except RuntimeError:
+        if isinstance(model, torch.nn.Module):  # F refusing these images: say so in one line (ValueError)
+            (model if isinstance(model, LocalModel) else LocalModel(model)).check_input(tuple(images.shape[1:]))
+        raise
     if not bool(torch.isfinite(xt).all()):  # NaN would come out as black pixels, silently
         raise ValueError(
             "veil: the gradient iteration produced NaN or inf: F's output or its gradient is not finite "

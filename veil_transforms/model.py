@@ -132,7 +132,11 @@ class LocalModel(nn.Module):
     @classmethod
     def load(cls, path: str | os.PathLike, layer: str | None = None, *, arch: str | None = None, **kw):
         """Load F from a TorchScript ``.pt``, a state dict ``.pt`` with ``arch``, or an ``.onnx`` file."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"LocalModel.load: expected a file path, got {type(path).__name__}")
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; give the model file (.pt or .onnx) in it")
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         data = path.read_bytes()
@@ -169,7 +173,7 @@ class LocalModel(nn.Module):
                 module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise ValueError(
-                f"{path.name} is not a TorchScript file ({type(e).__name__}); for a state dict pass arch=... "
+                f"{path.name} is not a TorchScript file ({describe_error(e)}); for a state dict pass arch=... "
                 "(--arch on the command line)"
             ) from e
         m = cls(module, layer, name=path.name)
@@ -199,7 +203,7 @@ def error_cause(e: BaseException) -> str:
         return type(e).__name__
     for ln in reversed(lines):
         if _TYPED.match(ln):
-            return ln[:300]
+            return _first_sentence(ln)
     if "size mismatch" in str(e) or "Missing key" in str(e) or "Unexpected key" in str(e):
         first = next((ln for ln in lines[1:] if ln), lines[0])  # state dicts: the first mismatch ...
         head, sep, names = first.partition(": ")
@@ -207,7 +211,14 @@ def error_cause(e: BaseException) -> str:
             keys = names.rstrip(". ").split(", ")
             return f"{head}: {keys[0]}" + (f" and {len(keys) - 1} more" if len(keys) > 1 else "")
         return first[:300]
-    return lines[0][:300]
+    return _first_sentence(lines[0])
+
+
+def _first_sentence(line: str, limit: int = 300) -> str:
+    """``line`` up to its first sentence's end when it runs on (torch appends advice), at most ``limit``."""
+    if len(line) > 160 and ". " in line[:limit]:
+        line = line[: line.index(". ") + 1]
+    return line[:limit]
 
 
 def describe_error(e: BaseException) -> str:

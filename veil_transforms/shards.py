@@ -1422,8 +1422,11 @@ def reraise_named(exn: BaseException) -> bool:
     message names a stream object), e.g. a file that is not a tar or a truncated one."""
     if isinstance(exn, ShardError):
         raise exn
-    url = exn.args[-1] if len(exn.args) >= 2 and isinstance(exn.args[-1], str) else None
-    raise ShardError(f"cannot read shard {url or '(unknown)'}: {type(exn).__name__}: {_one_line(exn)}") from exn
+    url = getattr(exn, "filename", None) if isinstance(exn, OSError) else None  # a missing file: its path
+    if url is None and len(exn.args) >= 2 and isinstance(exn.args[-1], str):  # webdataset appends the url
+        url = exn.args[-1]
+    msg = exn.strerror if isinstance(exn, OSError) and exn.strerror else _one_line(exn)
+    raise ShardError(f"cannot read shard {url or '(unknown)'}: {type(exn).__name__}: {msg}") from exn
 
 
 def load(
