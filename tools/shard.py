@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             _source_warnings(plan, args.quiet)
             _mode_notice(args)
             _key_notice(plan, args.quiet)
-        summary = shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
+        shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
                              io_workers=args.io_workers, io_procs=args.io_procs, progress=not args.quiet)
         if dist:
             import torch.distributed as tdist

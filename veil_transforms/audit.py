@@ -228,7 +228,7 @@ class AuditReport:
             f"({self.n} samples of {'x'.join(map(str, self.shape))}; pass = every attack's mean SSIM < {t_mean:g} "
             f"and every sample's SSIM < {t_max:g})",
             "",
-            f"| attack | mean SSIM | max SSIM | mean PSNR (dB) | re-id top-1 | best variant | verdict |",
+            "| attack | mean SSIM | max SSIM | mean PSNR (dB) | re-id top-1 | best variant | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
         for name, a in self.attacks.items():

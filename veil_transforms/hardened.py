@@ -60,7 +60,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .model import frozen
 
 # Recommended third-party recipe for hardened veils (measured in benchmarks/frontier.py).
 NOISE_SIGMA = 0.6

@@ -1071,7 +1071,6 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
     pay off when the GPU veils faster than one Python process can decode and encode (small images)."""
     import torch
 
-    from . import functional as F
     from .progress import bar
 
     if not isinstance(batch_size, int) or batch_size < 1:

@@ -8,7 +8,6 @@ masks, boxes, metadata) passes through untouched, as with any v2 transform.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
