@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 
 def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
@@ -41,3 +42,15 @@ def fail(prog: str, msg: BaseException | str, code: int = 2) -> int:
 def debug() -> bool:
     """VEIL_DEBUG=1 shows tracebacks instead of one-line errors."""
     return os.environ.get("VEIL_DEBUG", "") not in ("", "0")
+
+
+def unwritable_folder(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``folder`` (or in the folders it would be created as), or None."""
+    f = Path(folder).absolute()
+    while not f.exists() and f.parent != f:
+        f = f.parent
+    if not f.is_dir():
+        return f"{f} is not a folder"
+    if not os.access(f, os.W_OK | os.X_OK):
+        return f"{f} is not writable"
+    return None

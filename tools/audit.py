@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import re
 import sys
 import tarfile
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import debug, fail, setup_logging
+from ._common import debug, fail, setup_logging, unwritable_folder
 
 PROG = "veil-audit"
 ARRAY_EXTS = (".npy", ".pt", ".pth")
@@ -125,11 +124,9 @@ def check_out(out: str) -> None:
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise InputError(f"--out {out} is a file; it must be a folder (created if missing)")
-    q = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), None)
-    if q is not None and not q.is_dir():
-        raise InputError(f"--out {out}: {q} is a file, not a folder")
-    if q is not None and not os.access(q, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out}: cannot write there ({q} is not writable)")
+    why = unwritable_folder(p)
+    if why:
+        raise InputError(f"--out {out}: cannot write there ({why})")
 
 
 def model_error(args, e: BaseException) -> str:

@@ -44,7 +44,7 @@ import numpy as np
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
-from ._common import debug, fail, setup_logging
+from ._common import debug, fail, setup_logging, unwritable_folder
 
 PROG = "veil-export"
 EPS = 1e-9  # SSIM of identical images can come out a hair above 1.0
@@ -129,7 +129,7 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"DEST {dest} exists and is not an empty folder")
     if shards.is_inside(dest, shards_dir) or shards.is_inside(shards_dir, dest):
         raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
-    why = _unwritable_folder(dest.parent)  # DEST is assembled beside it, then renamed
+    why = unwritable_folder(dest.parent)  # DEST is assembled beside it, then renamed
     if why:
         raise shards.ShardError(f"cannot create DEST {dest}: {why}")
 
@@ -142,22 +142,10 @@ def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> P
     if gate:
         if pm.is_dir():
             raise shards.ShardError(f"--private-map {pm} is a folder: give a file name (e.g. {pm / 'private-map.csv'})")
-        why = _unwritable_folder(pm.parent)
+        why = unwritable_folder(pm.parent)
         if why:
             raise shards.ShardError(f"cannot write the private map {pm}: {why}")
     return pm
-
-
-def _unwritable_folder(folder: Path) -> str | None:
-    """Why files cannot be created in ``folder`` (or in the folders it would be created as), or None."""
-    f = folder
-    while not f.exists() and f.parent != f:
-        f = f.parent
-    if not f.is_dir():
-        return f"{f} is not a folder"
-    if not os.access(f, os.W_OK | os.X_OK):
-        return f"{f} is not writable"
-    return None
 
 
 def _originals(args, manifest: dict, shards_dir: Path):
