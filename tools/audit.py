@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import re
 import sys
 import tarfile
 from pathlib import Path
@@ -113,10 +112,10 @@ def load_array(path: str) -> np.ndarray:
 
 
 def _why(e: BaseException) -> str:
-    """``Type: message`` of a decoding error in one line, without PIL's ``<_io.BytesIO object at 0x...>``."""
-    msg = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)).strip()
-    msg = msg.splitlines()[0] if msg else ""
-    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    """``Type: cause`` of a decoding error in one line (torch is imported only when it is needed)."""
+    from veil_transforms.model import describe_error
+
+    return describe_error(e)
 
 
 def check_out(out: str) -> None:
@@ -132,9 +131,7 @@ def check_out(out: str) -> None:
 def model_error(args, e: BaseException) -> str:
     """One line for a --model that LocalModel.load refused (its ValueErrors are one line already,
     a state dict of another architecture naming its first mismatch)."""
-    from veil_transforms.model import describe_error
-
-    return f"--model {args.model}: {e if isinstance(e, ValueError) else describe_error(e)}"
+    return f"--model {args.model}: {e if isinstance(e, ValueError) else _why(e)}"
 
 
 def _decode(data: bytes, channels: int | None = None) -> np.ndarray:

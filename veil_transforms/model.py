@@ -188,17 +188,19 @@ class LocalModel(nn.Module):
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_ADDR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")  # "<_io.BytesIO object at 0x...>" in PIL errors
 _TYPED = re.compile(r"^[A-Za-z_.]*(Error|Exception):")
 
 
 def error_cause(e: BaseException) -> str:
     """The line of an exception's message that says what went wrong, without terminal colours.
 
+    Object reprs with addresses (PIL's ``<_io.BytesIO object at 0x...>``) are left out.
     TorchScript and torch.load put their cause last, after a traceback or a long preamble
     ("The following operation failed in the TorchScript interpreter. ... RuntimeError: <cause>");
     most others put it first.
     """
-    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in _ADDR.sub("", _ANSI.sub("", str(e))).splitlines() if ln.strip()]
     if not lines:
         return type(e).__name__
     for ln in reversed(lines):
