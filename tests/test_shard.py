@@ -380,6 +380,24 @@ def test_reader_in_dataloader_with_two_workers(data):
     assert isinstance(img, bytes) and img[:4] == b"\x89PNG"
 
 
+def test_reader_closes_its_shard_files(data):
+    """webdataset leaves each shard file to the garbage collector (ResourceWarning: unclosed file)."""
+    import gc
+    import warnings
+
+    ref = data["ref"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        assert len(list(shards.load(ref))) == N_GOOD  # read to the end
+        for i, _ in enumerate(shards.load(ref, shuffle=5)):  # left early
+            if i == 2:
+                break
+        next(iter(shards.load(ref, decode=False)))
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed[:3]
+
+
 def test_reader_splits_by_node(data, monkeypatch):
     ref = data["ref"]
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -1470,6 +1470,41 @@ def load(
         handler=handler or reraise_named,
         empty_check=False,
     )
+    _close_shard_files(ds)
     if shuffle:
         ds = ds.shuffle(shuffle, seed=seed) if seed is not None else ds.shuffle(shuffle)
     return ds.map(_ToTuple(decode, with_keys))
+
+
+def _close_shard_files(ds) -> None:
+    """Make ``ds`` close each shard file once read, or when iteration stops early.
+
+    webdataset's opener leaves closing to the garbage collector: every shard read (or a loop
+    left with ``break``) ends in a ``ResourceWarning: unclosed file``, an error under
+    ``-W error``. Its opener stage is wrapped in place; a webdataset without that stage is
+    left as it is.
+    """
+    for i, stage in enumerate(getattr(ds, "pipeline", [])):
+        if type(stage).__name__ in ("StreamingOpen", "FileCache"):
+            ds.pipeline[i] = _ClosingOpener(stage)
+            return
+
+
+class _ClosingOpener:
+    """Wraps a webdataset opener stage: closes a shard's stream when the next is asked for or the loop ends."""
+
+    def __init__(self, opener):
+        self.opener = opener
+
+    def __call__(self, urls):
+        opened = self.opener(urls)
+        try:
+            for source in opened:
+                try:
+                    yield source
+                finally:
+                    stream = source.get("stream") if isinstance(source, dict) else None
+                    if stream is not None:
+                        stream.close()
+        finally:
+            opened.close()
