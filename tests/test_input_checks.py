@@ -182,6 +182,32 @@ def test_bad_cache_files_are_veiled_again(tmp_path, vt):
     assert all(again._from_dir(d, again.dataset[i][0]) is not None for d, i in files.items())  # rewritten
 
 
+def test_a_bad_cache_file_is_reported_once(tmp_path, vt, caplog):
+    ds = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False).prepare()
+    f = ds._dir / f"{ds._digest(ds.dataset[3][0])}.npy"
+    f.write_bytes(b"")  # torn
+    fresh = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        fresh[3]  # the sample's own look-up misses, then its block is veiled: one warning, not two
+    assert [r.getMessage().count(f.name) for r in caplog.records] == [1]
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_goes_on(tmp_path, vt, caplog, monkeypatch):
+    want = VeiledDataset(_Images(), vt, batch_size=16, cache=None, progress=False)
+    ds = VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False)
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset_mod.os, "fsync", full)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        got = [ds[i][0] for i in (0, 20, 39)]  # three blocks, three failed batches of writes
+    assert all(torch.equal(g, want[i][0]) for g, i in zip(got, (0, 20, 39)))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "No space left on device" in msgs[0] and "not being cached" in msgs[0]
+    assert [p.name for p in ds._dir.iterdir()] == ["settings.json"]  # no half-written temp files left
+
+
 def test_dataset_bad_arguments(tmp_path, vt):
     with pytest.raises(TypeError, match="cache: expected"):
         VeiledDataset(_Images(), vt, cache=True)

@@ -18,6 +18,7 @@ workers then only read the cache.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -71,6 +72,7 @@ class VeiledDataset(Dataset):
         self.image_key, self.progress = image_key, progress
         self._memory: dict[Any, torch.Tensor] | None = {} if cache == "memory" else None
         self._dir: Path | None = None
+        self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
         if cache not in (None, "memory"):
             if not isinstance(cache, (str, os.PathLike)):
                 raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
@@ -139,7 +141,7 @@ class VeiledDataset(Dataset):
                 for i, v in zip(part, veiled):
                     out[i] = v
                     if self._dir is not None:
-                        _atomic_save(self._dir / f"{digests[i]}.npy", v.numpy())
+                        self._to_dir(digests[i], v)
         if self._memory is not None:
             for i, ident in enumerate(ids):
                 if ident is not None:
@@ -160,9 +162,27 @@ class VeiledDataset(Dataset):
             if a.shape != tuple(x.shape) or a.dtype != torch.empty(0, dtype=x.dtype).numpy().dtype:
                 raise ValueError(f"holds {a.dtype} {a.shape}, expected {x.dtype} {tuple(x.shape)}")
         except (OSError, ValueError, EOFError) as e:
-            log.warning("cache file %s is unusable (%s): veiling that sample again", f, e)
+            self._warn_once(str(f), "cache file %s is unusable (%s): veiling that sample again", f, e)
             return None
         return torch.from_numpy(a)
+
+    def _to_dir(self, digest: str, veiled: torch.Tensor) -> None:
+        """Store one veil in the directory cache. A cache that can no longer be written (folder made
+        read-only, disk full) is reported once and the run goes on uncached: the veils are still right."""
+        f = self._dir / f"{digest}.npy"
+        try:
+            _atomic_save(f, veiled.numpy())
+        except OSError as e:
+            self._warn_once("write", "cannot write the veil cache in %s (%s: %s): veiled samples are not being "
+                            "cached, so each is veiled again next time", self._dir, type(e).__name__,
+                            e.strerror or e)
+        else:
+            self._warned.discard(str(f))
+
+    def _warn_once(self, what: str, msg: str, *args) -> None:
+        if what not in self._warned:
+            self._warned.add(what)
+            log.warning(msg, *args)
 
     def _veil_samples(self, samples: list[Any], ids: list[Any]) -> list[Any]:
         images = [self._get_image(s) for s in samples]
@@ -249,8 +269,13 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
