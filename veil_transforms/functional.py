@@ -718,6 +718,19 @@ def veil(
         raise ValueError(f"chunk must be an integer >= 1, 'auto' or None, got {chunk!r}")
     in_dtype = images.dtype
     device = resolve_device(device) if device is not None else images.device
+    gia = MODES[mode]
+    fast = {}  # only non-default speed options, so modes without them keep working
+    if precision != "fp32":
+        fast["precision"] = precision
+    if cuda_graph is None:  # default: on for CUDA (same veil up to float rounding, faster in every case measured)
+        cuda_graph = device.type == "cuda" and "cuda_graph" in inspect.signature(gia).parameters
+    if cuda_graph and device.type == "cuda":
+        fast["cuda_graph"] = True
+    if compile:
+        fast["compile"] = True
+    unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
+    if unsupported:
+        raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
     _warn_if_emulated_bf16(precision, device)
     if device.type == "cpu":
         tune_for_cpu_veil()  # once per process; VEIL_TUNE_ALLOCATOR=0 leaves glibc's allocator alone
@@ -738,21 +751,8 @@ def veil(
         chunk = len(xn) if device.type == "cuda" else 512
     elif chunk == "auto":
         chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision)
-    gia = MODES[mode]
-    fast = {}  # only non-default speed options, so modes without them keep working
-    if precision != "fp32":
-        fast["precision"] = precision
-    if cuda_graph is None:  # default: on for CUDA (same veil up to float rounding, faster in every case measured)
-        cuda_graph = device.type == "cuda" and "cuda_graph" in inspect.signature(gia).parameters
-    if cuda_graph and device.type == "cuda":
-        fast["cuda_graph"] = True
-    if compile:
-        fast["compile"] = True
     if fold_bn:
         model = fold_batchnorm(model)
-    unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
-    if unsupported:
-        raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
     try:
         xt = torch.cat([
             gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)

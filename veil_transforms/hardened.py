@@ -111,7 +111,9 @@ def hardened_iteration(
     steps: int = 300,
     threshold: float = 0.3,
     return_stats: bool = False,
-    **fast,
+    precision: str = "fp32",
+    cuda_graph: bool = False,
+    compile: bool = False,
 ):
     """Gradient iteration of the hardened mode (same signature as ``functional.gradient_iteration``).
 
@@ -120,7 +122,7 @@ def hardened_iteration(
     library's gradient iteration on ``alpha * ||F(x~) - F(x)||_1`` alone
     (``beta`` is accepted for signature compatibility and replaced by 0, see
     the module docstring): same per-sample early stop, compaction and speed
-    options (``precision``, ``cuda_graph``) as the paper mode.
+    options (``precision``, ``cuda_graph``, ``compile``) as the paper mode.
     """
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
@@ -129,7 +131,8 @@ def hardened_iteration(
     del beta
     return gradient_iteration(
         model, one_time_pad(x_start, x), x, alpha=alpha, beta=0.0, lr=lr, steps=steps,
-        threshold=threshold, return_stats=return_stats, **fast,
+        threshold=threshold, return_stats=return_stats, precision=precision, cuda_graph=cuda_graph,
+        compile=compile,
     )
 
 
