@@ -30,7 +30,10 @@ per image) and T = ``--steps`` steps, it times:
    speed options (``precision="bf16"``, ``cuda_graph``, ``compile``, ``fold_bn``;
    "library fp32" is the eager loop, ``cuda_graph=False``; bf16 on the CPU
    uses ``torch.autocast("cpu")``; the CPU's compiled variants, e.g.
-   "library fp32 + compile", run only when ``--methods`` names them).
+   "library fp32 + compile", run only when ``--methods`` names them);
+   "hardened ..." is ``mode="hardened"`` (the mode to ship: the same loop from
+   a keyed pad, so it differs from the plain loop's veil by design; on the CPU
+   only when named).
 4. on CUDA, a bf16 8192^3 matmul: the card's practical peak.
 
 The early stop is off by default (``--threshold -inf``): with random weights it
@@ -159,7 +162,8 @@ def library_variants(device, shape, has_bn):
     """label -> options of veil() timed for one case."""
     if device.type != "cuda":  # the compiled ones only when --methods names them (CPU_DEFAULT: CI's run)
         v = {"library fp32": {}, "library bf16": {"precision": "bf16"},
-             "library fp32 + compile": {"compile": True}, "library bf16 + compile": {"precision": "bf16", "compile": True}}
+             "library fp32 + compile": {"compile": True}, "library bf16 + compile": {"precision": "bf16", "compile": True},
+             "hardened fp32": {"mode": "hardened"}}
         if has_bn:
             v["library bf16 + fold BN + compile"] = {"precision": "bf16", "fold_bn": True, "compile": True}
         return v
@@ -174,6 +178,8 @@ def library_variants(device, shape, has_bn):
         v["library bf16 + CUDA graph + fold BN + compile"] = {**bf, "fold_bn": True, "compile": True}
     else:
         v["library bf16 + CUDA graph + compile"] = {**bf, "compile": True}
+    # the mode to ship: the same loop from its keyed pad (SHAKE-256 on the host, per sample)
+    v["hardened fp32 + CUDA graph"] = {**g, "mode": "hardened"}
     return v
 
 
