@@ -250,6 +250,20 @@ def test_gate_refuses_other_images_under_the_same_names(data, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
+def test_an_original_that_no_longer_decodes_is_named_without_object_addresses(data, tmp_path, capsys):
+    other = tmp_path / "other-src"
+    shutil.copytree(data["src"], other)
+    victim = sorted((other / "Person A").iterdir())[0]
+    victim.write_bytes(b"not an image any more")
+    code = export_cli.main([str(data["root"] / "weak"), str(tmp_path / "d"), "--originals", str(other),
+                            "--key-file", str(data["root"] / "owner.key"), "--quiet", "--force"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"original Person A/{victim.name} can no longer be read (UnidentifiedImageError: " in err
+    assert " at 0x" not in err and "BytesIO" not in err, err
+    assert not (tmp_path / "d").exists()
+
+
 def test_source_tags_are_recorded_checked_and_not_exported(data, tmp_path, capsys):
     weak = data["root"] / "weak"
     m = shards.read_manifest(weak)

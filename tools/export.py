@@ -172,7 +172,8 @@ def _original(source, item, channels: int) -> np.ndarray:
     try:
         return shards.decode_image(source.read_bytes(item), channels=channels)
     except Exception as e:  # noqa: BLE001
-        raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {e})") from None
+        msg = shards._ADDR.sub("", str(e).splitlines()[0] if str(e) else "").strip()  # no "<_io.BytesIO ... at 0x..>"
+        raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {msg})") from None
 
 
 def _write_private_map(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
