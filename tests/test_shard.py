@@ -833,3 +833,48 @@ def test_paper_mode_warns_hardened_does_not(data, tmp_path, capsys):
     assert "--mode paper is the paper's veil" in capsys.readouterr().err
     assert shard_cli.main([a for a in _argv(data, tmp_path / "h") if a != "--quiet"] + ["--mode", "hardened"]) == 0
     assert "--mode paper" not in capsys.readouterr().err
+
+
+def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp_path, capsys):
+    """--copies K (the hardened recipe: 4 veils of 75 steps): copy c of an image is the library's veil
+    under hardened.copy_keys(key, K)[c]; veil-export's gate and veil-audit map all copies back."""
+    from veil_transforms.hardened import copy_keys
+    from veil_transforms.tools import audit as audit_cli
+    from veil_transforms.tools import export as export_cli
+
+    out, key = tmp_path / "copies", keys.read_key_file(data["key_file"])
+    assert shard_cli.main([*_argv(data, out), "--copies", "2", "--mode", "hardened"]) == 0
+    m = shards.verify(out)
+    n_items = N_GOOD + 3
+    assert m["copies"] == 2 and m["num_shards"] == -(-2 * n_items // SHARD_SIZE)
+    assert m["num_veiled"] == 2 * N_GOOD and m["num_skipped"] == 2 * 3
+    source = shards.open_source(data["src"])
+    owner = shards.opaque_keys(key, 2, source.items)
+    got = snapshot(out)
+    assert set(got) <= set(owner) and len(got) == 2 * N_GOOD
+    assert {sk["key"] for sk in m["skipped"]} <= set(owner)
+    ks = copy_keys(key, 2)
+    assert sorted((owner[k][0].rel, ks.index(owner[k][1])) for k in got) == sorted(
+        (it.rel, c) for c in range(2) for it in source.items if it.rel not in {sk["path"] for sk in m["skipped"]})
+    # the pixels: one shard of the second copy against VeilTransform under that copy's key
+    last = m["shards"][-1]
+    smp = list(shards.read_tar_samples(out / last["name"]))
+    assert all(owner[s["__key__"]][1] == ks[1] for s in smp)
+    x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(owner[s["__key__"]][0]))) for s in smp])
+    veil = VeilTransform(str(data["model"]), key=ks[1], steps=3, mode="hardened", device="cpu")
+    assert np.array_equal(veil.veil_batch(x).numpy(), np.stack([shards.decode_image(s["png"]) for s in smp]))
+    # two copies of one image are two different veils
+    rel = owner[smp[0]["__key__"]][0].rel
+    twins = [got[k][1] for k, (it, _) in owner.items() if it.rel == rel]
+    assert len(twins) == 2 and twins[0] != twins[1]
+    # a resume with another --copies is refused; the gate's content tags hold for every copy
+    assert shard_cli.main([*_argv(data, out), "--copies", "1", "--mode", "hardened"]) == 2
+    assert "--copies (2 -> 1)" in capsys.readouterr().err
+    dest = tmp_path / "dest"
+    assert export_cli.main([str(out), str(dest), "--originals", str(data["src"]), "--key-file", str(data["key_file"]),
+                            "--quiet", "--force"]) == 0, capsys.readouterr().err
+    assert json.loads((dest / "receipt.json").read_text())["num_samples"] == 2 * N_GOOD
+    code = audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out), "--key-file", str(data["key_file"]),
+                           "--attacks", "fold", "--quiet", "--out", str(tmp_path / "audit")])
+    report = capsys.readouterr().out
+    assert code in (0, 1) and f"over {2 * N_GOOD} samples" in report, report

@@ -191,11 +191,12 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
 
 
 def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, originals: dict[str, np.ndarray],
-                      read_original) -> int:
+                      read_original, sample_keys: dict[str, bytes] | None = None) -> int:
     """Check that the originals are the images veil-shard veiled, by the content tag it recorded per
     shard (same file names with other pixels would otherwise be audited as if they were the source).
     ``originals``: decoded originals by opaque key; ``read_original(k)`` decodes one more (used when no
-    shard is fully covered, e.g. under --limit). Returns the number of shards checked."""
+    shard is fully covered, e.g. under --limit); ``sample_keys``: each sample's copy key (default:
+    ``key``, one copy). Returns the number of shards checked."""
     from veil_transforms import shards
 
     tagged = [s for s in manifest.get("shards", []) if s.get("source_tag") and order.get(s["name"])]
@@ -209,7 +210,8 @@ def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, o
         covered = [min(tagged, key=lambda s: len(order[s["name"]]))]
     for s in covered:
         x = np.stack([originals[k] if k in originals else read_original(k) for k in order[s["name"]]])
-        if shards.source_tag(key, x) != s["source_tag"]:
+        ks = [sample_keys.get(k, key) for k in order[s["name"]]] if sample_keys else None
+        if shards.source_tag(key, x, ks) != s["source_tag"]:
             raise InputError(f"originals of {s['name']} are not the images veil-shard veiled (content tag "
                              "differs): wrong --originals?")
     return len(covered)
@@ -268,10 +270,15 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
         raise InputError(f"key file {key_file} is not the key these shards were made with (fingerprints differ)")
     items, source = list_originals(args.originals, args.labels)
     pairs = []
-    for rel, ref in items:
-        k = _keys.opaque_key(key, rel)
-        if k in veiled:
-            pairs.append((k, rel, ref))
+    from veil_transforms.shards import copy_keys_of
+
+    copy_key = {}  # opaque key -> the key of its copy (veil-shard --copies)
+    for ck in copy_keys_of(key, manifest.get("copies", 1)):
+        for rel, ref in items:
+            k = _keys.opaque_key(ck, rel)
+            if k in veiled:
+                pairs.append((k, rel, ref))
+                copy_key[k] = ck
     if not pairs:
         raise InputError(f"no sample of {args.veiled} matches an image of {args.originals} under this key")
     pairs.sort()
@@ -295,7 +302,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
 
     originals = {k: read_original(k) for k, _, _ in pairs}
     check_source_tags(manifest, order, key, originals,
-                      lambda k: read_original(k) if k in by_key else _missing_original(k, args.originals))
+                      lambda k: read_original(k) if k in by_key else _missing_original(k, args.originals), copy_key)
     xs = [originals[k] for k, _, _ in pairs]
     vs = [veiled[k] for k, _, _ in pairs]
     if unmatched:

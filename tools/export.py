@@ -149,7 +149,7 @@ def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> P
 
 
 def _originals(args, manifest: dict, shards_dir: Path):
-    """(key, {opaque key: SourceItem}, Source) for the gate, checked against the manifest."""
+    """(key, {opaque key: (SourceItem, that copy's key)}, Source) for the gate, checked against the manifest."""
     key_file = Path(args.key_file) if args.key_file else shards.default_key_file(shards_dir)
     if not key_file.is_file():
         raise shards.ShardError(f"key file not found: {key_file} (pass --key-file, the one veil-shard used)")
@@ -165,7 +165,7 @@ def _originals(args, manifest: dict, shards_dir: Path):
         raise shards.ShardError(
             f"--originals {args.originals} does not list the same files and labels as the SRC veil-shard used"
         )
-    return key, {_keys.opaque_key(key, it.rel): it for it in source.items}, source
+    return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source
 
 
 def _original(source, item, channels: int) -> np.ndarray:
@@ -264,7 +264,7 @@ def export(args) -> int:
                     if missing:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
                                                 f"{args.originals} (e.g. {missing[0]})")
-                    x = np.stack([_original(source, items[k], channels) for k, _, _ in samples])
+                    x = np.stack([_original(source, items[k][0], channels) for k, _, _ in samples])
                     v = np.stack([a for _, a, _ in samples])
                     if x.shape != v.shape:
                         raise shards.ShardError(f"originals of {s['name']} have shape {x.shape[1:]}, veiled {v.shape[1:]}")
@@ -274,7 +274,7 @@ def export(args) -> int:
                             print(f"{PROG}: warning: {s['name']} has no source tag in the manifest (made before "
                                   "veil-shard recorded one): cannot check that --originals hold the images veiled",
                                   file=sys.stderr, flush=True)
-                    elif shards.source_tag(key, x) != s["source_tag"]:
+                    elif shards.source_tag(key, x, [items[k][1] for k, _, _ in samples]) != s["source_tag"]:
                         raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
                                                 "(content tag differs): wrong --originals?")
                     s_x = ssim(x, v)
@@ -284,7 +284,7 @@ def export(args) -> int:
                         attacks.append(float(a2))
                         if a1 > args.max_ssim + EPS or a2 > args.max_attack_ssim + EPS:
                             offenders.append((k, float(a1), float(a2)))
-                        private_rows.append((k, items[k].rel, y, s["name"]))
+                        private_rows.append((k, items[k][0].rel, y, s["name"]))
                 sha, size = _write_shard(staging / s["name"], samples)
                 out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
                 pb.update(len(samples))

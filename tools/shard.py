@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=F.PAPER["threshold"], help="per-sample early-stop loss")
     p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
+    p.add_argument("--copies", type=int, default=1,
+                   help="veils per image, each under its own key derived from the key file (hardened.copy_keys); "
+                        "the hardened recipe is --mode hardened --steps 75 --copies 4 (same cost as one 300-step veil)")
     p.add_argument("--batch-size", type=int, default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "
@@ -139,7 +142,7 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
     return shards.prepare(
         args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch,
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
-        create_key=rank == 0, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
+        create_key=rank == 0, copies=args.copies, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
         threshold=args.threshold, lr=args.lr, mode=args.mode, precision=args.precision,
         cuda_graph=False if args.no_cuda_graph else None, compile=args.fast or args.compile,
         fold_bn=args.fast or args.fold_bn,
@@ -172,7 +175,9 @@ def _key_notice(plan: shards.Plan, quiet: bool) -> None:
 def _summary_line(out, seconds: float | None = None) -> str:
     m = shards.read_manifest(out)
     done = len(m["shards"])
-    s = (f"{PROG}: {m['num_veiled']} images veiled into {done}/{m['num_shards']} shards in {out}"
+    k = m.get("copies", 1)
+    what = "images veiled" if k == 1 else f"veils ({k} per image)"
+    s = (f"{PROG}: {m['num_veiled']} {what} into {done}/{m['num_shards']} shards in {out}"
          f" ({m['num_skipped']} skipped{', listed in manifest.json' if m['num_skipped'] else ''})")
     if seconds is not None:
         s += f" in {seconds:.1f} s"
@@ -183,6 +188,7 @@ def _size_problem(out) -> str | None:
     """More than half of SRC skipped as "size mismatch": the shards are not what the owner meant."""
     m = shards.read_manifest(out)
     n = sum(1 for sk in m["skipped"] if str(sk.get("reason", "")).startswith("size mismatch"))
+    n //= m.get("copies", 1)  # each copy of a bad image is skipped
     total = m["source"].get("num_samples") or 0
     if not m["complete"] or n * 2 <= total:
         return None

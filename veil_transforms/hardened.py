@@ -140,7 +140,8 @@ def copy_keys(key: bytes, k: int) -> list[bytes]:
     """``k`` independent 32-byte keys derived from ``key``, one per veiled copy of the data set.
 
     Copy ``i`` is ``HMAC-SHA256(key, "veil-hardened-copy" || i)``; veil the data once per key
-    (e.g. one ``VeilTransform(F, key=kk, mode="hardened", steps=75)`` per ``kk``).
+    (e.g. one ``VeilTransform(F, key=kk, mode="hardened", steps=75)`` per ``kk``; ``veil-shard
+    --copies k`` does this into one set of shards).
     """
     import hmac
 

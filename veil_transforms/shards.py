@@ -28,6 +28,10 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   one-process run;
 - each shard's manifest entry records a ``source_tag``: a keyed HMAC of its samples' content
   (:func:`source_tag`), which ``veil-export`` checks against ``--originals``;
+- with ``copies`` K > 1 every image is veiled K times, copy ``c`` under its own key
+  ``hardened.copy_keys(key, K)[c]`` (mask, pad and opaque key), as ``VeilTransform(F,
+  key=copy_keys(key, K)[c])`` would; the listing is taken K times over, copy by copy, so
+  shard ``i`` still holds a fixed slice of it (the hardened recipe: 4 veils of 75 steps);
 - corrupt or unreadable images are skipped and listed in the manifest (a folder that
   cannot be listed is an error: its images would vanish unreported).
   Every image is converted to the channel count of the first decodable image
@@ -419,13 +423,32 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
         yield current
 
 
-def source_tag(key: bytes, pixels: np.ndarray) -> str:
+def source_tag(key: bytes, pixels: np.ndarray, sample_keys: list[bytes] | None = None) -> str:
     """A keyed tag of a shard's source content: the HMAC of the ``keys.sample_digest`` of each
     veiled sample (uint8 ``[N, C, H, W]``, in shard order; hashed normalized, as for the mask).
     ``veil-export`` and ``veil-audit`` recompute it from ``--originals`` to check they are the
-    images veiled; it reveals nothing about them without the key."""
+    images veiled; it reveals nothing about them without the key. ``sample_keys``: each
+    sample's own key where there are several copies (default: ``key`` for all)."""
     lut = normalize_lut()
-    return source_tag_of_digests(key, [_keys.sample_digest(key, lut[a]) for a in pixels])
+    ks = sample_keys if sample_keys is not None else [key] * len(pixels)
+    return source_tag_of_digests(key, [_keys.sample_digest(k, lut[a]) for k, a in zip(ks, pixels)])
+
+
+def copy_keys_of(key: bytes, copies: int) -> list[bytes]:
+    """The key of each copy: ``[key]`` for one copy (what every earlier run did), else
+    ``hardened.copy_keys(key, copies)``."""
+    if copies == 1:
+        return [key]
+    from .hardened import copy_keys
+
+    return copy_keys(key, copies)
+
+
+def opaque_keys(key: bytes, copies: int, items: Iterable[SourceItem]) -> dict[str, tuple[SourceItem, bytes]]:
+    """``{opaque key: (item, that copy's key)}`` for every copy of every item: how the owner maps
+    a shard's samples back to their originals."""
+    ks = copy_keys_of(key, copies)
+    return {_keys.opaque_key(k, it.rel): (it, k) for k in ks for it in items}
 
 
 @functools.lru_cache(maxsize=1)
@@ -584,6 +607,8 @@ def _check_compatible(old: dict, new: dict, out: Path) -> None:
     for k, what in _COMPAT_SOURCE.items():
         if (old.get("source") or {}).get(k) != (new.get("source") or {}).get(k):
             diffs.append(what)
+    if old.get("copies", 1) != new.get("copies", 1):  # manifests from before --copies hold one copy
+        diffs.append(f"--copies ({old.get('copies', 1)} -> {new.get('copies', 1)})")
     if diffs:
         raise ShardError(
             f"{out} already holds shards made with different settings: {'; '.join(diffs)}. "
@@ -605,9 +630,13 @@ class Plan:
     header: dict
     shard_size: int
     num_shards: int
+    copies: int = 1
 
-    def shard_items(self, i: int) -> list[SourceItem]:
-        return self.source.items[i * self.shard_size : (i + 1) * self.shard_size]
+    def shard_items(self, i: int) -> list[tuple[SourceItem, int]]:
+        """(item, copy) of shard ``i``: a slice of the listing taken ``copies`` times over, copy by copy."""
+        n = len(self.source.items)
+        return [(self.source.items[j % n], j // n)
+                for j in range(i * self.shard_size, min((i + 1) * self.shard_size, n * self.copies))]
 
 
 # images decoded (spread evenly over the sorted listing) to find the most common height and width
@@ -689,18 +718,22 @@ def prepare(
     shard_size: int = 1000,
     device=None,
     create_key: bool = True,
+    copies: int = 1,
     **veil_kwargs,
 ) -> Plan:
     """Validate everything (model, source, shape, OUT, key, resume state) before any work.
 
     Raises :class:`ShardError` with a one-line message on any bad input.
     ``model`` is a path (TorchScript, state dict with ``arch``, ONNX) or an nn.Module.
+    ``copies``: veils per image, each under its own key (see the module docstring).
     """
     from .model import LocalModel
     from .transform import VeilTransform
 
-    if not isinstance(shard_size, int) or shard_size < 1:
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ShardError(f"--shard-size must be an integer >= 1, got {shard_size!r}")
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ShardError(f"--copies must be an integer >= 1, got {copies!r}")
     out = Path(out).absolute()
     # 1. the model
     model_sha = None
@@ -769,11 +802,12 @@ def prepare(
         raise ShardError(f"key file {key_file}: {e}") from None
     veil.key = key
     # 4. the manifest header (create, or check that a rerun continues the same job)
-    num_shards = (len(source.items) + shard_size - 1) // shard_size
+    num_shards = (copies * len(source.items) + shard_size - 1) // shard_size
     header = {
         "format": FORMAT,
         "library_version": library_version(),
         "veil": veil.settings,
+        "copies": copies,
         "model_sha256": model_sha,
         "key_fingerprint": _keys.key_fingerprint(key),
         "shard_size": shard_size,
@@ -797,7 +831,7 @@ def prepare(
         for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
             with contextlib.suppress(OSError):
                 stale.unlink()
-    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards)
+    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies)
 
 
 # -- the engine ---------------------------------------------------------------------
@@ -817,20 +851,22 @@ def _decode_job(item: SourceItem, shape: tuple[int, int, int]):
     return arr, None
 
 
-def _decode_chunk(items: list[SourceItem], shape: tuple[int, int, int], key: bytes, lut: np.ndarray):
-    """Decode a chunk of items and derive the key's uniforms of the good ones (the CPU work
-    before the veil; runs in a decoding thread or an I/O process, without torch). ``lut``: the
-    256 normalized values of uint8 pixels, as the library's normalize() computes them (the key's
-    digest hashes those float32 bytes). Returns, per item, (pixels, None, uniforms, digest) or (None, reason, None, None); the
-    digest is ``keys.sample_digest`` of the normalized pixels (see :func:`source_tag`)."""
-    out = [_decode_job(it, shape) for it in items]
-    good = [a for a, _ in out if a is not None]
-    if not good:
-        return [(a, why, None, None) for a, why in out]
-    digests: list[bytes] = []
-    u = iter(_keys.keyed_uniforms_np(key, lut[np.stack(good)], digests))
-    dg = iter(digests)
-    return [(a, why, next(u), next(dg)) if a is not None else (a, why, None, None) for a, why in out]
+def _decode_chunk(items: list[tuple[SourceItem, int]], shape: tuple[int, int, int], keys: list[bytes], lut: np.ndarray):
+    """Decode a chunk of (item, copy) and derive the uniforms of the good ones under their copy's
+    key (the CPU work before the veil; runs in a decoding thread or an I/O process, without
+    torch). ``lut``: the 256 normalized values of uint8 pixels, as the library's normalize()
+    computes them (the key's digest hashes those float32 bytes). Returns, per item, (pixels,
+    None, uniforms, digest) or (None, reason, None, None); the digest is ``keys.sample_digest``
+    of the normalized pixels under the copy's key (see :func:`source_tag`)."""
+    out = [_decode_job(it, shape) for it, _ in items]
+    res: list[tuple] = [(a, why, None, None) for a, why in out]
+    for c in sorted({c for (_, c), (a, _) in zip(items, out) if a is not None}):
+        idx = [j for j, ((_, cj), (a, _)) in enumerate(zip(items, out)) if cj == c and a is not None]
+        digests: list[bytes] = []
+        u = _keys.keyed_uniforms_np(keys[c], lut[np.stack([out[j][0] for j in idx])], digests)
+        for j, uj, dj in zip(idx, u, digests):
+            res[j] = (out[j][0], None, uj, dj)
+    return res
 
 
 def _encode_rows(okeys: list[str], labels: list[int], pixels: np.ndarray) -> bytes:
@@ -1197,7 +1233,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 # 32 images per decoding job: one future per image cost ~30 us of this thread each
                 # (items only, not the Source: an I/O process would be sent its whole listing per job)
                 lut = normalize_lut()
-                chunked = ((items, shape, veil.key, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+                ckeys = copy_keys_of(veil.key, plan.copies)
+                chunked = ((items, shape, ckeys, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
                 decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
                 batch: list[np.ndarray] = []
                 ubatch: list[np.ndarray] = []
@@ -1224,17 +1261,17 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     msgs.append(("begin", i))
                     skipped: list[dict] = []
                     digests: list[bytes] = []
-                    for it in plan.shard_items(i):
+                    for it, c in plan.shard_items(i):
                         arr, why, uni, digest = next(decoded)
                         if arr is None:
-                            skipped.append({"path": it.rel, "key": _keys.opaque_key(veil.key, it.rel), "reason": why})
+                            skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             log.warning("skipping %s: %s", it.rel, why)
                             stats["skipped"] += 1
                             pb.update(1)
                             continue
                         if not msgs or msgs[-1][0] != "rows":
                             msgs.append(("rows", [], []))
-                        msgs[-1][1].append(_keys.opaque_key(veil.key, it.rel))
+                        msgs[-1][1].append(_keys.opaque_key(ckeys[c], it.rel))
                         msgs[-1][2].append(it.label)
                         batch.append(arr)
                         ubatch.append(uni)
