@@ -103,3 +103,24 @@ def test_copy_keys():
     assert H.copy_keys(KEY, 2) == ks[:2]
     with pytest.raises(ValueError):
         H.copy_keys(KEY, 0)
+
+
+def test_pad_derived_ahead_gives_the_same_veil(faces, face_model):
+    """veil-shard's I/O workers derive the pad (as much SHAKE hashing as the mask) off the GPU
+    thread, from the key's uniforms alone: the same pad bits, the same veil, bit for bit."""
+    from veil_transforms import keys
+
+    x, key = faces[0][:24], b"\x05" * 32
+    xn = VF.normalize(x)
+    u = VF.keyed_uniforms(key, xn)
+    x0 = VF.random_pixel_flip(xn, 0.5, uniform=u)
+    pad = keys.pad_uniforms_np(((u < 0.5) & (xn != 0)).numpy())
+    assert np.array_equal(pad, H.pad_uniforms(x0, xn).numpy())
+    assert not np.array_equal(pad, keys.pad_uniforms_np((u < 0.4).numpy()))  # the bits matter
+    kw = dict(key=key, mode="hardened", steps=15, device="cpu", chunk=10)  # chunks slice the pad too
+    ref = VF.veil(face_model, x, **kw)
+    assert torch.equal(VF.veil(face_model, x, uniforms=u, pad_uniforms=torch.from_numpy(pad), **kw), ref)
+    with pytest.raises(ValueError, match="must come with uniforms"):
+        VF.veil(face_model, x, pad_uniforms=torch.from_numpy(pad), **kw)
+    with pytest.raises(ValueError, match="does not support pad"):
+        VF.veil(face_model, x, key=key, uniforms=u, pad_uniforms=torch.from_numpy(pad), steps=2, device="cpu")

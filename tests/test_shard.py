@@ -835,15 +835,23 @@ def test_paper_mode_warns_hardened_does_not(data, tmp_path, capsys):
     assert "--mode paper" not in capsys.readouterr().err
 
 
-def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp_path, capsys):
+def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp_path, capsys, monkeypatch):
     """--copies K (the hardened recipe: 4 veils of 75 steps): copy c of an image is the library's veil
     under hardened.copy_keys(key, K)[c]; veil-export's gate and veil-audit map all copies back."""
     from veil_transforms.hardened import copy_keys
     from veil_transforms.tools import audit as audit_cli
     from veil_transforms.tools import export as export_cli
 
+    from veil_transforms import hardened
+
     out, key = tmp_path / "copies", keys.read_key_file(data["key_file"])
-    assert shard_cli.main([*_argv(data, out), "--copies", "2", "--mode", "hardened"]) == 0
+
+    def on_the_veil_thread(*a):  # the decoding workers derive the pad (checked against the library below)
+        raise AssertionError("the hardened pad was hashed on the veil thread")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(hardened, "pad_uniforms", on_the_veil_thread)
+        assert shard_cli.main([*_argv(data, out), "--copies", "2", "--mode", "hardened"]) == 0
     m = shards.verify(out)
     n_items = N_GOOD + 3
     assert m["copies"] == 2 and m["num_shards"] == -(-2 * n_items // SHARD_SIZE)

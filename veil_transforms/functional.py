@@ -673,13 +673,16 @@ def veil(
     channels_last: bool | None = None,
     fold_bn: bool = False,
     uniforms: torch.Tensor | None = None,
+    pad_uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Veil a batch ``[B, C, H, W]`` of uint8 or [0, 1] float images (Algorithm 1).
 
     The flip mask comes from ``key`` (per-sample, derived from the key and the
     image, see :mod:`veil_transforms.keys`) or, for experiments, ``generator``.
     ``uniforms`` may carry ``keyed_uniforms(key, normalize(images))``
-    computed ahead (say, in another thread while the GPU works).
+    computed ahead (say, in another thread while the GPU works); with
+    ``mode="hardened"``, ``pad_uniforms`` may carry its pad's uniforms likewise
+    (``keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0))``).
     Returns uint8 images for uint8 input; float input gives float in [0, 1],
     snapped to the 256-level grid when ``output == "uint8"``.
 
@@ -728,6 +731,10 @@ def veil(
         fast["cuda_graph"] = True
     if compile:
         fast["compile"] = True
+    if pad_uniforms is not None:
+        if uniforms is None or tuple(pad_uniforms.shape) != tuple(images.shape):
+            raise ValueError("veil: pad_uniforms= must come with uniforms= and have the images' shape")
+        fast["pad"] = pad_uniforms
     unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
     if unsupported:
         raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
@@ -755,7 +762,8 @@ def veil(
         model = fold_batchnorm(model)
     try:
         xt = torch.cat([
-            gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, **fast)
+            gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold,
+                **{k: (v[s : s + chunk] if k == "pad" else v) for k, v in fast.items()})
             for s in range(0, len(xn), chunk)
         ])
     except RuntimeError:

@@ -57,15 +57,14 @@ import hashlib
 import math
 from typing import Callable
 
-import numpy as np
 import torch
+
+from .keys import pad_uniforms_np
 
 
 # Recommended third-party recipe for hardened veils (measured in benchmarks/frontier.py).
 NOISE_SIGMA = 0.6
 EPOCH_FACTOR = 2
-
-_PAD_TAG = b"veil-hardened-pad-v1"
 
 
 def flip_mask(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -83,20 +82,21 @@ def pad_uniforms(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     uint32 / 2^32. The mask bits are a keyed pseudo-random stream, so ``u`` is
     secret without the key; and ``u_i`` depends on sample ``i`` only.
     """
-    bits = flip_mask(x_start, x).flatten(1).to("cpu").numpy()
-    shape = tuple(x.shape[1:])
-    n = int(np.prod(shape))
-    head = _PAD_TAG + np.asarray(shape, dtype=np.int64).tobytes()
-    out = np.empty((len(bits), n), dtype=np.float32)
-    for i, row in enumerate(bits):
-        raw = hashlib.shake_256(head + np.packbits(row).tobytes()).digest(4 * n)
-        out[i] = np.frombuffer(raw, dtype="<u4").astype(np.float64) / 2.0**32
-    return torch.from_numpy(out).view(-1, *shape).to(device=x.device, dtype=x.dtype)
+    bits = flip_mask(x_start, x).to("cpu").numpy()
+    return torch.from_numpy(pad_uniforms_np(bits)).to(device=x.device, dtype=x.dtype)
 
 
-def one_time_pad(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """The hardened start ``((x + 1 + 2u) mod 2) - 1``: uniform on [-1, 1), independent of ``x``."""
-    u = pad_uniforms(x_start, x)
+def one_time_pad(x_start: torch.Tensor, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """The hardened start ``((x + 1 + 2u) mod 2) - 1``: uniform on [-1, 1), independent of ``x``.
+
+    ``pad``: :func:`pad_uniforms` of these samples if derived ahead (``veil-shard`` does it in its
+    I/O workers from the key's uniforms: ``keys.pad_uniforms_np((u < p) & (x != 0))``)."""
+    if pad is None:
+        u = pad_uniforms(x_start, x)
+    else:
+        if pad.shape != x.shape:
+            raise ValueError(f"pad has shape {tuple(pad.shape)}, x has {tuple(x.shape)}")
+        u = pad.to(device=x.device, dtype=x.dtype)
     return torch.remainder(x + 1 + 2 * u, 2.0) - 1
 
 
@@ -114,6 +114,7 @@ def hardened_iteration(
     precision: str = "fp32",
     cuda_graph: bool = False,
     compile: bool = False,
+    pad: torch.Tensor | None = None,
 ):
     """Gradient iteration of the hardened mode (same signature as ``functional.gradient_iteration``).
 
@@ -122,7 +123,8 @@ def hardened_iteration(
     library's gradient iteration on ``alpha * ||F(x~) - F(x)||_1`` alone
     (``beta`` is accepted for signature compatibility and replaced by 0, see
     the module docstring): same per-sample early stop, compaction and speed
-    options (``precision``, ``cuda_graph``, ``compile``) as the paper mode.
+    options (``precision``, ``cuda_graph``, ``compile``) as the paper mode. ``pad``: the pad's
+    uniforms if derived ahead (see :func:`one_time_pad`).
     """
     if x_start.shape != x.shape:
         raise ValueError(f"x_start {tuple(x_start.shape)} and x {tuple(x.shape)} differ in shape")
@@ -130,7 +132,7 @@ def hardened_iteration(
 
     del beta
     return gradient_iteration(
-        model, one_time_pad(x_start, x), x, alpha=alpha, beta=0.0, lr=lr, steps=steps,
+        model, one_time_pad(x_start, x, pad), x, alpha=alpha, beta=0.0, lr=lr, steps=steps,
         threshold=threshold, return_stats=return_stats, precision=precision, cuda_graph=cuda_graph,
         compile=compile,
     )

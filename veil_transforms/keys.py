@@ -112,6 +112,22 @@ def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Te
     return _to_uniforms(_mask_stream(key, digest, int(np.prod(shape))), shape)
 
 
+PAD_TAG = b"veil-hardened-pad-v1"
+
+
+def pad_uniforms_np(bits: np.ndarray) -> np.ndarray:
+    """The hardened mode's pad uniforms (float32, ``bits``' shape) from each sample's flip-mask bits
+    (bool ``[B, ...]``, True = flipped where the pixel is not 0): ``u_i = SHAKE-256(tag || shape ||
+    packbits(bits_i))`` read as little-endian uint32 / 2^32. No torch: ``veil-shard``'s I/O
+    workers derive it ahead of the veil (see ``hardened.pad_uniforms``)."""
+    shape = tuple(bits.shape[1:])
+    n = int(np.prod(shape))
+    head = PAD_TAG + np.asarray(shape, dtype=np.int64).tobytes()
+    flat = np.asarray(bits, dtype=bool).reshape(len(bits), n)
+    raw = b"".join(hashlib.shake_256(head + np.packbits(row).tobytes()).digest(4 * n) for row in flat)
+    return _uniforms_np(raw, (len(bits), *shape))
+
+
 def _mask_stream(key: bytes, digest: bytes, n: int) -> bytes:
     """The 4n bytes of one sample's mask: SHAKE-256 of the key and the sample's digest."""
     return hashlib.shake_256(b"veil-mask" + key + digest).digest(4 * n)

@@ -851,21 +851,27 @@ def _decode_job(item: SourceItem, shape: tuple[int, int, int]):
     return arr, None
 
 
-def _decode_chunk(items: list[tuple[SourceItem, int]], shape: tuple[int, int, int], keys: list[bytes], lut: np.ndarray):
+def _decode_chunk(items: list[tuple[SourceItem, int]], shape: tuple[int, int, int], keys: list[bytes], lut: np.ndarray,
+                  pad_p: float | None = None):
     """Decode a chunk of (item, copy) and derive the uniforms of the good ones under their copy's
     key (the CPU work before the veil; runs in a decoding thread or an I/O process, without
     torch). ``lut``: the 256 normalized values of uint8 pixels, as the library's normalize()
-    computes them (the key's digest hashes those float32 bytes). Returns, per item, (pixels,
-    None, uniforms, digest) or (None, reason, None, None); the digest is ``keys.sample_digest``
-    of the normalized pixels under the copy's key (see :func:`source_tag`)."""
+    computes them (the key's digest hashes those float32 bytes). ``pad_p``: the flip
+    probability of a hardened veil, whose pad (as much hashing again) is then derived here too.
+    Returns, per item, (pixels, None, uniforms, digest, pad or None) or (None, reason, None,
+    None, None); the digest is ``keys.sample_digest`` of the normalized pixels under the copy's
+    key (see :func:`source_tag`)."""
     out = [_decode_job(it, shape) for it, _ in items]
-    res: list[tuple] = [(a, why, None, None) for a, why in out]
+    res: list[tuple] = [(a, why, None, None, None) for a, why in out]
     for c in sorted({c for (_, c), (a, _) in zip(items, out) if a is not None}):
         idx = [j for j, ((_, cj), (a, _)) in enumerate(zip(items, out)) if cj == c and a is not None]
         digests: list[bytes] = []
-        u = _keys.keyed_uniforms_np(keys[c], lut[np.stack([out[j][0] for j in idx])], digests)
-        for j, uj, dj in zip(idx, u, digests):
-            res[j] = (out[j][0], None, uj, dj)
+        xn = lut[np.stack([out[j][0] for j in idx])]
+        u = _keys.keyed_uniforms_np(keys[c], xn, digests)
+        # the library's mask is float32 u < p (torch compares in float32) and its pad bits the flips where x != 0
+        pads = _keys.pad_uniforms_np((u < np.float32(pad_p)) & (xn != 0)) if pad_p is not None else [None] * len(idx)
+        for j, uj, dj, pj in zip(idx, u, digests, pads):
+            res[j] = (out[j][0], None, uj, dj, pj)
     return res
 
 
@@ -1177,11 +1183,13 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         except Exception as e:  # noqa: BLE001 - the first batch does the same work, and raises if it must
             log.warning("warm-up failed (%s: %s); the first batch warms up instead", type(e).__name__, e)
 
-    def veil_and_write(x, u, msgs):
+    def veil_and_write(x, u, pad, msgs):
         """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
         stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
         t = time.perf_counter()
-        v = veil.veil_batch(x, u).cpu().numpy() if x is not None else None
+        v = None
+        if x is not None:
+            v = (veil.veil_batch(x, u) if pad is None else veil.veil_batch(x, u, pad_uniforms=pad)).cpu().numpy()
         t1 = time.perf_counter()
         stats["veil_s"] += t1 - t  # only this thread writes these
         if v is not None:
@@ -1234,10 +1242,13 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 # (items only, not the Source: an I/O process would be sent its whole listing per job)
                 lut = normalize_lut()
                 ckeys = copy_keys_of(veil.key, plan.copies)
-                chunked = ((items, shape, ckeys, lut) for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
+                pad_p = veil.p if veil.mode == "hardened" else None  # its pad too, off the GPU thread
+                chunked = ((items, shape, ckeys, lut, pad_p)
+                           for items in _chunks((it for i in mine for it in plan.shard_items(i)), 32))
                 decoded = (r for rs in _prefetch(pool, _decode_chunk, chunked, window=(2 * batch_size) // 32 + 2 * workers) for r in rs)
                 batch: list[np.ndarray] = []
                 ubatch: list[np.ndarray] = []
+                pbatch: list[np.ndarray] = []
                 msgs: list[tuple] = []  # the writer's messages up to and including this batch's rows
 
                 if total:
@@ -1246,12 +1257,14 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                 def flush():
                     if stats["first_flush"] is None:
                         stats["first_flush"] = time.perf_counter() - t0
-                    x = u = None
+                    x = u = pad = None
                     if batch:
                         x = torch.from_numpy(np.stack(batch))
                         u = torch.from_numpy(np.stack(ubatch))
+                        pad = torch.from_numpy(np.stack(pbatch)) if pbatch else None
                         ubatch.clear()
-                    fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, list(msgs))
+                        pbatch.clear()
+                    fut = gpu.submit(on_gpu_thread, veil_and_write, x, u, pad, list(msgs))
                     inflight.append((fut, len(batch)))
                     batch.clear()
                     msgs.clear()
@@ -1262,7 +1275,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                     skipped: list[dict] = []
                     digests: list[bytes] = []
                     for it, c in plan.shard_items(i):
-                        arr, why, uni, digest = next(decoded)
+                        arr, why, uni, digest, pad = next(decoded)
                         if arr is None:
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             log.warning("skipping %s: %s", it.rel, why)
@@ -1275,6 +1288,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
                         msgs[-1][2].append(it.label)
                         batch.append(arr)
                         ubatch.append(uni)
+                        if pad is not None:
+                            pbatch.append(pad)
                         digests.append(digest)
                         if len(batch) == batch_size:
                             flush()

@@ -127,10 +127,12 @@ class VeilTransform(v2.Transform):
         """Raise ValueError if F does not take images of ``sample_shape`` (C, H, W)."""
         self.local_model.check_input(tuple(sample_shape))
 
-    def veil_batch(self, images: torch.Tensor, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    def veil_batch(self, images: torch.Tensor, uniforms: torch.Tensor | None = None,
+                   pad_uniforms: torch.Tensor | None = None) -> torch.Tensor:
         """Veil a ``[B, C, H, W]`` uint8 / float tensor; returns the same dtype, device and shape.
 
-        ``uniforms``: :meth:`uniforms` of the same images, if computed ahead.
+        ``uniforms``: :meth:`uniforms` of the same images, if computed ahead; ``pad_uniforms``
+        likewise the hardened mode's pad (see :func:`functional.veil`).
         """
         F.check_pixels(images, "images")
         if images.ndim != 4:
@@ -140,7 +142,7 @@ class VeilTransform(v2.Transform):
             self.local_model, images, key=self.key, p=self.p, alpha=self.alpha, beta=self.beta,
             lr=self.lr, steps=self.steps, threshold=self.threshold, output=self.output, mode=self.mode,
             device=self.device, precision=self.precision, cuda_graph=self.cuda_graph,
-            compile=self.compile, fold_bn=self.fold_bn, uniforms=uniforms,
+            compile=self.compile, fold_bn=self.fold_bn, uniforms=uniforms, pad_uniforms=pad_uniforms,
         )
 
     def warm_up(self, batch_size: int, sample_shape) -> bool:
