@@ -104,7 +104,7 @@ def cli_module() -> str:
         return "tools.shard"
 
 
-def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs=(0,)):
+def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs=(0,), mode="paper"):
     build, shape, _, _, _ = CASES[name]
     torch.manual_seed(0)
     model = build().to(device).eval()
@@ -115,7 +115,7 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs
     # ImageFolder order (sorted class folders, then file names) so both runs veil the same batches
     order = sorted(range(n), key=lambda i: (i % 10, i))
     x = x[order]
-    kw = dict(steps=steps, threshold=-math.inf, **opts)
+    kw = dict(steps=steps, threshold=-math.inf, mode=mode, **opts)
     veil = VeilTransform(model, key=bytes(range(32)), device=device, **kw)
     veil.veil_batch(x[:batch])  # warm-up: cuDNN autotuning, capture, compilation
     sync(device)
@@ -147,7 +147,7 @@ def run_case(name, device, steps, n, batch, opts, tmp: Path, nprocs=(), io_procs
         flags = ["--precision", opts.get("precision", "fp32")] + [f for k, f in (
             ("compile", "--compile"), ("fold_bn", "--fold-bn")) if opts.get(k)] + ([] if opts.get("cuda_graph", True) else ["--no-cuda-graph"])
         cmd = [sys.executable, "-m", cli_module(), str(src), str(out), "--model", str(mfile), "--steps", str(steps),
-               "--threshold=-inf", "--batch-size", str(batch), "--device", device.type, "--nproc", str(nproc), "--quiet", *flags]
+               "--threshold=-inf", "--mode", mode, "--batch-size", str(batch), "--device", device.type, "--nproc", str(nproc), "--quiet", *flags]
         t = time.perf_counter()
         subprocess.run(cmd, check=True)
         secs = time.perf_counter() - t
@@ -175,6 +175,8 @@ def main(argv=None):
     ap.add_argument("--io-procs", type=int, nargs="+", default=[0, 8],
                     help="time the engine with these io_procs values (0: threads; first one: the table's main row)")
     ap.add_argument("--tag", default="", help="results file suffix: shard_throughput_<device>[_TAG].{json,md}")
+    ap.add_argument("--mode", default="paper", choices=["paper", "hardened"],
+                    help="veil mode (hardened: its pad is hashed in veil-shard's decoding workers, and inline in the raw veil)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -189,7 +191,7 @@ def main(argv=None):
             _, _, n, batch, opts = CASES[name]
             n = args.images or (n if cuda else 512)
             rows.append(run_case(name, device, steps, n, batch if cuda else 128, opts if cuda else {}, tmp, args.nproc,
-                                 args.io_procs))
+                                 args.io_procs, args.mode))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     dev_name = torch.cuda.get_device_name(device) if cuda else "CPU"
@@ -200,7 +202,7 @@ def main(argv=None):
     (out / f"{stem}.json").write_text(json.dumps(
         {"command": cmd, "device": dev_name, "torch": torch.__version__, "cases": rows}, indent=1))
     md = [f"# veil-shard end to end vs the raw veil rate, on {dev_name} (torch {torch.__version__})", "",
-          f"Command: `{cmd}`", "", "T = " + str(steps) + ", early stop off, random-weight models.", "",
+          f"Command: `{cmd}`", "", "T = " + str(steps) + f", mode {args.mode}, early stop off, random-weight models.", "",
           "Whole run: wall time of the call. Steady: the engine's own rate after its first batch "
           "(`steady_img_s` in its summary: leaves out start-up, warm-up, compilation); for the CLI with "
           "`--nproc`, between the first and the last finished shard (file times).", "",
