@@ -1082,23 +1082,39 @@ class ManifestRecorder:
             self.seconds += self.cost
 
 
-def done_shards(plan: Plan, rank: int = 0, world_size: int = 1) -> set[int]:
+# a resume shows a bar while it re-hashes finished shards once they hold this much
+CHECK_BAR_BYTES = 256 << 20
+
+
+def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool = False) -> set[int]:
     """Shards recorded in the manifest whose files are still there, whole and unchanged (sha256):
-    this rank's are checked (the others' are their ranks' to check) and any other is written again."""
+    this rank's are checked (the others' are their ranks' to check) and any other is written again.
+    The files are hashed by up to 8 threads (hashlib releases the GIL; benchmarks/resume_check.py),
+    with a progress bar from ``CHECK_BAR_BYTES`` on."""
+    from .progress import bar
+
     m = read_manifest(plan.out)
-    done = set()
-    for s in m["shards"]:
-        if s["index"] % world_size != rank:
-            done.add(s["index"])
-            continue
+    done = {s["index"] for s in m["shards"] if s["index"] % world_size != rank}
+    mine = [s for s in m["shards"] if s["index"] % world_size == rank]
+
+    def check(s: dict) -> str | None:  # why the shard must be written again, or None
         f = plan.out / s["name"]
         if not (f.is_file() and f.stat().st_size == s["bytes"]):
-            log.warning("shard %s is listed in the manifest but missing or damaged: writing it again", s["name"])
-        elif file_sha256(f) != s["sha256"]:
-            log.warning("shard %s differs from its sha256 in the manifest (changed since it was written): "
-                        "writing it again", s["name"])
-        else:
-            done.add(s["index"])
+            return "is listed in the manifest but missing or damaged"
+        if file_sha256(f) != s["sha256"]:
+            return "differs from its sha256 in the manifest (changed since it was written)"
+        return None
+
+    total = sum(s["bytes"] for s in mine)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="veil-check") as pool, \
+            bar(total=total, desc="checking finished shards", unit="B", unit_scale=True,
+                disable=not progress or total < CHECK_BAR_BYTES) as pb:
+        for s, why in zip(mine, pool.map(check, mine)):
+            if why is None:
+                done.add(s["index"])
+            else:
+                log.warning("shard %s %s: writing it again", s["name"], why)
+            pb.update(s["bytes"])
     return done
 
 
@@ -1123,7 +1139,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         raise ShardError(f"--io-workers must be an integer >= 0 (0: automatic), got {io_workers!r}")
     out, veil = plan.out, plan.veil
     shape = tuple(plan.header["source"]["sample_shape"])
-    done = done_shards(plan, rank, world_size)
+    done = done_shards(plan, rank, world_size, progress=progress and rank == 0)
     mine = [i for i in range(plan.num_shards) if i % world_size == rank and i not in done]
     for i in range(plan.num_shards):  # leftovers of killed runs (only this rank's shards)
         if i % world_size == rank:
