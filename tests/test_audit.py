@@ -493,6 +493,17 @@ def test_reidentification(faces):
     assert "reid_top1" not in audit.run(x, noise, attacks=["fold"], reid_gallery=0).attacks["fold"]
 
 
+def test_reidentification_counts_copies_of_one_image_as_one(faces):
+    """veil-shard --copies puts each original in the gallery K times: finding its twin is finding it
+    (was scored a miss: 50% re-id for a fold that reads the paper veil perfectly), chance 1/distinct."""
+    x = faces[0][:10]
+    twice = torch.cat([x, x])
+    veiled = torch.cat([rpf(x), rpf(x, seed=7)])
+    r = audit.run(twice, veiled, attacks=["fold"], reid_gallery=20)
+    assert r.attacks["fold"]["reid_top1"] == 1.0 and r.attacks["fold"]["reid_chance"] == 1 / 10
+    assert "gallery of 20 (10 distinct images" in r.summary() and "chance 10%" in r.summary()
+
+
 def test_blank_guess_baseline(faces):
     x = faces[0][:20]
     r = audit.run(x, torch.zeros_like(x), attacks=["identity"])  # a veil that reveals nothing

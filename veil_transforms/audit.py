@@ -248,9 +248,11 @@ class AuditReport:
         ]
         g = self.settings.get("reid_gallery_size")
         if g:
+            d = self.settings.get("reid_gallery_distinct") or g
+            of = f"{g}" if d == g else f"{g} ({d} distinct images: copies of one image count as one)"
             lines.append(
                 f"Re-id top-1: how often an attack's output (its variant with the best mean, for every sample) is more "
-                f"similar to its own original than to any other of a gallery of {g} (chance {100 / g:.0f}%)."
+                f"similar to its own original than to any other of a gallery of {of} (chance {100 / d:.0f}%)."
             )
         if self.notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
@@ -363,17 +365,25 @@ def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -
     """Top-1 re-identification rate of one fixed (variant, reference) pair over a gallery.
 
     The attack is rerun on the gallery's veiled images; output ``i`` is scored
-    against the reference of every original ``j``; a hit is ``argmax_j == i``.
+    against the reference of every original ``j``; a hit is an ``argmax_j`` whose
+    original is ``i``'s: the same image veiled twice (``veil-shard --copies``, or a
+    duplicate in the data) sits in the gallery twice, and finding either is finding it.
     """
     vname, rname = pair.split(" vs ", 1)
     out = next(o for n, o, _ in ATTACKS[attack](v01, ctx) if n == vname)
     ref = _references(x01)[rname]()
-    G = len(x01)
+    ident = _identities(x01)
     hits = 0
-    for i in range(G):
+    for i in range(len(x01)):
         sc = A.ssim_batch(np.broadcast_to(out[i], ref.shape), ref)
-        hits += int(np.argmax(sc) == i)
-    return hits / G
+        hits += int(ident[int(np.argmax(sc))] == ident[i])
+    return hits / len(x01)
+
+
+def _identities(x01: np.ndarray) -> np.ndarray:
+    """An id per sample, equal for equal originals (copies of one image)."""
+    seen: dict[bytes, int] = {}
+    return np.array([seen.setdefault(a.tobytes(), len(seen)) for a in x01])
 
 
 def check_options(thresholds=DEFAULT_THRESHOLDS, **options) -> tuple[tuple[float, float], dict[str, Any]]:
@@ -528,11 +538,12 @@ def run(
             seconds=round(seconds.get(a, 0.0), 2), ssim=scores[a], psnr=psnrs[a],
         )
     G = min(int(opts["reid_gallery"]), N)
-    if G > 1:
+    distinct = len(set(_identities(x01[:G]).tolist())) if G > 1 else 0
+    if distinct > 1:
         for a in attacks:
             pair = max(results[a]["variants"], key=results[a]["variants"].get)
             results[a]["reid_top1"], results[a]["reid_variant"] = _reid(a, pair, x01[:G], v01[:G], ctx), pair
-            results[a]["reid_chance"] = 1.0 / G
+            results[a]["reid_chance"] = 1.0 / distinct
     stacked = np.stack([scores[a] for a in attacks])
     per_max = stacked.max(0)
     per_attack = [attacks[i] for i in stacked.argmax(0)]
@@ -540,7 +551,8 @@ def run(
     blank = _blank_ssim(x01)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
-    settings["reid_gallery_size"] = G if G > 1 else 0
+    settings["reid_gallery_size"] = G if distinct > 1 else 0
+    settings["reid_gallery_distinct"] = distinct if distinct > 1 else 0
     return AuditReport(
         n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
         per_sample_attack=per_attack, reference_ssim=reference, blank_ssim=blank, notes=sorted(ctx["notes"]), settings=settings,
