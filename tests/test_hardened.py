@@ -120,7 +120,15 @@ def test_pad_derived_ahead_gives_the_same_veil(faces, face_model):
     kw = dict(key=key, mode="hardened", steps=15, device="cpu", chunk=10)  # chunks slice the pad too
     ref = VF.veil(face_model, x, **kw)
     assert torch.equal(VF.veil(face_model, x, uniforms=u, pad_uniforms=torch.from_numpy(pad), **kw), ref)
-    with pytest.raises(ValueError, match="must come with uniforms"):
+    with pytest.raises(ValueError, match="with uniforms="):
         VF.veil(face_model, x, pad_uniforms=torch.from_numpy(pad), **kw)
-    with pytest.raises(ValueError, match="does not support pad"):
+    with pytest.raises(ValueError, match="the hardened mode's pad; mode 'paper' takes none"):
         VF.veil(face_model, x, key=key, uniforms=u, pad_uniforms=torch.from_numpy(pad), steps=2, device="cpu")
+    # a pad of integers or zeros starts the veil from x itself (SSIM 0.99 to the original): refused
+    t = torch.from_numpy(pad)
+    for bad in (torch.zeros_like(t), (t * 255).to(torch.uint8), t.round(), t.half(), t.double(), t + 1, -t,
+                torch.full_like(t, float("nan")), pad, torch.from_numpy(keys.pad_uniforms_np((u < 0.4).numpy()))):
+        with pytest.raises(ValueError, match="pad_uniforms="):
+            VF.veil(face_model, x, uniforms=u, pad_uniforms=bad, **kw)
+    with pytest.raises(TypeError, match="pad: expected a tensor"):
+        H.hardened_iteration(face_model, x0, xn, steps=1, pad=pad)

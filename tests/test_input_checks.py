@@ -61,7 +61,7 @@ def test_empty_numpy_batch(vt):
     (dict(threshold=float("nan")), "threshold must be a number"),
     (dict(chunk=0), "chunk must be an integer >= 1"),
     (dict(chunk="big"), "chunk must be an integer >= 1"),
-    (dict(uniforms=torch.full((2, 1, 28, 28), float("nan"))), "uniforms= must be floats in"),
+    (dict(uniforms=torch.full((2, 1, 28, 28), float("nan"))), "uniforms= must be a float32 tensor"),
     (dict(device="gpu"), "not a torch device"),
 ])
 def test_veil_rejects_bad_settings(lenet, kw, match):

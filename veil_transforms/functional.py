@@ -732,8 +732,13 @@ def veil(
     if compile:
         fast["compile"] = True
     if pad_uniforms is not None:
-        if uniforms is None or tuple(pad_uniforms.shape) != tuple(images.shape):
-            raise ValueError("veil: pad_uniforms= must come with uniforms= and have the images' shape")
+        if "pad" not in inspect.signature(gia).parameters:
+            raise ValueError(f"veil: pad_uniforms= is the hardened mode's pad; mode {mode!r} takes none")
+        if not isinstance(pad_uniforms, torch.Tensor) or uniforms is None \
+                or tuple(pad_uniforms.shape) != tuple(images.shape):
+            raise ValueError("veil: pad_uniforms= must be a tensor of the images' shape, with uniforms=")
+        # a pad of integers or zeros would start the veil from x itself: checked like the mask's uniforms
+        _check_uniforms(pad_uniforms, "pad_uniforms", "keys.pad_uniforms_np of the flip bits")
         fast["pad"] = pad_uniforms
     unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
     if unsupported:
@@ -745,11 +750,16 @@ def veil(
     if uniforms is not None:
         if key is None or tuple(uniforms.shape) != tuple(images.shape):
             raise ValueError("veil: uniforms= must come with key= and have the images' shape")
-        if not uniforms.is_floating_point() or not bool(((uniforms >= 0) & (uniforms < 1)).all()):
-            raise ValueError("veil: uniforms= must be floats in [0, 1) (keyed_uniforms of the images)")
+        _check_uniforms(uniforms, "uniforms", "keyed_uniforms of the images")
         u = uniforms
     else:
         u = keyed_uniforms(key, xn) if key is not None else None
+    if pad_uniforms is not None:  # spot check (2 samples' hashing): a pad from elsewhere is not this veil
+        for i in sorted({0, len(xn) - 1}):
+            bits = ((u[i : i + 1].cpu() < p) & (xn[i : i + 1].cpu() != 0)).numpy()
+            if not torch.equal(torch.from_numpy(_keys.pad_uniforms_np(bits)), pad_uniforms[i : i + 1].cpu()):
+                raise ValueError(f"veil: pad_uniforms= is not the pad of these images' flip bits (sample {i}: "
+                                 "keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0)))")
     if channels_last is None:
         channels_last = xn.shape[1] >= 3
     xn = xn.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -779,6 +789,15 @@ def veil(
         return denormalize(xt, torch.uint8).to(images.device)
     out = denormalize(xt, torch.uint8).float() / 255.0 if output == "uint8" else denormalize(xt, torch.float32)
     return out.to(device=images.device, dtype=in_dtype)
+
+
+def _check_uniforms(u: torch.Tensor, name: str, what: str) -> None:
+    """float32 in [0, 1), as the key's SHAKE streams give them: anything else is not this key's veil
+    (other dtypes round them, integers or zeros make the flip or the pad a no-op)."""
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or not bool(((u >= 0) & (u < 1)).all()):
+        got = f"{u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
+        raise ValueError(f"veil: {name}= must be a float32 tensor of values in [0, 1) ({what}), got {got}"
+                         + ("" if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 else " out of range"))
 
 
 _FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -94,6 +94,8 @@ def one_time_pad(x_start: torch.Tensor, x: torch.Tensor, pad: torch.Tensor | Non
     if pad is None:
         u = pad_uniforms(x_start, x)
     else:
+        if not isinstance(pad, torch.Tensor):
+            raise TypeError(f"pad: expected a tensor, got {type(pad).__name__}")
         if pad.shape != x.shape:
             raise ValueError(f"pad has shape {tuple(pad.shape)}, x has {tuple(x.shape)}")
         u = pad.to(device=x.device, dtype=x.dtype)
