@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import os
@@ -856,33 +857,59 @@ def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp
     n_items = N_GOOD + 3
     assert m["copies"] == 2 and m["num_shards"] == -(-2 * n_items // SHARD_SIZE)
     assert m["num_veiled"] == 2 * N_GOOD and m["num_skipped"] == 2 * 3
+    line = shard_cli._summary_line(out)
+    assert f"{2 * N_GOOD} veils (2 per image)" in line and "(3 images (6 veils) skipped" in line, line
     source = shards.open_source(data["src"])
     owner = shards.opaque_keys(key, 2, source.items)
     got = snapshot(out)
     assert set(got) <= set(owner) and len(got) == 2 * N_GOOD
     assert {sk["key"] for sk in m["skipped"]} <= set(owner)
     ks = copy_keys(key, 2)
-    assert sorted((owner[k][0].rel, ks.index(owner[k][1])) for k in got) == sorted(
+    assert all(owner[k].key == ks[owner[k].copy] for k in got)
+    assert sorted((owner[k].item.rel, owner[k].copy) for k in got) == sorted(
         (it.rel, c) for c in range(2) for it in source.items if it.rel not in {sk["path"] for sk in m["skipped"]})
     # the pixels: one shard of the second copy against VeilTransform under that copy's key
     last = m["shards"][-1]
     smp = list(shards.read_tar_samples(out / last["name"]))
-    assert all(owner[s["__key__"]][1] == ks[1] for s in smp)
-    x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(owner[s["__key__"]][0]))) for s in smp])
+    assert all(owner[s["__key__"]].key == ks[1] for s in smp)
+    x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(owner[s["__key__"]].item))) for s in smp])
     veil = VeilTransform(str(data["model"]), key=ks[1], steps=3, mode="hardened", device="cpu")
     assert np.array_equal(veil.veil_batch(x).numpy(), np.stack([shards.decode_image(s["png"]) for s in smp]))
     # two copies of one image are two different veils
-    rel = owner[smp[0]["__key__"]][0].rel
-    twins = [got[k][1] for k, (it, _) in owner.items() if it.rel == rel]
+    rel = owner[smp[0]["__key__"]].item.rel
+    twins = [got[k][1] for k, o in owner.items() if o.item.rel == rel]
     assert len(twins) == 2 and twins[0] != twins[1]
     # a resume with another --copies is refused; the gate's content tags hold for every copy
     assert shard_cli.main([*_argv(data, out), "--copies", "1", "--mode", "hardened"]) == 2
-    assert "--copies (2 -> 1)" in capsys.readouterr().err
+    assert "--copies (2 there, 1 now: rerun with --copies 2)" in capsys.readouterr().err
+    assert shard_cli.main([*_argv(data, tmp_path / "many"), "--copies", str(shards.MAX_COPIES + 1)]) == 2
+    assert f"--copies must be an integer from 1 to {shards.MAX_COPIES}" in capsys.readouterr().err
+    assert not (tmp_path / "many").exists() or not any((tmp_path / "many").iterdir())  # refused before any file
     dest = tmp_path / "dest"
     assert export_cli.main([str(out), str(dest), "--originals", str(data["src"]), "--key-file", str(data["key_file"]),
                             "--quiet", "--force"]) == 0, capsys.readouterr().err
-    assert json.loads((dest / "receipt.json").read_text())["num_samples"] == 2 * N_GOOD
+    receipt = json.loads((dest / "receipt.json").read_text())
+    assert receipt["num_samples"] == 2 * N_GOOD and receipt["copies"] == 2
+    rows = list(csv.DictReader(open(out.parent / f"{out.name}.private-map.csv")))
+    assert len(rows) == 2 * N_GOOD and {r["copy"] for r in rows} == {"0", "1"}
+    assert all(owner[r["opaque_key"]].item.rel == r["path"] and owner[r["opaque_key"]].copy == int(r["copy"]) for r in rows)
     code = audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out), "--key-file", str(data["key_file"]),
                            "--attacks", "fold", "--quiet", "--out", str(tmp_path / "audit")])
     report = capsys.readouterr().out
     assert code in (0, 1) and f"over {2 * N_GOOD} samples" in report, report
+    # one shard file of a --copies OUT: its folder's manifest says how many copies (was: "no sample matches")
+    code = audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out / last["name"]),
+                           "--key-file", str(data["key_file"]), "--attacks", "fold", "--quiet", "--out", str(tmp_path / "a1")])
+    report = capsys.readouterr().out
+    assert code in (0, 1) and f"over {last['count']} samples" in report, report
+    # a damaged "copies" field is named in one line
+    m_path = out / "manifest.json"
+    for bad in (None, "2", 2.0, True, 0, shards.MAX_COPIES + 1):
+        mm = json.loads(m_path.read_text())
+        mm["copies"] = bad
+        m_path.write_text(json.dumps(mm))
+        with pytest.raises(shards.ShardError, match="field 'copies' is not an integer"):
+            shards.read_manifest(out)
+        assert audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out), "--key-file", str(data["key_file"]),
+                               "--attacks", "fold", "--quiet"]) == 2
+        assert "field 'copies' is not an integer" in capsys.readouterr().err

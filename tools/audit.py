@@ -150,12 +150,22 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
     and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
     p = Path(path)
     manifest = {}
+    home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
+    if (home / "manifest.json").is_file():
+        from veil_transforms import shards
+
+        try:
+            manifest = json.loads((home / "manifest.json").read_text(encoding="utf-8"))
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {home / 'manifest.json'}: {e}") from None
+        try:  # what this tool reads of it: the rest may be a partial manifest of hand-made shards
+            shards.check_copies(manifest.get("copies", 1))
+        except shards.ShardError:
+            raise InputError(f"{home / 'manifest.json'} is damaged: field 'copies' is not an integer from 1 to "
+                             f"{shards.MAX_COPIES}") from None
     if p.is_dir():
-        if (p / "manifest.json").is_file():
-            try:
-                manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError) as e:
-                raise InputError(f"cannot read {p / 'manifest.json'}: {e}") from None
         tars = sorted(p.glob("*.tar"))
         if not tars:
             raise InputError(f"no .tar shards in {path}")

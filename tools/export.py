@@ -149,7 +149,7 @@ def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> P
 
 
 def _originals(args, manifest: dict, shards_dir: Path):
-    """(key, {opaque key: (SourceItem, that copy's key)}, Source) for the gate, checked against the manifest."""
+    """(key, {opaque key: shards.Owned(item, copy, copy key)}, Source) for the gate, checked against the manifest."""
     key_file = Path(args.key_file) if args.key_file else shards.default_key_file(shards_dir)
     if not key_file.is_file():
         raise shards.ShardError(f"key file not found: {key_file} (pass --key-file, the one veil-shard used)")
@@ -176,10 +176,10 @@ def _original(source, item, channels: int) -> np.ndarray:
         raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {msg})") from None
 
 
-def _write_private_map(path: Path, rows: list[tuple[str, str, int, str]]) -> None:
+def _write_private_map(path: Path, rows: list[tuple[str, str, int, str, int]]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["opaque_key", "path", "label", "shard"])
+    w.writerow(["opaque_key", "path", "label", "shard", "copy"])
     w.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     shards.atomic_write_bytes(path, buf.getvalue().encode("utf-8"), mode=0o600)
@@ -264,7 +264,7 @@ def export(args) -> int:
                     if missing:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
                                                 f"{args.originals} (e.g. {missing[0]})")
-                    x = np.stack([_original(source, items[k][0], channels) for k, _, _ in samples])
+                    x = np.stack([_original(source, items[k].item, channels) for k, _, _ in samples])
                     v = np.stack([a for _, a, _ in samples])
                     if x.shape != v.shape:
                         raise shards.ShardError(f"originals of {s['name']} have shape {x.shape[1:]}, veiled {v.shape[1:]}")
@@ -274,7 +274,7 @@ def export(args) -> int:
                             print(f"{PROG}: warning: {s['name']} has no source tag in the manifest (made before "
                                   "veil-shard recorded one): cannot check that --originals hold the images veiled",
                                   file=sys.stderr, flush=True)
-                    elif shards.source_tag(key, x, [items[k][1] for k, _, _ in samples]) != s["source_tag"]:
+                    elif shards.source_tag(key, x, [items[k].key for k, _, _ in samples]) != s["source_tag"]:
                         raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
                                                 "(content tag differs): wrong --originals?")
                     s_x = ssim(x, v)
@@ -284,7 +284,7 @@ def export(args) -> int:
                         attacks.append(float(a2))
                         if a1 > args.max_ssim + EPS or a2 > args.max_attack_ssim + EPS:
                             offenders.append((k, float(a1), float(a2)))
-                        private_rows.append((k, items[k][0].rel, y, s["name"]))
+                        private_rows.append((k, items[k].item.rel, y, s["name"], items[k].copy))
                 sha, size = _write_shard(staging / s["name"], samples)
                 out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
                 pb.update(len(samples))
@@ -302,6 +302,9 @@ def export(args) -> int:
             "library_version": shards.library_version(),
             "created_unix": int(time.time()),
             "num_samples": sum(s["count"] for s in out_shards),
+            # veils per image (veil-shard --copies), in copy-major order: keep an image's copies on one
+            # side of a train/validation split
+            "copies": manifest.get("copies", 1),
             "num_shards": len(out_shards),
             "num_classes": len(manifest["source"]["classes"]) if manifest["source"].get("classes") else None,
             "sample_shape": manifest["source"]["sample_shape"],

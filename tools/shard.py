@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
     p.add_argument("--copies", type=int, default=1,
-                   help="veils per image, each under its own key derived from the key file (hardened.copy_keys); "
-                        "the hardened recipe is --mode hardened --steps 75 --copies 4 (same cost as one 300-step veil)")
+                   help=f"veils per image (1 to {shards.MAX_COPIES}); for K > 1 each under its own key derived from the "
+                        "key file (hardened.copy_keys); the hardened recipe is --mode hardened --steps 75 --copies 4 "
+                        "(the cost of one 300-step veil)")
     p.add_argument("--batch-size", type=int, default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "
@@ -177,8 +178,9 @@ def _summary_line(out, seconds: float | None = None) -> str:
     done = len(m["shards"])
     k = m.get("copies", 1)
     what = "images veiled" if k == 1 else f"veils ({k} per image)"
+    skipped = f"{m['num_skipped']}" if k == 1 else f"{m['num_skipped'] // k} images ({m['num_skipped']} veils)"
     s = (f"{PROG}: {m['num_veiled']} {what} into {done}/{m['num_shards']} shards in {out}"
-         f" ({m['num_skipped']} skipped{', listed in manifest.json' if m['num_skipped'] else ''})")
+         f" ({skipped} skipped{', listed in manifest.json' if m['num_skipped'] else ''})")
     if seconds is not None:
         s += f" in {seconds:.1f} s"
     return s if m["complete"] else s + " - incomplete, rerun to finish"

@@ -57,6 +57,7 @@ import hmac
 import io
 import json
 import logging
+import operator
 import os
 import queue
 import re
@@ -69,7 +70,7 @@ from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -434,9 +435,25 @@ def source_tag(key: bytes, pixels: np.ndarray, sample_keys: list[bytes] | None =
     return source_tag_of_digests(key, [_keys.sample_digest(k, lut[a]) for k, a in zip(ks, pixels)])
 
 
+# veils per image that --copies allows (the hardened recipe uses 4)
+MAX_COPIES = 64
+
+
+def check_copies(copies: Any) -> int:
+    """``copies`` as an int in [1, MAX_COPIES], or :class:`ShardError`."""
+    try:
+        k = operator.index(copies)
+    except TypeError:
+        k = None
+    if k is None or isinstance(copies, bool) or not 1 <= k <= MAX_COPIES:
+        raise ShardError(f"--copies must be an integer from 1 to {MAX_COPIES}, got {copies!r}")
+    return k
+
+
 def copy_keys_of(key: bytes, copies: int) -> list[bytes]:
-    """The key of each copy: ``[key]`` for one copy (what every earlier run did), else
+    """The key of each copy: ``[key]`` for one copy (what every earlier run did), else (K > 1)
     ``hardened.copy_keys(key, copies)``."""
+    copies = check_copies(copies)
     if copies == 1:
         return [key]
     from .hardened import copy_keys
@@ -444,11 +461,18 @@ def copy_keys_of(key: bytes, copies: int) -> list[bytes]:
     return copy_keys(key, copies)
 
 
-def opaque_keys(key: bytes, copies: int, items: Iterable[SourceItem]) -> dict[str, tuple[SourceItem, bytes]]:
-    """``{opaque key: (item, that copy's key)}`` for every copy of every item: how the owner maps
+class Owned(NamedTuple):
+    """What the owner knows of a shard sample: its source item, which copy it is, that copy's key."""
+    item: SourceItem
+    copy: int
+    key: bytes
+
+
+def opaque_keys(key: bytes, copies: int, items: Iterable[SourceItem]) -> dict[str, Owned]:
+    """``{opaque key: Owned(item, copy, copy key)}`` for every copy of every item: how the owner maps
     a shard's samples back to their originals."""
-    ks = copy_keys_of(key, copies)
-    return {_keys.opaque_key(k, it.rel): (it, k) for k in ks for it in items}
+    items = list(items)
+    return {_keys.opaque_key(k, it.rel): Owned(it, c, k) for c, k in enumerate(copy_keys_of(key, copies)) for it in items}
 
 
 @functools.lru_cache(maxsize=1)
@@ -558,6 +582,10 @@ def check_manifest(m: Any, path: str | os.PathLike) -> None:
         raise ShardError(f"{path} is damaged: expected a JSON object, got a {_JSON_NAMES.get(type(m), type(m).__name__)}")
     need(m, _MANIFEST_FIELDS, "")
     need(m["source"], _MANIFEST_SOURCE, "source: ")
+    if "copies" in m:  # absent in manifests from before --copies: one copy
+        c = m["copies"]
+        if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= MAX_COPIES:
+            raise ShardError(f"{path} is damaged: field 'copies' is not an integer from 1 to {MAX_COPIES}")
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict):
             raise ShardError(f"{path} is damaged: shards[{i}] is not a JSON object")
@@ -608,7 +636,8 @@ def _check_compatible(old: dict, new: dict, out: Path) -> None:
         if (old.get("source") or {}).get(k) != (new.get("source") or {}).get(k):
             diffs.append(what)
     if old.get("copies", 1) != new.get("copies", 1):  # manifests from before --copies hold one copy
-        diffs.append(f"--copies ({old.get('copies', 1)} -> {new.get('copies', 1)})")
+        diffs.append(f"--copies ({old.get('copies', 1)} there, {new.get('copies', 1)} now: "
+                     f"rerun with --copies {old.get('copies', 1)})")
     if diffs:
         raise ShardError(
             f"{out} already holds shards made with different settings: {'; '.join(diffs)}. "
@@ -732,8 +761,7 @@ def prepare(
 
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
         raise ShardError(f"--shard-size must be an integer >= 1, got {shard_size!r}")
-    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
-        raise ShardError(f"--copies must be an integer >= 1, got {copies!r}")
+    copies = check_copies(copies)
     out = Path(out).absolute()
     # 1. the model
     model_sha = None
