@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -913,3 +914,48 @@ def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp
         assert audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out), "--key-file", str(data["key_file"]),
                                "--attacks", "fold", "--quiet"]) == 2
         assert "field 'copies' is not an integer" in capsys.readouterr().err
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(d.name))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_io_processes_exit_after_kill9_of_veil_shard(data, tmp_path):
+    """A killed veil-shard must not leave its spawned I/O processes waiting for work forever."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    argv = [*_argv(data, tmp_path / "out"), "--io-procs", "2", "--steps", "100000", "--threshold=-inf"]
+    p = subprocess.Popen([sys.executable, "-m", "veil_transforms.tools.shard", *argv], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.monotonic()
+    while len(kids := _children(p.pid)) < 2 and time.monotonic() - t0 < 60:
+        time.sleep(0.1)
+    try:
+        assert len(kids) >= 2, "the I/O processes did not start"
+        time.sleep(1.0)  # past their start-up
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        t0 = time.monotonic()
+        while (alive := [k for k in kids if _running(k)]) and time.monotonic() - t0 < 15:
+            time.sleep(0.2)
+        assert not alive, f"I/O processes {alive} outlived veil-shard"
+    finally:
+        for k in kids:
+            with contextlib.suppress(OSError):
+                os.kill(k, signal.SIGKILL)

@@ -933,6 +933,17 @@ def _main_not_rerun():
             sys.modules["__main__"] = main
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """In an I/O process: exit once ``parent`` is gone. A pool's workers wait for their next job
+    forever, so after ``kill -9`` of veil-shard they (and multiprocessing's resource tracker) stayed."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="veil-exit-with-parent", daemon=True).start()
+
+
 def auto_io_procs(total: int, world_size: int = 1) -> int:
     """I/O processes for one veil-shard process when not given: none (threads) for small runs,
     several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
@@ -1198,7 +1209,8 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: this process has CUDA and threads
-        procs = ProcessPoolExecutor(io_procs, mp_context=multiprocessing.get_context("spawn"))
+        procs = ProcessPoolExecutor(io_procs, mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=_exit_with_parent, initargs=(os.getpid(),))
         with _main_not_rerun():  # start them all now (one per submitted job), while the stub is in place
             for _ in range(io_procs):
                 procs.submit(int)
