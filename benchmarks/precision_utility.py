@@ -1,4 +1,4 @@
-"""Do the veil's speed options cost utility? MNIST, LeNet-5, paper mode, paired over keys and seeds.
+"""Do the veil's speed options cost utility? MNIST, LeNet-5, paper or hardened mode (--mode), paired over keys and seeds.
 
     python benchmarks/precision_utility.py --device cuda [--n-train 8000] [--n-test 2000] [--seeds 0 1 2 3 4] [--keys 1]
         [--trainer one|many] [--block 1] [--chunk 128]
@@ -92,6 +92,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS)[1:],
                     help="CUDA: fast configs to compare with fp32 (default: all)")
+    ap.add_argument("--mode", default="paper", choices=["paper", "hardened"],
+                    help="veil mode (hardened: results file precision_utility_<device>_hardened...)")
+    ap.add_argument("--steps", type=int, default=F.PAPER["steps"], help="gradient-iteration steps (hardened recipe: 75)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the models trained on originals")
     args = ap.parse_args(argv)
     if min(args.keys, args.block, args.chunk) < 1:
@@ -113,7 +116,7 @@ def main(argv=None):
     with torch.no_grad():
         target = owner(xn)
     rows = {label: {"veil_seconds_incl_warmup": [], "acc_on_X": [], "F_agreement": [], "true_loss": []} for label in configs}
-    suffix = f"_keys{args.keys}" if args.keys > 1 else ""
+    suffix = ("_hardened" if args.mode == "hardened" else "") + (f"_keys{args.keys}" if args.keys > 1 else "")
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     cmd = "python benchmarks/precision_utility.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -127,7 +130,8 @@ def main(argv=None):
             for label, opts in configs.items():
                 t = time.perf_counter()
                 try:
-                    vq = F.veil(owner, xtr, key=key_for(k), device=dev, **opts).cpu()  # uint8: what a third party gets
+                    vq = F.veil(owner, xtr, key=key_for(k), device=dev, mode=args.mode, steps=args.steps,
+                                **opts).cpu()  # uint8: what a third party gets
                 except Exception as e:  # noqa: BLE001 - e.g. torch.compile missing a compiler: report, go on
                     msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     print(f"key {k}", label, "FAILED:", msg, flush=True)
@@ -216,7 +220,7 @@ def summarize(rows, args, cmd, name, baseline):
 def markdown(data, args):
     P = lambda x: f"{100 * x:.2f}"  # noqa: E731
     nk = len(data["keys_used"])
-    md = [f"# Speed options vs utility (MNIST {args.n_train}/{args.n_test}, LeNet-5, paper mode, lr {F.DEFAULT_LR}, "
+    md = [f"# Speed options vs utility (MNIST {args.n_train}/{args.n_test}, LeNet-5, {args.mode} mode, {args.steps} steps, lr {F.DEFAULT_LR}, "
           f"{nk} key(s) × seeds {args.seeds}, on {data['device']}, torch {data['torch']})", "",
           f"Third-party models trained {'together (fit_many, vmapped)' if args.trainer == 'many' else 'one at a time (fit)'}"
           + (f" in {data['train_seconds']:.0f} s." if "train_seconds" in data else "."), "", f"Command: `{data['command']}`", "",
