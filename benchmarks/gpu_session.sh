@@ -23,7 +23,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
   timeout "$limit" "$@" >"$LOGS/$name.log" 2>&1
   echo "== $name: rc $? in $(( $(date +%s) - t0 )) s" | tee -a "$LOGS/steps.log"
   # one archive under $OUT, refreshed after every step: a run stopped at its limit keeps what it did
-  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_hardened75.* benchmarks/results/*_cuda_keys* benchmarks/results/*_cuda_long.* benchmarks/results/throughput_cuda_vgg_* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
+  cp benchmarks/results/*_cuda.* benchmarks/results/*_cuda_hardened75.* benchmarks/results/*_cuda_hardened_keys* benchmarks/results/*_cuda_keys* benchmarks/results/*_cuda_long.* benchmarks/results/throughput_cuda_vgg_* benchmarks/results/profile_*.md "$LOGS"/ 2>/dev/null
   tail -n 4 "$LOGS/$name.log"
   tar -C "$LOGS" -cf "$OUT/gpu.tar" .
 }
@@ -44,6 +44,8 @@ for s in ${STEPS:-pytest shard utility profile throughput}; do
         --mode hardened --steps 75 --cases mnist_lenet5 --io-procs 0 8 --tag hardened75 ;;  # the recipe's 75 steps: pad off the veil thread
     shard_long) step shard_throughput_long "${T_SHARD_LONG:-150}" bash -c "python3 benchmarks/shard_throughput.py --device cuda --cases mnist_lenet5 --images 131072 --io-procs 8 --tag long" ;;
     tail) step compile_tail "${T_TAIL:-120}" python3 benchmarks/compile_tail.py --device cuda ;;  # recompile vs pad a last batch
+    utility_hardened) step precision_utility_hardened "${T_UTILITY:-150}" python3 benchmarks/precision_utility.py --device cuda \
+        --mode hardened --steps 75 --configs "bf16 + CUDA graph" --keys 10 --block 10 --chunk 60 --seeds 0 1 2 --trainer many ;;
     utility) step precision_utility "${T_UTILITY:-110}" bash -c "python3 benchmarks/precision_utility.py --device cuda ${UTILITY_ARGS:-}" ;;
     profile) step profile_lenet "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28
              step profile_lenet_compiled "${T_PROFILE:-40}" python3 benchmarks/profile_step.py --case lenet5_28 --compile ;;
