@@ -959,3 +959,26 @@ def test_io_processes_exit_after_kill9_of_veil_shard(data, tmp_path):
         for k in kids:
             with contextlib.suppress(OSError):
                 os.kill(k, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("mode", ["paper", "hardened"])
+def test_a_key_uniform_of_exactly_one_is_veiled_not_refused(data, tmp_path, monkeypatch, mode):
+    """uint32 / 2^32 rounds to 1.0 in float32 for the top 128 values (one pixel in 2^25): the mask's and
+    the pad's uniforms passed ahead were refused ("must be in [0, 1)"), and veil-shard failed on such an
+    image at every resume (a 60k MNIST run hit one with probability ~0.75; hardened: ~0.94)."""
+    real = keys._uniforms_np
+
+    def with_a_one(raw, shape):
+        u = real(raw, shape)
+        u.reshape(len(u), -1)[:, 5] = 1.0  # in every sample, mask and pad streams alike
+        return u
+
+    monkeypatch.setattr(keys, "_uniforms_np", with_a_one)
+    out = tmp_path / "out"
+    assert shard_cli.main([*_argv(data, out), "--mode", mode]) == 0
+    key, source = keys.read_key_file(data["key_file"]), shards.open_source(data["src"])
+    owner = shards.opaque_keys(key, 1, source.items)
+    smp = list(shards.read_tar_samples(out / "veil-000000.tar"))
+    x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(owner[s["__key__"]].item))) for s in smp])
+    veil = VeilTransform(str(data["model"]), key=key, steps=3, mode=mode, device="cpu")
+    assert np.array_equal(veil.veil_batch(x).numpy(), np.stack([shards.decode_image(s["png"]) for s in smp]))

@@ -792,11 +792,13 @@ def veil(
 
 
 def _check_uniforms(u: torch.Tensor, name: str, what: str) -> None:
-    """float32 in [0, 1), as the key's SHAKE streams give them: anything else is not this key's veil
-    (other dtypes round them, integers or zeros make the flip or the pad a no-op)."""
-    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or not bool(((u >= 0) & (u < 1)).all()):
+    """float32 in [0, 1], as the key's SHAKE streams give them (uint32 / 2^32 rounded to float32: the
+    top 128 of 2^32 values round to exactly 1.0, about one pixel in 2^25, harmless in the mask and the
+    pad, and refusing it failed veil-shard on such an image at every resume); anything else is not
+    this key's veil (other dtypes round them, integers or zeros make the flip or the pad a no-op)."""
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or not bool(((u >= 0) & (u <= 1)).all()):
         got = f"{u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"veil: {name}= must be a float32 tensor of values in [0, 1) ({what}), got {got}"
+        raise ValueError(f"veil: {name}= must be a float32 tensor of values in [0, 1] ({what}), got {got}"
                          + ("" if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 else " out of range"))
 
 

@@ -4,7 +4,7 @@ Every random choice of the veil (the flip mask) is a pure function of the
 owner's secret key and the sample's own content:
 
     digest  = HMAC-SHA256(key, "veil-sample" || shape || normalized float32 bytes)
-    stream  = SHAKE-256(key || digest) -> one uint32 per value -> uniforms in [0, 1)
+    stream  = SHAKE-256(key || digest) -> one uint32 per value -> uniforms in [0, 1] (float32)
 
 So the same key and image always give the same veil (re-veiling leaks nothing
 new), a different key gives an unrelated mask, and without the key the mask is
@@ -108,7 +108,7 @@ def opaque_key(key: bytes, name: str) -> str:
 
 
 def keyed_uniform(key: bytes, digest: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    """Uniforms in [0, 1) of ``shape`` from a SHAKE-256 stream keyed by key and digest."""
+    """Uniforms in [0, 1] of ``shape`` from a SHAKE-256 stream keyed by key and digest."""
     return _to_uniforms(_mask_stream(key, digest, int(np.prod(shape))), shape)
 
 
@@ -134,7 +134,8 @@ def _mask_stream(key: bytes, digest: bytes, n: int) -> bytes:
 
 
 def _to_uniforms(raw: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    """Little-endian uint32 stream -> float32 uniforms in [0, 1) of ``shape``."""
+    """Little-endian uint32 stream -> float32 uniforms in [0, 1] of ``shape``: uint32 / 2^32 is below 1,
+    but the top 128 values round to 1.0 in float32 (about one in 2^25; kept: the veils depend on it)."""
     import torch
 
     return torch.from_numpy(_uniforms_np(raw, shape))
