@@ -502,6 +502,10 @@ def test_reidentification_counts_copies_of_one_image_as_one(faces):
     r = audit.run(twice, veiled, attacks=["fold"], reid_gallery=20)
     assert r.attacks["fold"]["reid_top1"] == 1.0 and r.attacks["fold"]["reid_chance"] == 1 / 10
     assert "gallery of 20 (10 distinct images" in r.summary() and "chance 10%" in r.summary()
+    # uneven copies: a random guess finds image i with probability m_i / G, so chance = sum(m_i^2) / G^2
+    r = audit.run(torch.cat([x[:1], x[:1], x[1:2]]), torch.cat([rpf(x[:1]), rpf(x[:1], seed=3), rpf(x[1:2])]),
+                  attacks=["fold"], reid_gallery=3)
+    assert r.attacks["fold"]["reid_chance"] == pytest.approx(5 / 9)
 
 
 def test_blank_guess_baseline(faces):

@@ -898,7 +898,12 @@ def test_copies_veil_each_image_once_per_copy_key_and_the_tools_follow(data, tmp
                            "--attacks", "fold", "--quiet", "--out", str(tmp_path / "audit")])
     report = capsys.readouterr().out
     assert code in (0, 1) and f"over {2 * N_GOOD} samples" in report, report
-    # one shard file of a --copies OUT: its folder's manifest says how many copies (was: "no sample matches")
+    # the exported DEST (a receipt, no manifest) and one shard file of the OUT: the copies are found (was:
+    # "no sample matches")
+    code = audit_cli.main(["--originals", str(data["src"]), "--veiled", str(dest), "--key-file", str(data["key_file"]),
+                           "--attacks", "fold", "--quiet", "--out", str(tmp_path / "a2")])
+    report = capsys.readouterr().out
+    assert code in (0, 1) and f"over {2 * N_GOOD} samples" in report, report
     code = audit_cli.main(["--originals", str(data["src"]), "--veiled", str(out / last["name"]),
                            "--key-file", str(data["key_file"]), "--attacks", "fold", "--quiet", "--out", str(tmp_path / "a1")])
     report = capsys.readouterr().out

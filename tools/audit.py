@@ -151,19 +151,23 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
     p = Path(path)
     manifest = {}
     home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
-    if (home / "manifest.json").is_file():
+    # veil-shard's OUT has a manifest; veil-export's DEST a receipt (its copies and key fingerprint, no tags)
+    meta = next((home / n for n in ("manifest.json", "receipt.json") if (home / n).is_file()), None)
+    if meta is not None:
         from veil_transforms import shards
 
         try:
-            manifest = json.loads((home / "manifest.json").read_text(encoding="utf-8"))
+            manifest = json.loads(meta.read_text(encoding="utf-8"))
             if not isinstance(manifest, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
-            raise InputError(f"cannot read {home / 'manifest.json'}: {e}") from None
+            raise InputError(f"cannot read {meta}: {e}") from None
+        if meta.name == "receipt.json":
+            manifest = {k: manifest[k] for k in ("copies", "key_fingerprint") if k in manifest}
         try:  # what this tool reads of it: the rest may be a partial manifest of hand-made shards
             shards.check_copies(manifest.get("copies", 1))
         except shards.ShardError:
-            raise InputError(f"{home / 'manifest.json'} is damaged: field 'copies' is not an integer from 1 to "
+            raise InputError(f"{meta} is damaged: field 'copies' is not an integer from 1 to "
                              f"{shards.MAX_COPIES}") from None
     if p.is_dir():
         tars = sorted(p.glob("*.tar"))

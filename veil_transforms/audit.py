@@ -249,10 +249,11 @@ class AuditReport:
         g = self.settings.get("reid_gallery_size")
         if g:
             d = self.settings.get("reid_gallery_distinct") or g
+            chance = self.settings.get("reid_chance") or 1 / d
             of = f"{g}" if d == g else f"{g} ({d} distinct images: copies of one image count as one)"
             lines.append(
                 f"Re-id top-1: how often an attack's output (its variant with the best mean, for every sample) is more "
-                f"similar to its own original than to any other of a gallery of {of} (chance {100 / d:.0f}%)."
+                f"similar to its own original than to any other of a gallery of {of} (chance {100 * chance:.0f}%)."
             )
         if self.notes:
             lines += ["", "Notes:"] + [f"- {n}" for n in self.notes]
@@ -538,12 +539,14 @@ def run(
             seconds=round(seconds.get(a, 0.0), 2), ssim=scores[a], psnr=psnrs[a],
         )
     G = min(int(opts["reid_gallery"]), N)
-    distinct = len(set(_identities(x01[:G]).tolist())) if G > 1 else 0
-    if distinct > 1:
+    counts = np.bincount(_identities(x01[:G])) if G > 1 else np.zeros(0, int)
+    distinct = len(counts) if len(counts) > 1 else 0
+    if distinct:
         for a in attacks:
             pair = max(results[a]["variants"], key=results[a]["variants"].get)
             results[a]["reid_top1"], results[a]["reid_variant"] = _reid(a, pair, x01[:G], v01[:G], ctx), pair
-            results[a]["reid_chance"] = 1.0 / distinct
+            # a random guess finds image i's identity with probability m_i / G (m_i: its copies in the gallery)
+            results[a]["reid_chance"] = float((counts.astype(float) ** 2).sum() / G**2)
     stacked = np.stack([scores[a] for a in attacks])
     per_max = stacked.max(0)
     per_attack = [attacks[i] for i in stacked.argmax(0)]
@@ -552,7 +555,8 @@ def run(
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
     settings["reid_gallery_size"] = G if distinct > 1 else 0
-    settings["reid_gallery_distinct"] = distinct if distinct > 1 else 0
+    settings["reid_gallery_distinct"] = distinct
+    settings["reid_chance"] = float((counts.astype(float) ** 2).sum() / G**2) if distinct else None
     return AuditReport(
         n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
         per_sample_attack=per_attack, reference_ssim=reference, blank_ssim=blank, notes=sorted(ctx["notes"]), settings=settings,
