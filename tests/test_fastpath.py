@@ -279,7 +279,7 @@ def test_precision_benchmark_pairs_by_key_when_a_config_fails():
     rows = {"fp32 (reference)": {"key": [0, 1, 2], "acc_on_X": [[0.9, 0.9], [0.5, 0.5], [0.7, 0.7]], **common},
             "bf16": {"key": [0, 2], "acc_on_X": [[0.91, 0.91], [0.72, 0.72]], "failed": [{"key": 1, "error": "Boom"}],
                      **{k: v[:2] for k, v in common.items()}}}
-    args = types.SimpleNamespace(n_train=1, n_test=1, seeds=[0, 1], keys=3, trainer="one")
+    args = types.SimpleNamespace(n_train=1, n_test=1, seeds=[0, 1], keys=3, trainer="one", mode="paper", steps=300)
     c = bench.summarize(rows, args, "cmd", "CPU", [])["configs"]["bf16"]
     assert c["paired_keys"] == [0, 2] and c["paired_diff_per_key"] == pytest.approx([0.01, 0.02])  # not key 1's 0.5
     md = "\n".join(bench.markdown(bench.summarize(rows, args, "cmd", "CPU", []), args))

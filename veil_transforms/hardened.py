@@ -76,7 +76,8 @@ def flip_mask(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def pad_uniforms(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample uniforms in [0, 1] (1.0 about once in 2^25, the same as 0 here), same shape as ``x``, from each sample's own mask bits.
+    """Per-sample uniforms in [0, 1] (1.0 about once in 2^25, the same as 0 here), same shape as
+    ``x``, from each sample's own mask bits.
 
     ``u_i = SHAKE-256(tag || shape || packbits(mask_i))`` read as little-endian
     uint32 / 2^32. The mask bits are a keyed pseudo-random stream, so ``u`` is
