@@ -583,9 +583,10 @@ def check_manifest(m: Any, path: str | os.PathLike) -> None:
     need(m, _MANIFEST_FIELDS, "")
     need(m["source"], _MANIFEST_SOURCE, "source: ")
     if "copies" in m:  # absent in manifests from before --copies: one copy
-        c = m["copies"]
-        if not isinstance(c, int) or isinstance(c, bool) or not 1 <= c <= MAX_COPIES:
-            raise ShardError(f"{path} is damaged: field 'copies' is not an integer from 1 to {MAX_COPIES}")
+        try:
+            check_copies(m["copies"])
+        except ShardError:
+            raise ShardError(f"{path} is damaged: field 'copies' is not an integer from 1 to {MAX_COPIES}") from None
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict):
             raise ShardError(f"{path} is damaged: shards[{i}] is not a JSON object")
