@@ -48,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
 
-    def stand_in(self, x, u=None):
+    def stand_in(self, x, u=None, pad_uniforms=None):
         time.sleep(len(x) / args.rate)
         return x
 

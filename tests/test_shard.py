@@ -543,8 +543,8 @@ def test_batch_times_are_taken_when_the_veil_returns(data, tmp_path, monkeypatch
                           steps=1, device="cpu", shard_size=10)
     real, returns = plan.veil.veil_batch, []
 
-    def timed(x, u=None):
-        out = real(x, u)
+    def timed(x, u=None, pad_uniforms=None):
+        out = real(x, u, pad_uniforms)
         returns.append(time.perf_counter())
         return out
 
@@ -604,11 +604,11 @@ def test_manifest_records_are_spaced_by_their_cost(data, tmp_path, monkeypatch):
                           steps=3, lr=0.1, device="cpu", shard_size=4)
     real_veil, n = plan.veil.veil_batch, []
 
-    def flaky(x, u=None):
+    def flaky(x, u=None, pad_uniforms=None):
         n.append(1)
         if len(n) == 8:
             raise RuntimeError("simulated")
-        return real_veil(x, u)
+        return real_veil(x, u, pad_uniforms)
 
     plan.veil.veil_batch = flaky
     with pytest.raises(RuntimeError, match="simulated"):
@@ -626,11 +626,11 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     plan = shards.prepare(data["src"], tmp_path / "out", str(data["model"]), shard_size=10, **kw)
     real, calls = plan.veil.veil_batch, []
 
-    def flaky(x, u=None):
+    def flaky(x, u=None, pad_uniforms=None):
         calls.append(len(x))
         if len(calls) == 5:  # the last batch of the second shard: its "end" is queued behind it
             raise RuntimeError("CUDA out of memory (simulated)")
-        return real(x, u)
+        return real(x, u, pad_uniforms)
 
     plan.veil.veil_batch = flaky
     with pytest.raises(RuntimeError, match="simulated"):
@@ -641,10 +641,10 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     ref = shards.prepare(data["src"], tmp_path / "ref", str(data["model"]), shard_size=10, **kw)
     real_ref, sizes = ref.veil.veil_batch, []
 
-    def slow(x, u=None):
+    def slow(x, u=None, pad_uniforms=None):
         sizes.append(len(x))
         time.sleep(0.02)
-        return real_ref(x, u)
+        return real_ref(x, u, pad_uniforms)
 
     ref.veil.veil_batch = slow
     summary = shards.run(ref, batch_size=4, progress=False)

@@ -540,13 +540,14 @@ def run(
         )
     G = min(int(opts["reid_gallery"]), N)
     counts = np.bincount(_identities(x01[:G])) if G > 1 else np.zeros(0, int)
-    distinct = len(counts) if len(counts) > 1 else 0
+    distinct = len(counts) if len(counts) > 1 else 0  # 0: no re-identification (one image or none)
+    # a random guess finds image i's identity with probability m_i / G (m_i: its copies in the gallery)
+    chance = float((counts.astype(float) ** 2).sum() / G**2) if distinct else None
     if distinct:
         for a in attacks:
             pair = max(results[a]["variants"], key=results[a]["variants"].get)
             results[a]["reid_top1"], results[a]["reid_variant"] = _reid(a, pair, x01[:G], v01[:G], ctx), pair
-            # a random guess finds image i's identity with probability m_i / G (m_i: its copies in the gallery)
-            results[a]["reid_chance"] = float((counts.astype(float) ** 2).sum() / G**2)
+            results[a]["reid_chance"] = chance
     stacked = np.stack([scores[a] for a in attacks])
     per_max = stacked.max(0)
     per_attack = [attacks[i] for i in stacked.argmax(0)]
@@ -554,9 +555,9 @@ def run(
     blank = _blank_ssim(x01)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
-    settings["reid_gallery_size"] = G if distinct > 1 else 0
+    settings["reid_gallery_size"] = G if distinct else 0
     settings["reid_gallery_distinct"] = distinct
-    settings["reid_chance"] = float((counts.astype(float) ** 2).sum() / G**2) if distinct else None
+    settings["reid_chance"] = chance
     return AuditReport(
         n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
         per_sample_attack=per_attack, reference_ssim=reference, blank_ssim=blank, notes=sorted(ctx["notes"]), settings=settings,

@@ -722,17 +722,18 @@ def veil(
     in_dtype = images.dtype
     device = resolve_device(device) if device is not None else images.device
     gia = MODES[mode]
+    takes = inspect.signature(gia).parameters
     fast = {}  # only non-default speed options, so modes without them keep working
     if precision != "fp32":
         fast["precision"] = precision
     if cuda_graph is None:  # default: on for CUDA (same veil up to float rounding, faster in every case measured)
-        cuda_graph = device.type == "cuda" and "cuda_graph" in inspect.signature(gia).parameters
+        cuda_graph = device.type == "cuda" and "cuda_graph" in takes
     if cuda_graph and device.type == "cuda":
         fast["cuda_graph"] = True
     if compile:
         fast["compile"] = True
     if pad_uniforms is not None:
-        if "pad" not in inspect.signature(gia).parameters:
+        if "pad" not in takes:
             raise ValueError(f"veil: pad_uniforms= is the hardened mode's pad; mode {mode!r} takes none")
         if not isinstance(pad_uniforms, torch.Tensor) or uniforms is None \
                 or tuple(pad_uniforms.shape) != tuple(images.shape):
@@ -740,7 +741,7 @@ def veil(
         # a pad of integers or zeros would start the veil from x itself: checked like the mask's uniforms
         _check_uniforms(pad_uniforms, "pad_uniforms", "keys.pad_uniforms_np of the flip bits")
         fast["pad"] = pad_uniforms
-    unsupported = [k for k in fast if k not in inspect.signature(gia).parameters]
+    unsupported = [k for k in fast if k not in takes]
     if unsupported:
         raise ValueError(f"mode {mode!r} does not support {', '.join(unsupported)}")
     _warn_if_emulated_bf16(precision, device)
@@ -796,10 +797,13 @@ def _check_uniforms(u: torch.Tensor, name: str, what: str) -> None:
     top 128 of 2^32 values round to exactly 1.0, about one pixel in 2^25, harmless in the mask and the
     pad, and refusing it failed veil-shard on such an image at every resume); anything else is not
     this key's veil (other dtypes round them, integers or zeros make the flip or the pad a no-op)."""
-    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 or not bool(((u >= 0) & (u <= 1)).all()):
-        got = f"{u.dtype}" if isinstance(u, torch.Tensor) else type(u).__name__
-        raise ValueError(f"veil: {name}= must be a float32 tensor of values in [0, 1] ({what}), got {got}"
-                         + ("" if not isinstance(u, torch.Tensor) or u.dtype != torch.float32 else " out of range"))
+    if not isinstance(u, torch.Tensor) or u.dtype != torch.float32:
+        got = str(u.dtype) if isinstance(u, torch.Tensor) else type(u).__name__
+    elif not bool(((u >= 0) & (u <= 1)).all()):
+        got = "values out of range"
+    else:
+        return
+    raise ValueError(f"veil: {name}= must be a float32 tensor of values in [0, 1] ({what}), got {got}")
 
 
 _FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

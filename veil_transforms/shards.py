@@ -1244,9 +1244,7 @@ def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256
         """Veil one batch, then hand the writer its messages in order: ("rows", okeys, labels)
         stands for the batch's next len(okeys) veiled images (a batch may span shards)."""
         t = time.perf_counter()
-        v = None
-        if x is not None:
-            v = (veil.veil_batch(x, u) if pad is None else veil.veil_batch(x, u, pad_uniforms=pad)).cpu().numpy()
+        v = veil.veil_batch(x, u, pad_uniforms=pad).cpu().numpy() if x is not None else None
         t1 = time.perf_counter()
         stats["veil_s"] += t1 - t  # only this thread writes these
         if v is not None:
