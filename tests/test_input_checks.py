@@ -2,10 +2,12 @@
 torch traceback; and a directory cache is read one file per sample."""
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import IterableDataset
+from torchvision import tv_tensors
 
 import veil_transforms.dataset as dataset_mod
 from veil_transforms import VeiledDataset, VeilTransform
@@ -44,6 +46,33 @@ def test_numpy_image_with_a_tensor_label(vt):
     out, label = vt((img, torch.tensor(3)))
     assert isinstance(out, np.ndarray) and out.shape == (28, 28) and not np.array_equal(out, img)
     assert torch.equal(label, torch.tensor(3))  # the label is not mistaken for the image
+
+
+@pytest.mark.parametrize("sample", [
+    lambda a, b: [a, b],  # a list of images: torchvision's rule veils only the first
+    lambda a, b: (a, b),  # a Siamese / contrastive pair
+    lambda a, b: (a, (b[0].numpy() > 128).astype(np.uint8)),  # a numpy mask beside a tensor image
+    lambda a, b: {"image": a, "mask": b[0].numpy()},
+    lambda a, b: (tv_tensors.Image(a), b),  # a plain tensor beside a marked image
+])
+def test_sample_with_several_unmarked_images_is_refused_not_half_veiled(vt, sample):
+    a, b = u8(1, seed=1)[0], u8(1, seed=2)[0]
+    with pytest.raises(TypeError, match="cannot tell which of these are images"):
+        vt(sample(a, b))
+
+
+def test_every_marked_image_of_a_sample_is_veiled(vt):
+    a, b = u8(1, seed=1)[0], u8(1, seed=2)[0]
+    va, vb, mask, label = vt((tv_tensors.Image(a), tv_tensors.Image(b), tv_tensors.Mask(b), 7))
+    assert torch.equal(va.as_subclass(torch.Tensor), vt(a)) and torch.equal(vb.as_subclass(torch.Tensor), vt(b))
+    assert torch.equal(mask, b) and label == 7
+    pils = vt([PIL.Image.fromarray(a[0].numpy()), PIL.Image.fromarray(b[0].numpy())])
+    assert [np.asarray(p).tolist() for p in pils] == [vt(a)[0].tolist(), vt(b)[0].tolist()]
+
+
+def test_video_is_refused_not_passed_through(vt):
+    with pytest.raises(TypeError, match="does not veil tv_tensors.Video"):
+        vt(tv_tensors.Video(u8(2)))
 
 
 def test_empty_numpy_batch(vt):

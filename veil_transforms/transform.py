@@ -4,6 +4,8 @@ Accepts PIL images, numpy arrays (HW, HWC or a batch BHWC), tensors (uint8 or
 float in [0, 1], ``[C, H, W]`` or ``[B, C, H, W]``) and ``tv_tensors.Image``,
 and returns the same type and shape. Everything else in a sample (labels,
 masks, boxes, metadata) passes through untouched, as with any v2 transform.
+Every image of a sample is veiled: several must be marked (``tv_tensors.Image``
+or PIL); several unmarked tensors / arrays shaped like images are refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from .model import LocalModel, as_local_model
 
 def _is_image_array(x: Any) -> bool:
     return isinstance(x, np.ndarray) and x.ndim in (2, 3, 4)
+
+
+def _is_unmarked_image(x: Any) -> bool:
+    """A plain tensor or numpy array shaped like an image or a batch of them."""
+    return (type(x) is torch.Tensor and x.ndim in (3, 4)) or _is_image_array(x)
 
 
 def _is_image_tensor(x: Any) -> bool:
@@ -177,13 +184,27 @@ class VeilTransform(v2.Transform):
 
     # -- v2.Transform hooks ----------------------------------------------------
     def _needs_transform_list(self, flat_inputs: list[Any]) -> list[bool]:
-        # v2's rule for pure tensors (the first one is the image unless the sample has an explicit
-        # image), with numpy image arrays counted as explicit images: in (array, tensor(label)) the
-        # label is not the image. A sample with nothing to veil is an error, not a pass-through:
-        # handing on an unveiled image because its shape was unexpected would leak it.
-        if any(_is_image_array(x) for x in flat_inputs):
-            needs = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) or _is_image_array(x) for x in flat_inputs]
-        else:
+        # Every image in a sample must come out veiled, so this does not guess. torchvision's rule (the
+        # first plain tensor is the image, the others pass through) would hand on the second image of a
+        # pair unveiled, and a numpy mask beside a tensor image would be veiled in the image's place.
+        # Marked images (tv_tensors.Image, PIL) are all veiled; one unmarked image (a plain tensor
+        # [C, H, W] / [B, C, H, W] or a numpy HW / HWC / BHWC array) is veiled when it is the sample's
+        # only candidate; several candidates, or candidates beside marked images, are refused.
+        if any(isinstance(x, tv_tensors.Video) for x in flat_inputs):
+            raise TypeError("VeilTransform does not veil tv_tensors.Video (handing it on unveiled would leak it): "
+                            "veil its frames as a batch [T, C, H, W] tensor")
+        marked = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) for x in flat_inputs]
+        unmarked = [_is_unmarked_image(x) for x in flat_inputs]
+        if sum(unmarked) > 1 or (any(unmarked) and any(marked)):
+            seen = ", ".join(_describe(x) for x, m, u in zip(flat_inputs, marked, unmarked) if m or u)
+            raise TypeError(
+                f"VeilTransform cannot tell which of these are images ({seen}) and does not guess: an image "
+                "handed on unveiled would leak it. Mark them: images as tv_tensors.Image or PIL images (all "
+                "are veiled), masks and maps as tv_tensors.Mask (passed through); or stack the images into "
+                "one batch ([B, C, H, W] tensor, BHWC array)"
+            )
+        needs = [m or u for m, u in zip(marked, unmarked)]
+        if not any(needs):  # a lone plain tensor of another shape: transform() refuses it, naming its shape
             needs = super()._needs_transform_list(flat_inputs)
         if not any(needs):
             seen = ", ".join(_describe(x) for x in flat_inputs[:4]) + (", ..." if len(flat_inputs) > 4 else "")
