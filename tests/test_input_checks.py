@@ -1,6 +1,8 @@
 """Bad input to the library gets a clear error, never a silent pass-through, a black image or a raw
 torch traceback; and a directory cache is read one file per sample."""
 
+import copy
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -189,6 +191,21 @@ def test_directory_cache_reads_one_file_per_sample(tmp_path, vt, monkeypatch):
     x, y = fresh[5]
     assert len(loads) == 1  # not the 16 of its block: a DataLoader pass would cost batch_size loads per sample
     assert torch.equal(x, ds[5][0]) and y == 5
+
+
+def test_directory_cache_does_not_hand_a_retrained_model_the_old_veils(tmp_path, lenet):
+    kw = dict(steps=3, lr=50.0, threshold=float("-inf"), key=KEY, device="cpu")  # F's gradient shows in uint8
+    vt = VeilTransform(lenet, **kw)
+    VeiledDataset(_Images(), vt, batch_size=16, cache=tmp_path, progress=False).prepare()
+    retrained = copy.deepcopy(lenet)  # same class, same settings, same key: only the weights differ
+    with torch.no_grad():
+        retrained.conv1.weight.mul_(-1.0)
+    vt2 = VeilTransform(retrained, **kw)
+    x = _Images()[4][0]
+    assert not torch.equal(vt2(x), vt(x))
+    got = VeiledDataset(_Images(), vt2, batch_size=16, cache=tmp_path, progress=False)[4][0]
+    assert torch.equal(got, vt2(x))
+    assert len([d for d in tmp_path.iterdir() if d.is_dir()]) == 2  # one sub-folder per model's weights
 
 
 def test_bad_cache_files_are_veiled_again(tmp_path, vt):

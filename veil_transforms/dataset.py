@@ -7,7 +7,8 @@ sample in each worker) and cached, so every sample is veiled once:
 
 - ``cache="memory"`` (default) keeps veiled images in RAM;
 - ``cache=<directory>`` stores each one as a ``.npy`` file named by an HMAC of
-  its content under the veil's key, in a sub-folder per veil setting, written
+  its content under the veil's key, in a sub-folder per veil setting (settings,
+  key fingerprint and a hash of F's weights), written
   atomically; a later run, another process or a DataLoader worker reuses it;
 - ``cache=None`` veils every time (each access costs a full veil).
 
@@ -84,7 +85,9 @@ class VeiledDataset(Dataset):
                 raise ValueError(f"cache directory {cache} cannot be used: {e.strerror or e}") from None
 
     def _settings_id(self) -> str:
-        s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key)
+        # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
+        s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key) \
+            + self.veil.local_model.fingerprint()
         return "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16]
 
     # -- sample structure -------------------------------------------------------

@@ -13,7 +13,9 @@ touched; both are restored afterwards (:func:`frozen`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import itertools
 import os
 import pickle
 import re
@@ -127,6 +129,19 @@ class LocalModel(nn.Module):
         if out.shape[0] != 2:
             raise ValueError(f"local model {self.name} mixes samples: batch of 2 gave {list(out.shape)}")
         self._checked.add(sample_shape)
+
+    def fingerprint(self) -> str:
+        """sha256 of what F computes besides the veil's settings: its file (when loaded from one) or its
+        weights (parameters and buffers, with names, dtypes and shapes), and the layer. A retrained F
+        has another fingerprint, so a cache keyed by it does not hand back the old F's veils."""
+        h = hashlib.sha256(repr((self.name, self.layer)).encode())
+        if self._source is not None:
+            h.update(self._source[0].encode() + self._source[1])
+        for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
+            t = t.detach()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     # -- loading ---------------------------------------------------------------
     @classmethod
