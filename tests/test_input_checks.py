@@ -254,6 +254,17 @@ def test_a_cache_that_cannot_be_written_warns_once_and_goes_on(tmp_path, vt, cap
     assert [p.name for p in ds._dir.iterdir()] == ["settings.json"]  # no half-written temp files left
 
 
+def test_uncached_dataset_veils_only_the_sample_asked_for(vt, monkeypatch):
+    sizes = []
+    real = VeilTransform.veil_batch
+    monkeypatch.setattr(VeilTransform, "veil_batch", lambda self, x, *a, **k: sizes.append(len(x)) or real(self, x, *a, **k))
+    ds = VeiledDataset(_Images(), vt, batch_size=16, cache=None, progress=False)
+    x, y = ds[5]
+    assert sizes == [1] and torch.equal(x, vt(ds.dataset[5][0])) and y == 5  # not the 16 of its block, thrown away
+    with pytest.raises(ValueError, match="keep none"):
+        ds.prepare()
+
+
 def test_dataset_bad_arguments(tmp_path, vt):
     with pytest.raises(TypeError, match="cache: expected"):
         VeiledDataset(_Images(), vt, cache=True)

@@ -10,7 +10,7 @@ sample in each worker) and cached, so every sample is veiled once:
   its content under the veil's key, in a sub-folder per veil setting (settings,
   key fingerprint and a hash of F's weights), written
   atomically; a later run, another process or a DataLoader worker reuses it;
-- ``cache=None`` veils every time (each access costs a full veil).
+- ``cache=None`` veils every time (each access costs a full veil of that one sample).
 
 For DataLoaders with workers over a map-style dataset, call :meth:`prepare`
 first: it veils everything in the main process with a progress bar, and the
@@ -214,6 +214,8 @@ class VeiledDataset(Dataset):
             hit = self._from_dir(self._digest(x), x)
             if hit is not None:
                 return self._put_image(sample, from_chw(hit, im))
+        if self._memory is None and self._dir is None:  # no cache: a block's other veils would be thrown away
+            return self._veil_samples([sample], [None])[0]
         # veil the whole block this index falls in: one batch instead of one sample
         start = index // self.batch_size * self.batch_size
         block = range(start, min(start + self.batch_size, n))
@@ -223,6 +225,10 @@ class VeiledDataset(Dataset):
     def prepare(self) -> "VeiledDataset":
         """Veil every sample now (in batches, with a progress bar); returns self."""
         from .progress import bar
+
+        if self._memory is None and self._dir is None:
+            raise ValueError("prepare() with cache=None would veil every sample and keep none: use "
+                             "cache='memory' or a directory, or leave prepare() out (each access veils anew)")
 
         n = len(self)
         with bar(total=n, desc="veiling", unit="img", disable=not self.progress) as pb:
