@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import threading
 
 import numpy as np
 import PIL.Image
@@ -201,6 +202,53 @@ def test_works_under_no_grad_and_leaves_the_model_alone(faces):
     assert m.training
     assert m.fc3.weight.requires_grad and not m.conv1.weight.requires_grad
     assert all(p.grad is None for p in m.parameters())
+
+
+def test_works_under_inference_mode(faces, face_model):
+    t = _veil_fast(face_model)
+    want = t(faces[0][:3])
+    with torch.inference_mode():  # Lightning's predict / validation loops
+        got = t(faces[0][:3])
+        inference_tensor = faces[0][:3].clone()
+    assert torch.equal(got, want) and torch.equal(t(inference_tensor), want)
+
+
+class _BNNet(nn.Module):
+    """A BatchNorm net whose forward holds chosen threads at a gate, once each."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.bn, self.fc = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Linear(4 * 23 * 23, 2)
+        self.hold = {}  # thread -> (event: entered, event: go on)
+
+    def forward(self, x):
+        entered, go_on = self.hold.pop(threading.current_thread(), (None, None))
+        if entered is not None:
+            entered.set()
+            go_on.wait(60)
+        return self.fc(torch.relu(self.bn(self.c(x))).flatten(1))
+
+
+def test_overlapping_veils_in_two_threads_leave_the_model_alone(faces):
+    m = _BNNet().train()
+    before = copy.deepcopy(m.state_dict())
+    t = VeilTransform(m, key=KEY, steps=5, threshold=float("-inf"), lr=5.0, device="cpu")
+    x = faces[0][:4]
+    want = t(x)
+    out, gates = {}, {}
+    threads = {n: threading.Thread(target=lambda n=n: out.update({n: t(x)})) for n in "ab"}
+    for n in "ab":  # a starts its veil, then b starts its own: both held inside F's forward
+        gates[n] = (threading.Event(), threading.Event())
+        m.hold[threads[n]] = gates[n]
+        threads[n].start()
+        assert gates[n][0].wait(60)
+    gates["a"][1].set()  # a finishes first, while b's veil is still under way
+    threads["a"].join(60)
+    gates["b"][1].set()
+    threads["b"].join(60)
+    assert torch.equal(out["a"], want) and torch.equal(out["b"], want)  # b's veil ran in eval mode throughout
+    assert m.training and all(p.requires_grad for p in m.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # BatchNorm statistics untouched
 
 
 def test_inner_layer_selection(faces, face_model):

@@ -651,6 +651,22 @@ def resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+def _outside_inference_mode(fn):
+    """Run ``fn(model, images, ...)`` with autograd available even when called under
+    ``torch.inference_mode()`` (Lightning's predict and validation loops): the veil needs dF/dx,
+    which inference mode switches off for good. Inference tensors are cloned into ordinary ones."""
+
+    @functools.wraps(fn)
+    def wrapper(model, images, **kw):
+        if torch.is_inference_mode_enabled() or (isinstance(images, torch.Tensor) and images.is_inference()):
+            with torch.inference_mode(False):
+                return fn(model, images.clone() if isinstance(images, torch.Tensor) else images, **kw)
+        return fn(model, images, **kw)
+
+    return wrapper
+
+
+@_outside_inference_mode
 def veil(
     model: Callable[[torch.Tensor], torch.Tensor],
     images: torch.Tensor,

@@ -19,31 +19,48 @@ import itertools
 import os
 import pickle
 import re
+import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
 
 
+_FROZEN_LOCK = threading.Lock()
+_FROZEN: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [depth, mode, flags]
+
+
 @contextlib.contextmanager
 def frozen(model):
-    """Eval mode and no parameter grads for the duration; restores both afterwards."""
+    """Eval mode and no parameter grads for the duration; restores both afterwards.
+
+    Counted per module: veils overlapping in several threads (or nested) share one freeze, and the
+    last to leave restores, so one veil ending does not put F back in train mode under another
+    (which then updated BatchNorm's running statistics and changed its veil)."""
     module = model.module if isinstance(model, LocalModel) else model
     if not isinstance(module, nn.Module):
         yield
         return
-    was_training = module.training
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    module.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
+    with _FROZEN_LOCK:
+        state = _FROZEN.get(module)
+        if state is None:
+            state = _FROZEN[module] = [0, module.training, [(p, p.requires_grad) for p in module.parameters()]]
+            module.eval()
+            for p, _ in state[2]:
+                p.requires_grad_(False)
+        state[0] += 1
     try:
         yield
     finally:
-        for p, rg in flags:
-            p.requires_grad_(rg)
-        module.train(was_training)
+        with _FROZEN_LOCK:
+            state[0] -= 1
+            if state[0] == 0:
+                del _FROZEN[module]
+                for p, rg in state[2]:
+                    p.requires_grad_(rg)
+                module.train(state[1])
 
 
 class LocalModel(nn.Module):
@@ -104,10 +121,9 @@ class LocalModel(nn.Module):
         sample_shape = tuple(int(s) for s in sample_shape)
         if sample_shape in self._checked:
             return
-        x = torch.zeros((2, *sample_shape), device=self.device, requires_grad=True)
         try:
-            with torch.enable_grad(), frozen(self):
-                out = self(x)
+            with torch.inference_mode(False), torch.enable_grad(), frozen(self):  # as the veil runs it
+                out = self(torch.zeros((2, *sample_shape), device=self.device, requires_grad=True))
         except Exception as e:  # noqa: BLE001 - any failure means "does not accept"
             raise ValueError(
                 f"local model {self.name} does not accept images of shape {list(sample_shape)} "
