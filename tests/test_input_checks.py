@@ -289,6 +289,27 @@ def test_iterable_dataset_has_no_indexing(vt):
         ds.prepare()
 
 
+class _Stream(IterableDataset):
+    """``n`` samples, split by worker: with n = 1 the second worker's share is empty."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, nw = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(w, self.n, nw):
+            yield u8(1, seed=i)[0], i
+
+
+def test_iterable_dataset_with_a_worker_whose_share_is_empty(vt):
+    ds = VeiledDataset(_Stream(1), vt, cache=None, progress=False)
+    got = list(torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2))
+    assert len(got) == 1 and torch.equal(got[0][0][0], vt(u8(1, seed=0)[0]))
+    with pytest.raises(ValueError, match="dataset is empty"):  # in the main process, empty is still an error
+        list(VeiledDataset(_Stream(0), vt, progress=False))
+
+
 def test_key_file_text_as_bytes_is_refused(tmp_path):
     from veil_transforms import keys
 

@@ -265,7 +265,7 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
         if buf:
             yield from self._flush(buf)
             count += len(buf)
-        if count == 0:
+        if count == 0 and torch.utils.data.get_worker_info() is None:  # a worker's share may be empty
             raise ValueError("dataset is empty: nothing to veil")
 
     def _flush(self, buf: list[Any]) -> Iterable[Any]:
