@@ -204,6 +204,13 @@ def test_works_under_no_grad_and_leaves_the_model_alone(faces):
     assert all(p.grad is None for p in m.parameters())
 
 
+def test_the_callers_model_stays_on_its_device():
+    m = LeNet5(1, 2)
+    t = VeilTransform(m, key=KEY, device="meta")  # on a GPU host: device="cuda" (the default) for a CPU model
+    assert m.conv1.weight.device.type == "cpu" and t.local_model.device.type == "meta"
+    assert VeilTransform(m, key=KEY, device="cpu").local_model.module is m  # already there: used as it is
+
+
 def test_works_under_inference_mode(faces, face_model):
     t = _veil_fast(face_model)
     want = t(faces[0][:3])

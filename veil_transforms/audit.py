@@ -489,9 +489,9 @@ def run(
     if "inversion" in attacks:
         if model is None:
             raise ValueError("the 'inversion' attack needs model= (a model trained on veiled data)")
-        from .model import as_local_model
+        from .model import local_model_on
 
-        ctx["model"] = as_local_model(model).to(opts["device"])
+        ctx["model"] = local_model_on(model, opts["device"])
         ctx["model"].check_input(tuple(x01.shape[1:]))  # one-line ValueError for images it does not take
 
     N = len(x01)

@@ -13,6 +13,7 @@ touched; both are restored afterwards (:func:`frozen`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import io
 import itertools
@@ -284,6 +285,24 @@ def build_arch(arch: str, state_dict: dict) -> nn.Module:
     module = nets.build(arch, state_dict)
     module.load_state_dict(state_dict)
     return module
+
+
+def local_model_on(model, device: torch.device, layer: str | None = None) -> LocalModel:
+    """:func:`as_local_model` on ``device``. ``nn.Module.to`` moves in place, so a caller's model on
+    another device is copied there and stays where it is; one already there is used as it is."""
+    local = as_local_model(model, layer)
+    if not isinstance(model, (str, os.PathLike)) and not _all_on(local, device):
+        local = copy.deepcopy(local)
+    return local.to(device)
+
+
+def _all_on(module: nn.Module, device: torch.device) -> bool:
+    """Whether every parameter and buffer of ``module`` is on ``device`` (``cuda``: the current one)."""
+    def norm(d: torch.device) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+
+    want = norm(torch.device(device))
+    return all(norm(t.device) == want for t in itertools.chain(module.parameters(), module.buffers()))
 
 
 def as_local_model(model, layer: str | None = None) -> LocalModel:

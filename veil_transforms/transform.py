@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from . import functional as F
 from . import keys as _keys
-from .model import LocalModel, as_local_model
+from .model import LocalModel, local_model_on
 
 
 def _is_image_array(x: Any) -> bool:
@@ -53,7 +53,9 @@ class VeilTransform(v2.Transform):
         layer: which layer of F to match (None: the output logits).
         key: secret bytes (or hex str) from which each sample's mask is derived;
             None draws a fresh one (read it back from ``.key`` to save it).
-        device: where the gradient iteration runs (default: CUDA if present).
+        device: where the gradient iteration runs (default: CUDA if present). A model
+            elsewhere is copied there and yours stays where it is (the veil then does not see
+            later in-place changes to yours); a model already there is used as it is.
         output: ``"uint8"`` snaps results to the 256-level grid (PNG-safe);
             ``"float"`` keeps full precision for float inputs.
         mode: ``"paper"`` is exactly the paper's Algorithm 1 (a key-free fold
@@ -98,7 +100,7 @@ class VeilTransform(v2.Transform):
         F.check_settings(p=p, alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, output=output,
                          mode=mode, precision=precision)
         self.device = F.resolve_device(device) if device is not None else default_device()
-        self.local_model: LocalModel = as_local_model(model, layer).to(self.device)
+        self.local_model: LocalModel = local_model_on(model, self.device, layer)
         self.key = _keys.as_key(key)
         self.p, self.alpha, self.beta, self.steps = float(p), float(alpha), float(beta), int(steps)
         self.threshold, self.lr, self.output, self.mode = float(threshold), float(lr), output, mode
