@@ -77,6 +77,23 @@ def test_video_is_refused_not_passed_through(vt):
         vt(tv_tensors.Video(u8(2)))
 
 
+def test_numpy_scalars_are_accepted_as_settings(lenet):
+    x = u8(2)
+    want = VeilTransform(lenet, steps=3, p=0.5, lr=float(np.float32(0.2)), key=KEY, device="cpu")(x)
+    got = VeilTransform(lenet, steps=np.int64(3), p=np.float32(0.5), lr=np.float32(0.2), key=KEY, device="cpu")(x)
+    assert torch.equal(got, want)  # e.g. values read from a numpy config or a sweep grid
+    assert torch.equal(F.veil(lenet, x, key=KEY, steps=np.int32(3), lr=np.float32(0.2), chunk=np.int64(1)), want)
+    assert VeiledDataset(_Images(), VeilTransform(lenet, key=KEY), batch_size=np.int64(8)).batch_size == 8
+    with pytest.raises(ValueError, match="steps must be an integer"):
+        VeilTransform(lenet, steps=np.bool_(True))
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (5, 28, 28)])  # channels first, a batch of grey images
+def test_numpy_array_in_another_layout_gets_the_layout_named(vt, shape):
+    with pytest.raises(ValueError, match=r"read channels last: this one, of shape \(\d, 28, 28\), as H, W, C"):
+        vt(np.zeros(shape, np.uint8))
+
+
 def test_empty_numpy_batch(vt):
     with pytest.raises(ValueError, match="empty batch"):
         vt(np.zeros((0, 28, 28, 1), np.uint8))
@@ -252,6 +269,14 @@ def test_a_cache_that_cannot_be_written_warns_once_and_goes_on(tmp_path, vt, cap
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "No space left on device" in msgs[0] and "not being cached" in msgs[0]
     assert [p.name for p in ds._dir.iterdir()] == ["settings.json"]  # no half-written temp files left
+
+
+def test_changing_a_returned_sample_in_place_does_not_change_the_cache(vt):
+    ds = VeiledDataset(_Images(), vt, batch_size=16, progress=False)
+    want = ds[3][0].clone()  # veiled now, from the memory cache below
+    for _ in range(2):
+        ds[3][0].zero_()  # an in-place augmentation downstream
+    assert torch.equal(ds[3][0], want)
 
 
 def test_uncached_dataset_veils_only_the_sample_asked_for(vt, monkeypatch):

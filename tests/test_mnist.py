@@ -7,7 +7,6 @@ both on the last 2,000 original images (disjoint from training).
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 

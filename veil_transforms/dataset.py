@@ -62,8 +62,9 @@ class VeiledDataset(Dataset):
     ) -> None:
         if not isinstance(veil, VeilTransform):
             raise TypeError(f"veil: expected a VeilTransform, got {type(veil).__name__}")
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not F.is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        batch_size = int(batch_size)
         if not isinstance(self, IterableDataset):
             if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
                 raise TypeError("dataset: expected a map-style (len + getitem) or an IterableDataset")
@@ -190,7 +191,8 @@ class VeiledDataset(Dataset):
     def _veil_samples(self, samples: list[Any], ids: list[Any]) -> list[Any]:
         images = [self._get_image(s) for s in samples]
         veiled = self._veil_images([to_chw(im) for im in images], ids)
-        return [self._put_image(s, from_chw(v, im)) for s, v, im in zip(samples, veiled, images)]
+        # copies: an in-place change downstream (an augmentation) must not reach the memory cache
+        return [self._put_image(s, from_chw(v.clone(), im)) for s, v, im in zip(samples, veiled, images)]
 
     # -- map-style -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -206,7 +208,7 @@ class VeiledDataset(Dataset):
         sample = self.dataset[index]
         if self._memory is not None and index in self._memory:
             im = self._get_image(sample)
-            return self._put_image(sample, from_chw(self._memory[index], im))
+            return self._put_image(sample, from_chw(self._memory[index].clone(), im))
         if self._dir is not None:  # this sample's own file: a DataLoader worker after prepare() reads just that
             im = self._get_image(sample)
             x = to_chw(im)

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import math
+import numbers
 import threading
 import warnings
 import weakref
@@ -96,7 +97,7 @@ def random_pixel_flip(
 
 
 def check_p(p: float) -> None:
-    if not (isinstance(p, (int, float)) and 0.0 < float(p) < 1.0):
+    if not (_is_number(p) and 0.0 < float(p) < 1.0):
         raise ValueError(f"p must lie in the open interval (0, 1), got {p!r}")
 
 
@@ -588,13 +589,18 @@ def auto_batch_size(
     return 1
 
 
+def is_int(v) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def check_steps(steps: int) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)  # numpy scalars too
 
 
 def check_settings(*, p, alpha, beta, lr, steps, threshold, output, mode, precision) -> None:
@@ -729,11 +735,12 @@ def veil(
         raise ValueError("veil: empty batch")
     check_settings(p=p, alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold, output=output,
                    mode=mode, precision=precision)
+    p, alpha, beta, lr, threshold, steps = float(p), float(alpha), float(beta), float(lr), float(threshold), int(steps)
     if (key is None) == (generator is None):
         raise ValueError("veil: pass exactly one of key= (secret bytes) or generator=")
     if key is not None:
         key = _keys.as_key(key)  # bytes or hex str, >= 16 bytes: the same rule as VeilTransform's
-    if chunk is not None and chunk != "auto" and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+    if chunk is not None and chunk != "auto" and (not is_int(chunk) or chunk < 1):
         raise ValueError(f"chunk must be an integer >= 1, 'auto' or None, got {chunk!r}")
     in_dtype = images.dtype
     device = resolve_device(device) if device is not None else images.device

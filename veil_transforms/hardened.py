@@ -150,10 +150,11 @@ def copy_keys(key: bytes, k: int) -> list[bytes]:
     """
     import hmac
 
+    from .functional import is_int
     from .keys import as_key
 
     key = as_key(key)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    if not is_int(k) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     return [hmac.new(key, b"veil-hardened-copy" + i.to_bytes(4, "big"), hashlib.sha256).digest() for i in range(k)]
 

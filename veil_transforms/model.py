@@ -205,8 +205,8 @@ class LocalModel(nn.Module):
                 module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             raise ValueError(
-                f"{path.name} is not a TorchScript file ({describe_error(e)}); for a state dict pass arch=... "
-                "(--arch on the command line)"
+                f"{path.name} is not a TorchScript file ({describe_error(e)}); for a state dict load it with "
+                "LocalModel.load(path, arch=...) and pass that (--arch on the command line)"
             ) from e
         m = cls(module, layer, name=path.name)
         m._source = ("jit", data)

@@ -217,6 +217,19 @@ class VeilTransform(v2.Transform):
         return needs
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        if not isinstance(inpt, np.ndarray):
+            return self._transform(inpt)
+        try:
+            return self._transform(inpt)
+        except ValueError as e:  # F refusing the shape: often a CHW or BHW array read as channels last
+            if "does not accept images" not in str(e):
+                raise
+            layout = "B, H, W, C" if inpt.ndim == 4 else "H, W, C" if inpt.ndim == 3 else "H, W"
+            raise ValueError(f"{e}. numpy arrays are read channels last: this one, of shape {inpt.shape}, as "
+                             f"{layout}; for a channels-first array pass a tensor (torch.from_numpy), for a "
+                             "batch of grey images B, H, W add a channel axis (a[..., None])") from None
+
+    def _transform(self, inpt: Any) -> Any:
         if isinstance(inpt, torch.Tensor) and inpt.ndim == 4:
             out = self.veil_batch(inpt.as_subclass(torch.Tensor))
             return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.Image) else out
