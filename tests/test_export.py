@@ -225,11 +225,15 @@ def test_bad_input_exit_2(data, tmp_path, capsys):
     assert not (tmp_path / "d").exists()
 
 
-def test_export_without_originals_warns_and_skips_gate(data, tmp_path, capsys):
+def test_export_without_originals_refuses_the_paper_veil_unless_forced(data, tmp_path, capsys):
     dest = tmp_path / "d"
-    assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet"]) == 0
+    assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet"]) == 1  # paper mode, no gate
+    assert "no privacy gate" in capsys.readouterr().err and not dest.exists()
+    assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet", "--force"]) == 0
     assert "privacy gate not run" in capsys.readouterr().err
-    assert json.loads((dest / "receipt.json").read_text())["gate"]["run"] is False
+    receipt = json.loads((dest / "receipt.json").read_text())
+    assert receipt["gate"]["run"] is False and receipt["paper_mode_without_gate_forced"] is True
+    assert "model" not in receipt["veil"] and receipt["veil"]["mode"] == "paper"  # not the model's file name
 
 
 def test_gate_refuses_other_images_under_the_same_names(data, tmp_path, capsys):
@@ -350,3 +354,38 @@ def test_unwritable_dest_parent_exit_2(data, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left" in err, err
     assert not (tmp_path / "d2").exists() and not list(tmp_path.glob(".d2.partial-*"))
+
+
+def test_private_map_never_replaces_another_file(data, tmp_path, capsys):
+    weak, key_file = data["root"] / "weak", data["root"] / "owner.key"
+    unrelated = tmp_path / "notes.csv"
+    unrelated.write_text("my,own\n")
+    original = next((data["src"] / "Person A").iterdir())
+    targets = [(key_file, "is the key file"), (weak / "manifest.json", "inside SHARDS"),
+               (original, "inside --originals"), (unrelated, "not a private map")]
+    before = {t: t.read_bytes() for t, _ in targets}
+    for target, needle in targets:
+        assert _export(data, weak, tmp_path / "d", "--force", "--private-map", str(target)) == 2
+        err = capsys.readouterr().err
+        assert needle in err, err
+    assert {t: t.read_bytes() for t, _ in targets} == before and not (tmp_path / "d").exists()
+    pm = tmp_path / "map.csv"  # an earlier export's map is replaced: exporting again is a normal thing to do
+    for d in ("d1", "d2"):
+        assert _export(data, weak, tmp_path / d, "--force", "--private-map", str(pm)) == 0
+    assert len(pm.read_text().splitlines()) == 13
+
+
+def test_gate_passes_over_an_empty_shard(data, tmp_path):
+    src = tmp_path / "src"
+    (src / "c").mkdir(parents=True)
+    for i in range(3):  # sorted first, all undecodable: the first shard holds none of them
+        (src / "c" / f"{i}.png").write_bytes(b"not an image")
+    for i in range(2):
+        PIL.Image.fromarray(_face_like(np.random.default_rng(i))).save(src / "c" / f"z{i}.png")
+    out = tmp_path / "out"
+    argv = [str(src), str(out), "--model", str(data["root"] / "model.pt"), "--key-file", str(data["root"] / "owner.key"),
+            "--steps", "2", "--shard-size", "3", "--quiet", "--threads", "1"]
+    assert shard_cli.main(argv) == 0
+    assert [s["count"] for s in json.loads((out / "manifest.json").read_text())["shards"]][0] == 0
+    assert export_cli.main([str(out), str(tmp_path / "d"), "--originals", str(src), "--key-file",
+                            str(data["root"] / "owner.key"), "--quiet", "--force"]) == 0

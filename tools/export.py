@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ssim", type=float, default=0.05, help="largest SSIM(x, x~) allowed per sample")
     p.add_argument("--max-attack-ssim", type=float, default=0.3,
                    help="largest SSIM between an attack's reconstruction and x allowed per sample")
-    p.add_argument("--force", action="store_true", help="export even if samples fail the gate (recorded in the receipt)")
+    p.add_argument("--force", action="store_true",
+                   help="export even if samples fail the gate, or with no gate shards of the paper's veil (recorded in the receipt)")
     p.add_argument("--private-map", default=None,
                    help="where to write the file name <-> opaque key map; None: <SHARDS>.private-map.csv beside SHARDS; never inside DEST")
     p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
@@ -134,14 +135,27 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"cannot create DEST {dest}: {why}")
 
 
-def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True) -> Path:
-    """Where the map goes, checked before any work: it is written before DEST appears (all or nothing)."""
+MAP_HEADER = ["opaque_key", "path", "label", "shard", "copy"]
+
+
+def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True, *, key_file: Path | None = None,
+                      originals: str | None = None) -> Path:
+    """Where the map goes, checked before any work: it is written before DEST appears (all or nothing).
+    It may replace an earlier export's map, never another file (the key, the manifest, an original)."""
     pm = Path(arg).absolute() if arg else default_private_map(shards_dir)
     if shards.is_inside(pm, dest) or shards.is_inside(pm.parent, dest):
         raise shards.ShardError(f"the private map {pm} must not be inside DEST {dest}: DEST goes to the third party")
     if gate:
         if pm.is_dir():
             raise shards.ShardError(f"--private-map {pm} is a folder: give a file name (e.g. {pm / 'private-map.csv'})")
+        for what, where in (("SHARDS", shards_dir), ("--originals", Path(originals).absolute() if originals else None)):
+            if where is not None and shards.is_inside(pm, where):
+                raise shards.ShardError(f"the private map {pm} must not be inside {what} {where}")
+        if key_file is not None and pm.exists() and pm.resolve() == key_file.resolve():
+            raise shards.ShardError(f"--private-map {pm} is the key file: writing the map there would destroy the key")
+        if pm.exists() and not _is_private_map(pm):
+            raise shards.ShardError(f"--private-map {pm} exists and is not a private map of an earlier export: "
+                                    "give a new file name (an existing map is replaced; any other file is not)")
         why = unwritable_folder(pm.parent)
         if why:
             raise shards.ShardError(f"cannot write the private map {pm}: {why}")
@@ -176,10 +190,18 @@ def _original(source, item, channels: int) -> np.ndarray:
         raise shards.ShardError(f"original {item.rel} can no longer be read ({type(e).__name__}: {msg})") from None
 
 
+def _is_private_map(path: Path) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == MAP_HEADER
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
+
+
 def _write_private_map(path: Path, rows: list[tuple[str, str, int, str, int]]) -> None:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["opaque_key", "path", "label", "shard", "copy"])
+    w.writerow(MAP_HEADER)
     w.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     shards.atomic_write_bytes(path, buf.getvalue().encode("utf-8"), mode=0o600)
@@ -230,10 +252,17 @@ def export(args) -> int:
     manifest = shards.read_manifest(shards_dir)
     _check_dest(dest, shards_dir)
     gate = args.originals is not None
-    pm_path = _private_map_path(args.private_map, shards_dir, dest, gate)
+    key_file = Path(args.key_file).absolute() if args.key_file else shards.default_key_file(shards_dir)
+    pm_path = _private_map_path(args.private_map, shards_dir, dest, gate, key_file=key_file, originals=args.originals)
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
+    if not gate and manifest["veil"].get("mode", "paper") == "paper" and not args.force:  # (the gate measures it)
+        raise shards.VerifyError(
+            "refused: no --originals, so no privacy gate, and these shards hold the paper's veil (veil-shard "
+            "--mode paper), which a key-free fold attack reads back (|2 x~ - 1|; README \"What it protects\"); "
+            "veil again with --mode hardened, give --originals to run the gate, or pass --force to export them "
+            "anyway (recorded in the receipt)")
     manifest = shards.verify(shards_dir)  # raises VerifyError
     channels = int(manifest["source"]["sample_shape"][0])
 
@@ -259,7 +288,7 @@ def export(args) -> int:
                     k = smp["__key__"]
                     a = shards.decode_image(smp["png"], channels=channels)
                     samples.append((k, a, int(smp["cls"].decode())))
-                if gate:
+                if gate and samples:  # a shard can be empty: every image of its part of SRC was skipped
                     missing = [k for k, _, _ in samples if k not in items]
                     if missing:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
@@ -309,7 +338,9 @@ def export(args) -> int:
             "num_classes": len(manifest["source"]["classes"]) if manifest["source"].get("classes") else None,
             "sample_shape": manifest["source"]["sample_shape"],
             "shards": out_shards,
-            "veil": manifest["veil"],
+            # the veil's settings without the model's file name (a name can say whose data this is)
+            "veil": {k: v for k, v in manifest["veil"].items() if k != "model"},
+            "paper_mode_without_gate_forced": not gate and manifest["veil"].get("mode", "paper") == "paper",
             "key_fingerprint": manifest["key_fingerprint"],
             "gate": {
                 "run": gate,
