@@ -412,6 +412,20 @@ def test_reader_splits_by_node(data, monkeypatch):
         list(shards.load(ref))  # multi-rank without split_by_node: refuse rather than duplicate
 
 
+@pytest.mark.parametrize("mode, fmt", [("I;16", "PNG"), ("I;16B", "TIFF")])
+def test_16_bit_images_are_scaled_to_8_bits_in_grey_and_colour_sets(mode, fmt):
+    import io
+
+    import PIL.Image
+
+    a16 = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 8-bit value v stored as v * 257
+    buf = io.BytesIO()
+    PIL.Image.frombytes(mode, (16, 16), a16.astype(">u2" if mode.endswith("B") else "<u2").tobytes()).save(buf, format=fmt)
+    want = (np.arange(16 * 16).reshape(16, 16)).astype(np.uint8)
+    assert np.array_equal(shards.decode_image(buf.getvalue()), want[None])  # was all white for big-endian
+    assert np.array_equal(shards.decode_image(buf.getvalue(), channels=3), np.stack([want] * 3))  # was {0, 255}
+
+
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 17, 5), (1, 1, 1)])
 def test_png_encoder_round_trip_and_no_metadata(shape):
     import struct

@@ -329,17 +329,18 @@ def decode_image(data: bytes, channels: int | None = None) -> np.ndarray:
     with PIL.Image.open(io.BytesIO(data)) as im:
         im.load()
         im = PIL.ImageOps.exif_transpose(im)
+        deep = im.mode in ("I", "F") or im.mode.startswith("I;16")  # 16-bit (any byte order), 32-bit, float grey
         if channels is None:
-            channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+            channels = 1 if deep or im.mode in ("1", "L", "LA") else 3
         if channels not in (1, 3):
             raise ValueError(f"unsupported channel count {channels}")
+        if deep:  # scaled to 8 bits here: PIL's convert() clips them (to 0 / 255) or misreads big-endian
+            a = np.asarray(im, dtype=np.float64)
+            a = a / 257.0 if im.mode.startswith("I;16") or a.max() > 255 else a
+            grey = np.clip(np.round(a), 0, 255).astype(np.uint8)[None]
+            return grey if channels == 1 else np.repeat(grey, 3, axis=0)
         want = "L" if channels == 1 else "RGB"
         if im.mode != want:
-            if im.mode in ("I", "I;16", "F") and want == "L":
-                a = np.asarray(im, dtype=np.float64)
-                a = a / 257.0 if im.mode == "I;16" or a.max() > 255 else a
-                arr = np.clip(np.round(a), 0, 255).astype(np.uint8)
-                return arr[None]
             im = im.convert(want)
         arr = np.asarray(im, dtype=np.uint8)
     return arr[None].copy() if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
