@@ -818,6 +818,20 @@ def test_reference_size_is_the_most_common_one(data, tmp_path, capsys):
     assert "4 of 7 images were skipped for size mismatch (not 12x12" in err and "resize" in err, err
 
 
+def test_reference_channels_are_the_most_common_ones(data, tmp_path):
+    """One grey image first in sort order made a colour folder "not accepted" by a colour model."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "000-grey.png").write_bytes(_png(np.full((12, 12), 99, np.uint8)))
+    for i in range(4):
+        (src / "a" / f"{i + 1:03d}.png").write_bytes(_png(np.full((12, 12, 3), 40 * i, np.uint8)))
+    argv = [str(src), str(tmp_path / "o"), "--model", str(data["root"] / "rgb_model.pt"),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 0
+    m = shards.read_manifest(tmp_path / "o")
+    assert m["source"]["sample_shape"] == [3, 12, 12] and m["num_veiled"] == 5  # the grey one as RGB
+
+
 def test_truncated_source_tar_is_reported_even_quiet(data, tmp_path, capsys):
     """A source .tar cut at a member boundary read as a complete tar with fewer samples, reported nowhere."""
     tar_path = tmp_path / "src.tar"

@@ -675,9 +675,10 @@ SHAPE_SAMPLE = 33
 
 
 def _reference_shape(source: Source) -> tuple[int, int, int]:
-    """(channels of the first decodable image, the most common height and width among a sample of
-    ``SHAPE_SAMPLE`` images): one outlier first in sort order must not make all the others "size
-    mismatch" (ties go to the first image)."""
+    """(the most common channel count, the most common height and width among a sample of
+    ``SHAPE_SAMPLE`` images): one outlier first in sort order (a grey image in a colour set, another
+    size) must not make all the others "size mismatch" or the model "not accept" them (ties go to
+    the first decodable image). Images of the other channel count are converted when decoded."""
     items = source.items
     for first, it in enumerate(items):
         try:
@@ -687,16 +688,19 @@ def _reference_shape(source: Source) -> tuple[int, int, int]:
             log.debug("cannot decode %s: %s", it.rel, e)
     else:
         raise ShardError(f"none of the {len(items)} images in {source.root or 'the source'} could be decoded")
-    sizes = Counter({shape[1:]: 1})
+    channels, sizes = Counter({shape[0]: 1}), Counter({shape[1:]: 1})
     picks = np.linspace(first, len(items) - 1, min(len(items) - first, SHAPE_SAMPLE)).round().astype(int)
     for i in sorted(set(picks.tolist()) - {first}):
         with contextlib.suppress(Exception):
-            sizes[decode_image(source.read_bytes(items[i]), channels=shape[0]).shape[1:]] += 1
+            c, *hw = decode_image(source.read_bytes(items[i])).shape
+            channels[c] += 1
+            sizes[tuple(hw)] += 1
+    c = channels.most_common(1)[0][0]
     (h, w), n = sizes.most_common(1)[0]
-    if (h, w) != shape[1:]:
-        log.info("reference size %dx%d (%d of %d sampled images), not the first image's %dx%d",
-                 h, w, n, sum(sizes.values()), shape[1], shape[2])
-    return (shape[0], h, w)
+    if (c, h, w) != shape:
+        log.info("reference shape %dx%dx%d (%d of %d sampled images of this size), not the first image's %s",
+                 c, h, w, n, sum(sizes.values()), "x".join(map(str, shape)))
+    return (c, h, w)
 
 
 def create_key_file(path: Path) -> bytes:
