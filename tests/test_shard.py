@@ -774,6 +774,36 @@ def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("rows, needle", [
+    ("f0.png,0\nf1.png,2\nf2.png,unknown\n", "line 4 (f2.png): label 'unknown' mixes class indices and class names"),
+    ("f0.png,cat\nf1.png,dog\nf2.png,3\n", "line 4 (f2.png): label '3' mixes"),
+    ("f0.png,0\nf1.png,\nf2.png,1\n", "line 3 (f1.png): the label is empty"),
+])
+def test_labels_that_mix_indices_and_names_are_refused(data, tmp_path, capsys, rows, needle):
+    """Sorted as names, "10" < "2": one stray name silently renumbered every integer label."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (tmp_path / "labels.csv").write_text("filename,label\n" + rows)
+    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert needle in err, err
+
+
+def test_labels_csv_saved_with_a_byte_order_mark(data, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (tmp_path / "labels.csv").write_bytes("filename,label\nf0.png,1\nf1.png,0\n".encode("utf-8-sig"))  # Excel
+    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 0 and shards.read_manifest(tmp_path / "o")["num_veiled"] == 2
+
+
 def test_unreadable_class_folder_is_an_error_not_a_silent_loss(data, tmp_path, capsys):
     """os.walk left out a class folder it could not list: its images vanished, unlisted, exit 0.
     Needs real permissions: skipped as root with CAP_DAC_OVERRIDE (run it under a shell without it)."""

@@ -234,11 +234,19 @@ def _imagefolder_source(root: Path) -> Source:
     return Source("imagefolder", str(root.resolve()), items, classes=classes)
 
 
+def _is_int_text(v: str) -> bool:
+    try:
+        int(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _labels_csv_source(root: Path, labels: Path) -> Source:
     if not labels.is_file():
         raise ShardError(f"labels file not found: {labels}")
     try:
-        with open(labels, newline="", encoding="utf-8") as f:
+        with open(labels, newline="", encoding="utf-8-sig") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             rows, lines = [], []  # and each row's line in the file (for messages)
             for r in reader:
@@ -249,7 +257,15 @@ def _labels_csv_source(root: Path, labels: Path) -> Source:
     if not rows or not {"filename", "label"} <= set(rows[0]):
         raise ShardError(f"labels file {labels} must have a header with columns filename,label")
     raw = [(r["filename"].strip(), (r["label"] or "").strip()) for r in rows]
+    blank = next((i for i, (_, v) in enumerate(raw) if not v), None)
+    if blank is not None:
+        raise ShardError(f"labels file {labels} line {lines[blank]} ({raw[blank][0]}): the label is empty")
     classes = None
+    numeric = [_is_int_text(v) for _, v in raw]
+    if any(numeric) and not all(numeric):  # sorted as names, "10" < "2": every index would change silently
+        odd = numeric.index(False) if numeric.count(True) >= len(numeric) / 2 else numeric.index(True)
+        raise ShardError(f"labels file {labels} line {lines[odd]} ({raw[odd][0]}): label {raw[odd][1]!r} mixes "
+                         "class indices and class names in one file; use one or the other")
     try:
         lab = [int(v) for _, v in raw]
     except ValueError:
