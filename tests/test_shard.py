@@ -804,6 +804,49 @@ def test_labels_csv_saved_with_a_byte_order_mark(data, tmp_path):
     assert shard_cli.main(argv) == 0 and shards.read_manifest(tmp_path / "o")["num_veiled"] == 2
 
 
+def test_images_beside_class_folders_are_an_error_not_a_silent_loss(data, tmp_path, capsys):
+    """A flat folder with one sub-folder (thumbs/, __MACOSX/) was read as an ImageFolder: its top-level
+    images vanished, exit 0."""
+    src = tmp_path / "src"
+    (src / "thumbs").mkdir(parents=True)
+    for i in range(3):
+        (src / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (src / "thumbs" / "t.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    argv = [str(src), str(tmp_path / "o"), "--model", str(data["model"]), "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "holds 3 image(s) at its top level (e.g. f0.png) beside class folders (thumbs)" in err, err
+
+
+def test_folder_links_are_listed_once_and_loops_end(data, tmp_path):
+    src = tmp_path / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        for i in range(2):
+            (src / c / f"{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (src / "a" / "self").symlink_to("../a")  # a loop: listed each image once per depth (41 times)
+    (src / "a" / "up").symlink_to("..")  # a second loop: the listing never ended
+    (src / "a" / "to-b").symlink_to("../b")  # class b's images under label a
+    rels = [it.rel for it in shards.open_source(src).items]
+    assert rels == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"], rels
+
+
+def test_out_must_not_be_the_folder_of_source_tars(data, tmp_path, capsys):
+    """Its shards joined the source listing: the run could never be resumed or exported with the gate."""
+    src = tmp_path / "tars"
+    src.mkdir()
+    with tarfile.open(src / "src.tar", "w") as tf:
+        for i in range(3):
+            for name, payload in ((f"s{i}.png", _png(np.full((12, 12), 50 * i, np.uint8))), (f"s{i}.cls", b"0")):
+                ti = tarfile.TarInfo(name)
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    argv = [str(src), str(src), "--model", str(data["model"]), "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 2
+    assert "must not be inside the source folder" in _one_line_error(capsys)
+    assert shard_cli.main([str(src), str(src / "veiled"), *argv[2:]]) == 0  # a sub-folder is fine: not listed
+
+
 def test_unreadable_class_folder_is_an_error_not_a_silent_loss(data, tmp_path, capsys):
     """os.walk left out a class folder it could not list: its images vanished, unlisted, exit 0.
     Needs real permissions: skipped as root with CAP_DAC_OVERRIDE (run it under a shell without it)."""

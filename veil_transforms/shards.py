@@ -215,7 +215,18 @@ def _open_source(s: str, labels) -> Source:
 
 def _imagefolder_source(root: Path) -> Source:
     classes = sorted(c.name for c in root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    loose = sorted(c.name for c in root.iterdir() if c.is_file() and not c.name.startswith(".")
+                   and _ext(c.name) in IMAGE_EXTS)
+    if loose:  # an ImageFolder reads only class folders: these would vanish without a word
+        raise ShardError(
+            f"{root} holds {len(loose)} image(s) at its top level (e.g. {loose[0]}) beside class folders "
+            f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}), and an ImageFolder reads only the class "
+            "folders: move the images into a class folder, or move the folders out and give --labels")
     items = []
+    # real paths of the folders listed, so that a link back up (a loop), a second link to one folder or a
+    # link into another class (its images under this class's label) lists nothing twice
+    seen: set[str] = set()
+    tops = {os.path.realpath(root)} | {os.path.realpath(root / c) for c in classes}
 
     def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
         raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
@@ -223,6 +234,12 @@ def _imagefolder_source(root: Path) -> Source:
 
     for ci, c in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen or (real in tops and dirpath != str(root / c)):
+                log.warning("folder %s links to %s, listed once in its own place: not listed here", dirpath, real)
+                dirnames[:] = []
+                continue
+            seen.add(real)
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             # paths joined as strings, once per folder: pathlib per file was most of the listing's
             # time (1.3 s for 32k files on a 2-core CPU); same strings (dirpath comes from a Path)
@@ -818,7 +835,9 @@ def prepare(
     # 3. OUT and the key file
     if out.exists() and not out.is_dir():
         raise ShardError(f"OUT {out} exists and is not a folder")
-    if is_inside(out, source.root or "/nonexistent-root") and source.kind != "webdataset":
+    if is_inside(out, source.root or "/nonexistent-root") and (
+            source.kind != "webdataset" or out.resolve() == Path(source.root).resolve()):
+        # (a folder of .tar shards is listed without its sub-folders: OUT may be one of them, not the folder)
         raise ShardError(f"OUT {out} must not be inside the source folder {source.root}")
     try:
         out.mkdir(parents=True, exist_ok=True)
