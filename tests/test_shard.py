@@ -831,6 +831,20 @@ def test_folder_links_are_listed_once_and_loops_end(data, tmp_path):
     assert rels == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"], rels
 
 
+def test_a_file_name_that_is_not_utf8_is_named_exit_2(data, tmp_path, capsys):
+    """It failed the run with a UnicodeEncodeError, exit 1, 'rerun to resume' (which failed the same way)."""
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "ok.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    with open(os.path.join(os.fsencode(src / "a"), b"bad\xffname.png"), "wb") as f:
+        f.write(_png(np.zeros((12, 12), np.uint8)))
+    argv = [str(src), str(tmp_path / "o"), "--model", str(data["model"]), "--key-file", str(tmp_path / "new.key"), *COMMON]
+    assert shard_cli.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "not valid UTF-8, e.g. 'a/bad\\udcffname.png'" in err, err
+    assert not (tmp_path / "new.key").exists() and not (tmp_path / "o").exists()  # nothing made before the error
+
+
 def test_out_must_not_be_the_folder_of_source_tars(data, tmp_path, capsys):
     """Its shards joined the source listing: the run could never be resumed or exported with the gate."""
     src = tmp_path / "tars"

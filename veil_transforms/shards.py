@@ -161,6 +161,14 @@ def read_item(item: SourceItem) -> bytes:
     return data
 
 
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.fsdecode's surrogate escapes of bytes that are not UTF-8
+        return False
+    return True
+
+
 def _ext(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in name else ""
 
@@ -178,6 +186,10 @@ def open_source(src: str | os.PathLike, labels: str | os.PathLike | None = None)
         raise ShardError(f"no images found in {src}")
     source.items.sort(key=lambda it: it.rel)
     rels = [it.rel for it in source.items]
+    bad = [r for r in rels if not _is_utf8(r)]
+    if bad:  # the manifest, the listing's hash and the private map hold names as UTF-8
+        raise ShardError(f"{len(bad)} file name(s) in {src} are not valid UTF-8, e.g. {bad[0]!r} "
+                         "(\\udcXX: the undecodable bytes); rename them")
     if len(set(rels)) != len(rels):
         raise ShardError(f"source {src} lists the same sample twice")
     return source
