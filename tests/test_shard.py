@@ -233,6 +233,17 @@ def test_torchrun_two_ranks_equal_one(data, tmp_path):
     assert shas(out) == shas(data["ref"])
 
 
+def test_a_second_run_on_the_same_out_is_refused(data, tmp_path, capsys):
+    """It deleted the first run's shards in progress, which then failed ('shard writer failed')."""
+    out = tmp_path / "out"
+    argv = _argv(data, out)
+    first = shard_cli._prepare(shard_cli.build_parser().parse_args(argv), rank=0, world=1, local_rank=0)
+    assert shard_cli.main(argv) == 2  # while the first holds OUT
+    assert "another veil-shard is running on OUT" in _one_line_error(capsys)
+    shards.run(first, batch_size=3, progress=False)  # releases OUT at its end
+    assert shard_cli.main(argv) == 0 and shas(out) == shas(data["ref"])
+
+
 def test_ranks_split_shards_and_resume_with_another_world_size(data, tmp_path):
     """Rank logic in-process: rank 1 of 3 first, then a 1-process rerun fills in the rest."""
     out = tmp_path / "out3"
@@ -1057,10 +1068,12 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
-def test_io_processes_exit_after_kill9_of_veil_shard(data, tmp_path):
-    """A killed veil-shard must not leave its spawned I/O processes waiting for work forever."""
+@pytest.mark.parametrize("procs", ["--io-procs", "--nproc"])
+def test_io_processes_exit_after_kill9_of_veil_shard(data, tmp_path, procs):
+    """A killed veil-shard must not leave its spawned I/O processes waiting for work forever, nor its
+    --nproc rank processes writing into OUT beside the user's rerun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    argv = [*_argv(data, tmp_path / "out"), "--io-procs", "2", "--steps", "100000", "--threshold=-inf"]
+    argv = [*_argv(data, tmp_path / "out"), procs, "2", "--steps", "100000", "--threshold=-inf"]
     p = subprocess.Popen([sys.executable, "-m", "veil_transforms.tools.shard", *argv], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.monotonic()

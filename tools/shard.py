@@ -140,8 +140,10 @@ def _device(arg: str, local_rank: int, world: int):
 
 
 def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
+    # the hold on OUT: --nproc's parent holds it for its rank processes; torchrun's ranks share it
+    lock = None if os.environ.get("_VEIL_SHARD_CHILD") == "1" else "shared" if world > 1 else "exclusive"
     return shards.prepare(
-        args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch,
+        args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch, lock=lock,
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
         create_key=rank == 0, copies=args.copies, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
         threshold=args.threshold, lr=args.lr, mode=args.mode, precision=args.precision,
@@ -215,7 +217,7 @@ def _spawn(args, argv: list[str]) -> int:
     try:
         for r in range(n):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
-                       _VEIL_SHARD_CHILD="1")
+                       _VEIL_SHARD_CHILD="1", _VEIL_SHARD_PARENT=str(os.getpid()))
             if not args.threads:
                 env.setdefault("OMP_NUM_THREADS", threads)
             for k in ("MASTER_ADDR", "MASTER_PORT"):  # the ranks coordinate through the manifest lock
@@ -271,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.quiet, args.verbose)
     rank, world, local_rank = _dist_env()
     child = os.environ.get("_VEIL_SHARD_CHILD") == "1"
+    if child and os.environ.get("_VEIL_SHARD_PARENT", "").isdigit():  # a rank process of --nproc:
+        shards._exit_with_parent(int(os.environ["_VEIL_SHARD_PARENT"]))  # not left writing after kill -9
     if args.nproc < 1:
         return fail(PROG, f"--nproc must be >= 1, got {args.nproc}")
     if args.threads < 0:

@@ -83,6 +83,7 @@ SHARD_NAME = "veil-{:06d}.tar"
 MANIFEST = "manifest.json"
 RECEIPT = "receipt.json"
 LOCK = ".manifest.lock"
+RUN_LOCK = ".veil-shard.lock"  # held by a run's processes while they work on OUT
 IMAGE_EXTS = {"png", "jpg", "jpeg", "bmp", "gif", "tif", "tiff", "webp", "ppm", "pgm", "pbm", "pnm"}
 LABEL_EXTS = ("cls", "class", "label", "cls.txt", "label.txt")
 TAR_MTIME = 0  # fixed tar metadata: identical inputs give byte-identical shards
@@ -695,6 +696,34 @@ def _check_compatible(old: dict, new: dict, out: Path) -> None:
                     out, old.get("library_version"), new.get("library_version"))
 
 
+class RunLock:
+    """A hold on OUT for one run: exclusive for a one-process run (or ``--nproc``'s parent, whose rank
+    processes take none), shared for torchrun's ranks. A second run on the same OUT is refused at once
+    instead of deleting the first run's shards in progress (fcntl; released when the process ends)."""
+
+    def __init__(self, out: Path, shared: bool = False):
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no check
+            return
+        fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardError(f"another veil-shard is running on OUT {out}: let it finish (or stop it), "
+                             "then rerun to resume") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release
+
+
 # -- the plan: everything validated before any work --------------------------------
 @dataclass
 class Plan:
@@ -707,6 +736,7 @@ class Plan:
     shard_size: int
     num_shards: int
     copies: int = 1
+    lock: Any = field(default=None, repr=False, compare=False)  # the run's hold on OUT (:class:`RunLock`)
 
     def shard_items(self, i: int) -> list[tuple[SourceItem, int]]:
         """(item, copy) of shard ``i``: a slice of the listing taken ``copies`` times over, copy by copy."""
@@ -799,6 +829,7 @@ def prepare(
     device=None,
     create_key: bool = True,
     copies: int = 1,
+    lock: str | None = "exclusive",
     **veil_kwargs,
 ) -> Plan:
     """Validate everything (model, source, shape, OUT, key, resume state) before any work.
@@ -806,6 +837,8 @@ def prepare(
     Raises :class:`ShardError` with a one-line message on any bad input.
     ``model`` is a path (TorchScript, state dict with ``arch``, ONNX) or an nn.Module.
     ``copies``: veils per image, each under its own key (see the module docstring).
+    ``lock``: the run's hold on OUT (:class:`RunLock`): ``"exclusive"``, ``"shared"`` (the ranks of
+    one torchrun) or None (processes of a run whose parent holds it).
     """
     from .model import LocalModel
     from .transform import VeilTransform
@@ -858,6 +891,7 @@ def prepare(
         probe.unlink()
     except OSError as e:
         raise ShardError(f"OUT {out} is not writable: {e.strerror or e}") from None
+    run_lock = RunLock(out, shared=lock == "shared") if lock is not None else None
     key_file = Path(key_file).absolute() if key_file is not None else default_key_file(out)
     if is_inside(key_file, out):
         raise ShardError(f"the key file {key_file} must not be inside OUT {out} (OUT may be shared)")
@@ -912,7 +946,7 @@ def prepare(
         for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
             with contextlib.suppress(OSError):
                 stale.unlink()
-    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies)
+    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies, run_lock)
 
 
 # -- the engine ---------------------------------------------------------------------
@@ -987,8 +1021,9 @@ def _main_not_rerun():
 
 
 def _exit_with_parent(parent: int, every: float = 1.0) -> None:
-    """In an I/O process: exit once ``parent`` is gone. A pool's workers wait for their next job
-    forever, so after ``kill -9`` of veil-shard they (and multiprocessing's resource tracker) stayed."""
+    """In an I/O process or a ``--nproc`` rank process: exit once ``parent`` is gone. A pool's workers
+    wait for their next job forever, so after ``kill -9`` of veil-shard they (and multiprocessing's
+    resource tracker) stayed; rank processes went on writing into OUT beside the user's rerun."""
     def watch():
         while os.getppid() == parent:
             time.sleep(every)
@@ -1210,8 +1245,17 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
     return done
 
 
-def run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-        io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True) -> dict:
+def run(plan: Plan, **kw) -> dict:
+    """:func:`_run` (see there), then the run's hold on OUT is released."""
+    try:
+        return _run(plan, **kw)
+    finally:
+        if plan.lock is not None:
+            plan.lock.release()
+
+
+def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
+         io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True) -> dict:
     """Veil and write this rank's unfinished shards. Returns a summary dict.
 
     ``io_workers`` decoding threads (None or 0: min(8, CPUs)); ``io_procs`` processes for
@@ -1462,6 +1506,7 @@ def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_s
                  io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True, **kw) -> dict:
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
     t = time.perf_counter()
+    kw.setdefault("lock", "shared" if world_size > 1 else "exclusive")
     plan = prepare(src, out, model, create_key=rank == 0, **kw)
     t = time.perf_counter() - t
     summary = run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
