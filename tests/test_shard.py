@@ -101,8 +101,11 @@ def test_manifest_keys_assignment_and_pixels(data):
     assert m["veil"]["steps"] == 3 and m["source"]["classes"] == ["class0", "class1", "class2"]
     assert m["source"]["sample_shape"] == [1, 12, 12] and m["source"]["num_samples"] == N_GOOD + 3
     source = shards.open_source(data["src"])
-    for s in m["shards"]:  # shard i holds sorted samples [4i, 4i + 4), minus the skipped ones
-        part = source.items[s["index"] * SHARD_SIZE : (s["index"] + 1) * SHARD_SIZE]
+    assert m["order"] == "keyed"
+    order = shards.keyed_order(key, source.items)
+    assert order != source.items  # not the order of the file names (their alphabetical rank)
+    for s in m["shards"]:  # shard i holds samples [4i, 4i + 4) of the keyed order, minus the skipped ones
+        part = order[s["index"] * SHARD_SIZE : (s["index"] + 1) * SHARD_SIZE]
         skipped = {sk["path"] for sk in s["skipped"]}
         want = [(keys.opaque_key(key, it.rel), it.label) for it in part if it.rel not in skipped]
         got = [(smp["__key__"], int(smp["cls"])) for smp in shards.read_tar_samples(ref / s["name"])]
@@ -118,6 +121,22 @@ def test_manifest_keys_assignment_and_pixels(data):
     v = veil.veil_batch(x).numpy()
     assert np.array_equal(v, np.stack([shards.decode_image(s["png"]) for s in smp]))
     assert not np.array_equal(v, x.numpy())
+
+
+def test_an_out_started_before_the_keyed_order_keeps_the_sorted_one(data, tmp_path):
+    out = tmp_path / "out"
+    argv = _argv(data, out)
+    plan = shard_cli._prepare(shard_cli.build_parser().parse_args(argv), rank=0, world=1, local_rank=0)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["order"]  # as an earlier version wrote it, killed before its first shard
+    (out / "manifest.json").write_text(json.dumps(m))
+    del plan
+    assert shard_cli.main(argv) == 0
+    key, source = keys.read_key_file(data["key_file"]), shards.open_source(data["src"])
+    first = [smp["__key__"] for smp in shards.read_tar_samples(out / "veil-000000.tar")]
+    skipped = {sk["path"] for sk in shards.read_manifest(out)["shards"][0]["skipped"]}
+    assert first == [keys.opaque_key(key, it.rel) for it in source.items[:SHARD_SIZE] if it.rel not in skipped]
+    assert "order" not in shards.read_manifest(out)  # still an OUT in sorted order
 
 
 def test_manifest_records_each_shards_source_tag(data):

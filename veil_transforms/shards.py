@@ -3,9 +3,14 @@
 Writing (:func:`write_shards`, the engine behind ``veil-shard``):
 
 - the source (an ImageFolder tree, a flat folder with a labels CSV, or
-  WebDataset tar shards) is listed and sorted by relative path; shard ``i``
-  holds samples ``[i * shard_size, (i + 1) * shard_size)`` of that list, so
-  shard contents never depend on timing, resumes or the number of processes;
+  WebDataset tar shards) is listed, then put in a keyed order (sorted by an
+  HMAC of each relative path under the key, :func:`keyed_order`; the order of
+  file names would tell a third party each sample's alphabetical rank and keep
+  runs such as ``Name_0001.jpg, Name_0002.jpg`` together); shard ``i`` holds
+  samples ``[i * shard_size, (i + 1) * shard_size)`` of that list, so shard
+  contents never depend on timing, resumes or the number of processes (an OUT
+  started before the keyed order, manifest without ``order``, keeps the sorted
+  one);
 - each sample is ``{"__key__": opaque key, "png": veiled PNG, "cls": label}``;
   the opaque key is ``keys.opaque_key(key, relative path)``, so file names
   (which can be people's names) never reach the shards;
@@ -34,7 +39,7 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   shard ``i`` still holds a fixed slice of it (the hardened recipe: 4 veils of 75 steps);
 - corrupt or unreadable images are skipped and listed in the manifest (a folder that
   cannot be listed is an error: its images would vanish unreported).
-  Every image is converted to the channel count of the first decodable image
+  Every image is converted to the most common channel count among the sampled images
   (grey ``L`` -> 1 channel, anything else -> RGB); images whose height or width
   differ from the most common size among ``SHAPE_SAMPLE`` images spread over the
   listing are skipped as ``size mismatch`` (listed like corrupt ones; ``veil-shard``
@@ -634,6 +639,8 @@ def check_manifest(m: Any, path: str | os.PathLike) -> None:
             check_copies(m["copies"])
         except ShardError:
             raise ShardError(f"{path} is damaged: field 'copies' is not an integer from 1 to {MAX_COPIES}") from None
+    if m.get("order", "sorted") not in ("keyed", "sorted"):  # absent before the keyed order: sorted
+        raise ShardError(f"{path} is damaged: field 'order' is not 'keyed' or 'sorted'")
     for i, s in enumerate(m["shards"]):
         if not isinstance(s, dict):
             raise ShardError(f"{path} is damaged: shards[{i}] is not a JSON object")
@@ -737,11 +744,14 @@ class Plan:
     num_shards: int
     copies: int = 1
     lock: Any = field(default=None, repr=False, compare=False)  # the run's hold on OUT (:class:`RunLock`)
+    order: list | None = field(default=None, repr=False, compare=False)  # the listing in shard order
 
     def shard_items(self, i: int) -> list[tuple[SourceItem, int]]:
-        """(item, copy) of shard ``i``: a slice of the listing taken ``copies`` times over, copy by copy."""
-        n = len(self.source.items)
-        return [(self.source.items[j % n], j // n)
+        """(item, copy) of shard ``i``: a slice of the listing (in its keyed order) taken ``copies``
+        times over, copy by copy."""
+        items = self.order if self.order is not None else self.source.items
+        n = len(items)
+        return [(items[j % n], j // n)
                 for j in range(i * self.shard_size, min((i + 1) * self.shard_size, n * self.copies))]
 
 
@@ -927,6 +937,7 @@ def prepare(
         "key_fingerprint": _keys.key_fingerprint(key),
         "shard_size": shard_size,
         "num_shards": num_shards,
+        "order": "keyed",
         "source": {
             "kind": source.kind, "path": source.root, "labels": source.labels_file,
             "num_samples": len(source.items), "classes": source.classes, "sample_shape": list(shape),
@@ -939,6 +950,7 @@ def prepare(
         if (out / MANIFEST).exists():
             old = read_manifest(out)
             _check_compatible(old, header, out)
+            header["order"] = old.get("order", "sorted")  # an OUT from before the keyed order keeps its own
         else:
             if any(out.glob("veil-*.tar")):
                 raise ShardError(f"OUT {out} holds shards but no {MANIFEST}: use an empty folder")
@@ -946,7 +958,17 @@ def prepare(
         for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
             with contextlib.suppress(OSError):
                 stale.unlink()
-    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies, run_lock)
+    order = keyed_order(key, source.items) if header["order"] == "keyed" else None
+    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies, run_lock, order)
+
+
+ORDER_TAG = b"veil-shard-order"
+
+
+def keyed_order(key: bytes, items: list[SourceItem]) -> list[SourceItem]:
+    """``items`` sorted by ``HMAC(key, ORDER_TAG || relative path)``: an order the key fixes and
+    that says nothing about the file names without it."""
+    return sorted(items, key=lambda it: hmac.new(key, ORDER_TAG + it.rel.encode("utf-8"), hashlib.sha256).digest())
 
 
 # -- the engine ---------------------------------------------------------------------
