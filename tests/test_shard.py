@@ -501,7 +501,6 @@ def test_io_processes_write_the_same_bytes(data, tmp_path, monkeypatch):
     assert shard_cli.main([*_argv(data, out), "--io-procs", "2"]) == 0
     assert pools == [(2,)]  # the processes did the work
     assert shas(out) == shas(data["ref"])
-    assert shard_cli.main([*_argv(data, tmp_path / "bad"), "--io-procs", "-1"]) == 2
 
 
 def test_io_process_work_needs_no_torch_and_hashes_like_the_library():
@@ -702,13 +701,19 @@ def test_a_failed_batch_never_finishes_its_shard(data, tmp_path):
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 
 
-def test_io_workers_is_checked_by_argparse(data, tmp_path, capsys):
-    """--io-workers -3 used to reach the thread pool ('max_workers must be greater than 0', exit 1)."""
+@pytest.mark.parametrize("flag, value, needle", [
+    ("--io-workers", "-3", "--io-workers: must be >= 0 (0: automatic), got -3"),
+    ("--io-procs", "-1", "--io-procs: must be >= 0 (0: threads only), got -1"),
+    ("--batch-size", "0", "--batch-size: must be >= 1, got 0"),
+])
+def test_counts_are_checked_by_argparse(data, tmp_path, capsys, flag, value, needle):
+    """--io-workers -3 used to reach the thread pool ('max_workers must be greater than 0', exit 1);
+    --io-procs -1 and --batch-size 0 were refused after OUT, the key and the manifest were made."""
     with pytest.raises(SystemExit) as e:
-        shard_cli.main([*_argv(data, tmp_path / "o"), "--io-workers", "-3"])
+        shard_cli.main([*_argv(data, tmp_path / "o"), flag, value])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--io-workers: must be >= 0 (0: automatic), got -3" in err and "Traceback" not in err
+    assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
     with pytest.raises(SystemExit):
         shard_cli.main(["--help"])
