@@ -128,7 +128,9 @@ def test_an_out_started_before_the_keyed_order_keeps_the_sorted_one(data, tmp_pa
     argv = _argv(data, out)
     plan = shard_cli._prepare(shard_cli.build_parser().parse_args(argv), rank=0, world=1, local_rank=0)
     m = json.loads((out / "manifest.json").read_text())
+    assert m["format"] == "veil-shards/2" and m["order"] == "keyed"  # an earlier veil-shard refuses /2
     del m["order"]  # as an earlier version wrote it, killed before its first shard
+    m["format"] = "veil-shards/1"
     (out / "manifest.json").write_text(json.dumps(m))
     del plan
     assert shard_cli.main(argv) == 0
@@ -136,7 +138,8 @@ def test_an_out_started_before_the_keyed_order_keeps_the_sorted_one(data, tmp_pa
     first = [smp["__key__"] for smp in shards.read_tar_samples(out / "veil-000000.tar")]
     skipped = {sk["path"] for sk in shards.read_manifest(out)["shards"][0]["skipped"]}
     assert first == [keys.opaque_key(key, it.rel) for it in source.items[:SHARD_SIZE] if it.rel not in skipped]
-    assert "order" not in shards.read_manifest(out)  # still an OUT in sorted order
+    m = shards.read_manifest(out)
+    assert "order" not in m and m["format"] == "veil-shards/1"  # still an OUT in sorted order
 
 
 def test_manifest_records_each_shards_source_tag(data):
@@ -261,6 +264,23 @@ def test_a_second_run_on_the_same_out_is_refused(data, tmp_path, capsys):
     assert "another veil-shard is running on OUT" in _one_line_error(capsys)
     shards.run(first, batch_size=3, progress=False)  # releases OUT at its end
     assert shard_cli.main(argv) == 0 and shas(out) == shas(data["ref"])
+
+
+def test_torchrun_launches_share_out_by_rank_and_a_refused_prepare_frees_it(data, tmp_path):
+    out = tmp_path / "out"
+    kw = dict(key_file=data["key_file"], shard_size=SHARD_SIZE, steps=3, device="cpu")
+    rank0 = shards.prepare(data["src"], out, str(data["model"]), lock="shared", rank=0, **kw)
+    rank1 = shards.prepare(data["src"], out, str(data["model"]), lock="shared", rank=1, **kw)  # same launch
+    with pytest.raises(shards.ShardError, match="another veil-shard is running"):  # a second launch's rank 0
+        shards.prepare(data["src"], out, str(data["model"]), lock="shared", rank=0, **kw)
+    with pytest.raises(shards.ShardError, match="another veil-shard is running"):  # a one-process run
+        shards.prepare(data["src"], out, str(data["model"]), **kw)
+    rank0.lock.release()
+    rank1.lock.release()
+    with pytest.raises(shards.ShardError, match="different settings") as refused:
+        shards.prepare(data["src"], out, str(data["model"]), **{**kw, "steps": 4})
+    assert refused.value is not None  # the refusal (and its traceback) still alive: OUT must be free anyway
+    assert shards.prepare(data["src"], out, str(data["model"]), **kw).lock.fds
 
 
 def test_ranks_split_shards_and_resume_with_another_world_size(data, tmp_path):

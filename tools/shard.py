@@ -147,7 +147,7 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
     # the hold on OUT: --nproc's parent holds it for its rank processes; torchrun's ranks share it
     lock = None if os.environ.get("_VEIL_SHARD_CHILD") == "1" else "shared" if world > 1 else "exclusive"
     return shards.prepare(
-        args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch, lock=lock,
+        args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch, lock=lock, rank=rank,
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
         create_key=rank == 0, copies=args.copies, p=args.p, alpha=args.alpha, beta=args.beta, steps=args.steps,
         threshold=args.threshold, lr=args.lr, mode=args.mode, precision=args.precision,

@@ -9,8 +9,8 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   runs such as ``Name_0001.jpg, Name_0002.jpg`` together); shard ``i`` holds
   samples ``[i * shard_size, (i + 1) * shard_size)`` of that list, so shard
   contents never depend on timing, resumes or the number of processes (an OUT
-  started before the keyed order, manifest without ``order``, keeps the sorted
-  one);
+  started before the keyed order, manifest format ``veil-shards/1``, keeps the
+  sorted one; an earlier veil-shard refuses to resume a ``veil-shards/2`` OUT);
 - each sample is ``{"__key__": opaque key, "png": veiled PNG, "cls": label}``;
   the opaque key is ``keys.opaque_key(key, relative path)``, so file names
   (which can be people's names) never reach the shards;
@@ -83,7 +83,8 @@ from . import keys as _keys
 
 log = logging.getLogger(__name__)
 
-FORMAT = "veil-shards/1"
+FORMAT = "veil-shards/2"  # /2: the listing in a keyed order (an earlier veil-shard refuses to resume it)
+FORMAT_SORTED = "veil-shards/1"  # the listing in sorted order: resumed as it was started
 SHARD_NAME = "veil-{:06d}.tar"
 MANIFEST = "manifest.json"
 RECEIPT = "receipt.json"
@@ -704,29 +705,34 @@ def _check_compatible(old: dict, new: dict, out: Path) -> None:
 
 
 class RunLock:
-    """A hold on OUT for one run: exclusive for a one-process run (or ``--nproc``'s parent, whose rank
-    processes take none), shared for torchrun's ranks. A second run on the same OUT is refused at once
-    instead of deleting the first run's shards in progress (fcntl; released when the process ends)."""
+    """A hold on OUT for one run, so that a second run on the same OUT is refused at once instead of
+    deleting the first run's shards in progress (fcntl; released by :func:`run`, or when the process
+    ends). A one-process run (or ``--nproc``'s parent, whose rank processes take none) holds OUT
+    exclusively; torchrun's ranks share it, and each also holds its rank exclusively, so a second
+    torchrun launch on the same OUT is refused too."""
 
-    def __init__(self, out: Path, shared: bool = False):
-        self.fd = None
+    def __init__(self, out: Path, shared: bool = False, rank: int = 0):
+        self.fds: list[int] = []
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no check
             return
-        fd = os.open(out / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShardError(f"another veil-shard is running on OUT {out}: let it finish (or stop it), "
-                             "then rerun to resume") from None
-        self.fd = fd
+        holds = [(RUN_LOCK, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)]
+        if shared:
+            holds.append((f"{RUN_LOCK}.rank-{rank}", fcntl.LOCK_EX))
+        for name, how in holds:
+            fd = os.open(out / name, os.O_RDWR | os.O_CREAT, 0o644)
+            self.fds.append(fd)
+            try:
+                fcntl.flock(fd, how | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.release()
+                raise ShardError(f"another veil-shard is running on OUT {out}: let it finish (or stop it), "
+                                 "then rerun to resume") from None
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        while self.fds:
+            os.close(self.fds.pop())
 
     __del__ = release
 
@@ -840,6 +846,7 @@ def prepare(
     create_key: bool = True,
     copies: int = 1,
     lock: str | None = "exclusive",
+    rank: int = 0,
     **veil_kwargs,
 ) -> Plan:
     """Validate everything (model, source, shape, OUT, key, resume state) before any work.
@@ -847,8 +854,8 @@ def prepare(
     Raises :class:`ShardError` with a one-line message on any bad input.
     ``model`` is a path (TorchScript, state dict with ``arch``, ONNX) or an nn.Module.
     ``copies``: veils per image, each under its own key (see the module docstring).
-    ``lock``: the run's hold on OUT (:class:`RunLock`): ``"exclusive"``, ``"shared"`` (the ranks of
-    one torchrun) or None (processes of a run whose parent holds it).
+    ``lock``: the run's hold on OUT (:class:`RunLock`): ``"exclusive"``, ``"shared"`` (rank ``rank`` of
+    one torchrun) or None (processes of a run whose parent holds it); released if this raises.
     """
     from .model import LocalModel
     from .transform import VeilTransform
@@ -901,65 +908,71 @@ def prepare(
         probe.unlink()
     except OSError as e:
         raise ShardError(f"OUT {out} is not writable: {e.strerror or e}") from None
-    run_lock = RunLock(out, shared=lock == "shared") if lock is not None else None
-    key_file = Path(key_file).absolute() if key_file is not None else default_key_file(out)
-    if is_inside(key_file, out):
-        raise ShardError(f"the key file {key_file} must not be inside OUT {out} (OUT may be shared)")
-    created = False
-    if not key_file.exists() and (out / MANIFEST).exists():
-        raise ShardError(
-            f"key file {key_file} not found, but {out} was started with a key "
-            f"(fingerprint {read_manifest(out).get('key_fingerprint')}): pass that key with --key-file"
-        )
+    run_lock = RunLock(out, shared=lock == "shared", rank=rank) if lock is not None else None
     try:
-        if key_file.exists() or not create_key:
-            key = _keys.read_key_file(key_file) if key_file.exists() else _wait_for_key(key_file)
-        else:
-            key_file.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                key = create_key_file(key_file)
-                created = True
-            except FileExistsError:  # another rank was first
-                key = _wait_for_key(key_file)
-    except ShardError:
+        key_file = Path(key_file).absolute() if key_file is not None else default_key_file(out)
+        if is_inside(key_file, out):
+            raise ShardError(f"the key file {key_file} must not be inside OUT {out} (OUT may be shared)")
+        created = False
+        if not key_file.exists() and (out / MANIFEST).exists():
+            raise ShardError(
+                f"key file {key_file} not found, but {out} was started with a key "
+                f"(fingerprint {read_manifest(out).get('key_fingerprint')}): pass that key with --key-file"
+            )
+        try:
+            if key_file.exists() or not create_key:
+                key = _keys.read_key_file(key_file) if key_file.exists() else _wait_for_key(key_file)
+            else:
+                key_file.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    key = create_key_file(key_file)
+                    created = True
+                except FileExistsError:  # another rank was first
+                    key = _wait_for_key(key_file)
+        except ShardError:
+            raise
+        except (OSError, ValueError) as e:
+            raise ShardError(f"key file {key_file}: {e}") from None
+        veil.key = key
+        # 4. the manifest header (create, or check that a rerun continues the same job)
+        num_shards = (copies * len(source.items) + shard_size - 1) // shard_size
+        header = {
+            "format": FORMAT,
+            "library_version": library_version(),
+            "veil": veil.settings,
+            "copies": copies,
+            "model_sha256": model_sha,
+            "key_fingerprint": _keys.key_fingerprint(key),
+            "shard_size": shard_size,
+            "num_shards": num_shards,
+            "order": "keyed",
+            "source": {
+                "kind": source.kind, "path": source.root, "labels": source.labels_file,
+                "num_samples": len(source.items), "classes": source.classes, "sample_shape": list(shape),
+                "listing_sha256": source.listing_sha256(), "errors": source.errors,
+            },
+            "shards": [],
+        }
+        header = json.loads(json.dumps(header))  # the form it takes on disk
+        with manifest_lock(out):
+            if (out / MANIFEST).exists():
+                old = read_manifest(out)
+                if old.get("format") == FORMAT_SORTED:  # started before the keyed order: it keeps its own
+                    header.update(format=FORMAT_SORTED, order="sorted")
+                _check_compatible(old, header, out)
+            else:
+                if any(out.glob("veil-*.tar")):
+                    raise ShardError(f"OUT {out} holds shards but no {MANIFEST}: use an empty folder")
+                atomic_write_json(out / MANIFEST, _summarise(dict(header)))
+            for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+        order = keyed_order(key, source.items) if header["order"] == "keyed" else None
+        return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies, run_lock, order)
+    except BaseException:  # refused (a resume with other settings, a key problem): OUT is free again
+        if run_lock is not None:
+            run_lock.release()
         raise
-    except (OSError, ValueError) as e:
-        raise ShardError(f"key file {key_file}: {e}") from None
-    veil.key = key
-    # 4. the manifest header (create, or check that a rerun continues the same job)
-    num_shards = (copies * len(source.items) + shard_size - 1) // shard_size
-    header = {
-        "format": FORMAT,
-        "library_version": library_version(),
-        "veil": veil.settings,
-        "copies": copies,
-        "model_sha256": model_sha,
-        "key_fingerprint": _keys.key_fingerprint(key),
-        "shard_size": shard_size,
-        "num_shards": num_shards,
-        "order": "keyed",
-        "source": {
-            "kind": source.kind, "path": source.root, "labels": source.labels_file,
-            "num_samples": len(source.items), "classes": source.classes, "sample_shape": list(shape),
-            "listing_sha256": source.listing_sha256(), "errors": source.errors,
-        },
-        "shards": [],
-    }
-    header = json.loads(json.dumps(header))  # the form it takes on disk
-    with manifest_lock(out):
-        if (out / MANIFEST).exists():
-            old = read_manifest(out)
-            _check_compatible(old, header, out)
-            header["order"] = old.get("order", "sorted")  # an OUT from before the keyed order keeps its own
-        else:
-            if any(out.glob("veil-*.tar")):
-                raise ShardError(f"OUT {out} holds shards but no {MANIFEST}: use an empty folder")
-            atomic_write_json(out / MANIFEST, _summarise(dict(header)))
-        for stale in out.glob(f".{MANIFEST}.*.tmp"):  # from a killed manifest write
-            with contextlib.suppress(OSError):
-                stale.unlink()
-    order = keyed_order(key, source.items) if header["order"] == "keyed" else None
-    return Plan(out, source, veil, key_file, created, header, shard_size, num_shards, copies, run_lock, order)
 
 
 ORDER_TAG = b"veil-shard-order"
@@ -1529,7 +1542,7 @@ def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_s
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
     t = time.perf_counter()
     kw.setdefault("lock", "shared" if world_size > 1 else "exclusive")
-    plan = prepare(src, out, model, create_key=rank == 0, **kw)
+    plan = prepare(src, out, model, create_key=rank == 0, rank=rank, **kw)
     t = time.perf_counter() - t
     summary = run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
                   io_procs=io_procs, progress=progress)
