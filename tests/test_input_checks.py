@@ -55,12 +55,26 @@ def test_numpy_image_with_a_tensor_label(vt):
     lambda a, b: (a, b),  # a Siamese / contrastive pair
     lambda a, b: (a, (b[0].numpy() > 128).astype(np.uint8)),  # a numpy mask beside a tensor image
     lambda a, b: {"image": a, "mask": b[0].numpy()},
-    lambda a, b: (tv_tensors.Image(a), b),  # a plain tensor beside a marked image
 ])
 def test_sample_with_several_unmarked_images_is_refused_not_half_veiled(vt, sample):
     a, b = u8(1, seed=1)[0], u8(1, seed=2)[0]
     with pytest.raises(TypeError, match="cannot tell which of these are images"):
         vt(sample(a, b))
+
+
+def test_detection_and_segmentation_targets_pass_through(vt):
+    """Plain tensors F does not take as images (masks [N, H, W], keypoints, heatmaps, padded boxes) are
+    targets, not second images: torchvision's detection samples keep working."""
+    a = u8(1, seed=1)[0]
+    target = {"boxes": torch.tensor([[1.0, 2.0, 10.0, 12.0]]), "labels": torch.tensor([3]),
+              "masks": torch.zeros(2, 28, 28, dtype=torch.uint8), "keypoints": torch.zeros(2, 5, 3),
+              "heatmaps": torch.zeros(4, 28, 28)}
+    img, out = vt((a, target))
+    assert torch.equal(img, vt(a)) and all(torch.equal(out[k], v) for k, v in target.items())
+    batch, boxes = vt((u8(2), torch.zeros(2, 3, 4)))  # a batch with padded boxes
+    assert torch.equal(batch, vt(u8(2))) and not boxes.any()
+    img, plain = vt((tv_tensors.Image(a), u8(1, seed=2)[0]))  # torchvision's rule beside a marked image
+    assert torch.equal(plain, u8(1, seed=2)[0])
 
 
 def test_every_marked_image_of_a_sample_is_veiled(vt):

@@ -80,6 +80,7 @@ class LocalModel(nn.Module):
         self._source: tuple[str, bytes] | None = None  # (kind, bytes) for non-picklable modules
         self._extractor = self._make_extractor(module, layer) if layer is not None else None
         self._checked: set[tuple[int, ...]] = set()
+        self._refused: dict[tuple[int, ...], str] = {}  # shapes F refused, with why (asked again per sample)
 
     @staticmethod
     def _make_extractor(module, layer):
@@ -122,6 +123,24 @@ class LocalModel(nn.Module):
         sample_shape = tuple(int(s) for s in sample_shape)
         if sample_shape in self._checked:
             return
+        if sample_shape in self._refused:
+            raise ValueError(self._refused[sample_shape])
+        try:
+            self._check_input(sample_shape)
+        except ValueError as e:
+            self._refused[sample_shape] = str(e)
+            raise
+        self._checked.add(sample_shape)
+
+    def accepts(self, sample_shape: tuple[int, ...]) -> bool:
+        """Whether F takes images of ``sample_shape`` (C, H, W) (see :meth:`check_input`)."""
+        try:
+            self.check_input(sample_shape)
+        except ValueError:
+            return False
+        return True
+
+    def _check_input(self, sample_shape: tuple[int, ...]) -> None:
         try:
             with torch.inference_mode(False), torch.enable_grad(), frozen(self):  # as the veil runs it
                 out = self(torch.zeros((2, *sample_shape), device=self.device, requires_grad=True))
@@ -145,7 +164,6 @@ class LocalModel(nn.Module):
             )
         if out.shape[0] != 2:
             raise ValueError(f"local model {self.name} mixes samples: batch of 2 gave {list(out.shape)}")
-        self._checked.add(sample_shape)
 
     def fingerprint(self) -> str:
         """sha256 of what F computes besides the veil's settings: its file (when loaded from one) or its

@@ -5,7 +5,7 @@ float in [0, 1], ``[C, H, W]`` or ``[B, C, H, W]``) and ``tv_tensors.Image``,
 and returns the same type and shape. Everything else in a sample (labels,
 masks, boxes, metadata) passes through untouched, as with any v2 transform.
 Every image of a sample is veiled: several must be marked (``tv_tensors.Image``
-or PIL); several unmarked tensors / arrays shaped like images are refused.
+or PIL); several plain tensors / arrays that F takes as images are refused.
 """
 
 from __future__ import annotations
@@ -28,8 +28,18 @@ def _is_image_array(x: Any) -> bool:
 
 
 def _is_unmarked_image(x: Any) -> bool:
-    """A plain tensor or numpy array shaped like an image or a batch of them."""
-    return (type(x) is torch.Tensor and x.ndim in (3, 4)) or _is_image_array(x)
+    """A plain uint8 / float tensor or numpy array shaped like an image or a batch of them."""
+    if type(x) is torch.Tensor:
+        return x.ndim in (3, 4) and (x.dtype == torch.uint8 or x.is_floating_point())
+    return _is_image_array(x) and (x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating))
+
+
+def _sample_shape(x: Any) -> tuple[int, ...]:
+    """(C, H, W) of one image of ``x`` (see :func:`_is_unmarked_image`)."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape[-3:])
+    h, w = x.shape[-3:-1] if x.ndim == 4 else x.shape[:2]
+    return (1 if x.ndim == 2 else x.shape[-1], h, w)
 
 
 def _is_image_tensor(x: Any) -> bool:
@@ -189,24 +199,35 @@ class VeilTransform(v2.Transform):
         # Every image in a sample must come out veiled, so this does not guess. torchvision's rule (the
         # first plain tensor is the image, the others pass through) would hand on the second image of a
         # pair unveiled, and a numpy mask beside a tensor image would be veiled in the image's place.
-        # Marked images (tv_tensors.Image, PIL) are all veiled; one unmarked image (a plain tensor
-        # [C, H, W] / [B, C, H, W] or a numpy HW / HWC / BHWC array) is veiled when it is the sample's
-        # only candidate; several candidates, or candidates beside marked images, are refused.
+        # Marked images (tv_tensors.Image, PIL) are all veiled, and beside them plain tensors pass
+        # through (torchvision's rule for samples with marked images). Without marked images, the
+        # images among plain uint8/float tensors [C, H, W] / [B, C, H, W] and numpy HW / HWC / BHWC
+        # arrays are those F takes: detection targets (masks [N, H, W], keypoints, heatmaps [K, H, W])
+        # pass through; several such are refused; a lone one F refuses is veiled, so that its error
+        # names the shape.
         if any(isinstance(x, tv_tensors.Video) for x in flat_inputs):
             raise TypeError("VeilTransform does not veil tv_tensors.Video (handing it on unveiled would leak it): "
                             "veil its frames as a batch [T, C, H, W] tensor")
         marked = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) for x in flat_inputs]
         unmarked = [_is_unmarked_image(x) for x in flat_inputs]
-        if sum(unmarked) > 1 or (any(unmarked) and any(marked)):
-            seen = ", ".join(_describe(x) for x, m, u in zip(flat_inputs, marked, unmarked) if m or u)
+        taken = [u and not any(marked) and self.local_model.accepts(_sample_shape(x))
+                 for x, u in zip(flat_inputs, unmarked)]
+        if sum(taken) > 1:
+            seen = ", ".join(_describe(x) for x, t in zip(flat_inputs, taken) if t)
             raise TypeError(
                 f"VeilTransform cannot tell which of these are images ({seen}) and does not guess: an image "
                 "handed on unveiled would leak it. Mark them: images as tv_tensors.Image or PIL images (all "
                 "are veiled), masks and maps as tv_tensors.Mask (passed through); or stack the images into "
                 "one batch ([B, C, H, W] tensor, BHWC array)"
             )
-        needs = [m or u for m, u in zip(marked, unmarked)]
-        if not any(needs):  # a lone plain tensor of another shape: transform() refuses it, naming its shape
+        if any(marked):
+            needs = marked
+        elif any(taken):
+            needs = taken
+        elif any(unmarked):  # none that F takes: the first, whose veil then fails naming its shape
+            first = unmarked.index(True)
+            needs = [i == first for i in range(len(flat_inputs))]
+        else:  # a lone plain tensor of another shape: transform() refuses it, naming its shape
             needs = super()._needs_transform_list(flat_inputs)
         if not any(needs):
             seen = ", ".join(_describe(x) for x in flat_inputs[:4]) + (", ..." if len(flat_inputs) > 4 else "")
