@@ -533,3 +533,24 @@ def test_cli_refuses_originals_that_are_not_the_images_veiled(faces, tmp_path):
     assert p.returncode == 2 and "content tag differs" in p.stderr, p.stdout + p.stderr
     p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--quiet", "--limit", "2")
     assert p.returncode in (0, 1) and "over 2 samples" in p.stdout, p.stdout + p.stderr  # a partial shard still checked
+
+
+def test_cli_decodes_originals_as_veil_shard_does():
+    """veil-audit had its own decoder: a 16-bit original came out clipped, an EXIF-rotated one unrotated,
+    so the content tags differed ('wrong --originals?') for the very images veil-shard veiled."""
+    import io
+
+    from veil_transforms import shards
+    from veil_transforms.tools import audit as audit_tool
+
+    a16 = (np.arange(12 * 16).reshape(12, 16) * 300).astype(np.uint16)
+    buf16 = io.BytesIO()
+    Image.fromarray(a16).save(buf16, format="PNG")
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees on display
+    Image.fromarray(np.tile(np.arange(16, dtype=np.uint8) * 15, (12, 1))).save(rotated, format="JPEG", exif=exif)
+    for data in (buf16.getvalue(), rotated.getvalue()):
+        for channels in (None, 1, 3):
+            assert np.array_equal(audit_tool._decode(data, channels), shards.decode_image(data, channels))
+    assert audit_tool._decode(rotated.getvalue()).shape == (1, 16, 12)  # rotated

@@ -211,6 +211,21 @@ def test_the_callers_model_stays_on_its_device():
     assert VeilTransform(m, key=KEY, device="cpu").local_model.module is m  # already there: used as it is
 
 
+def test_a_model_that_cannot_be_copied_is_moved_with_a_warning():
+    class WeightNormed(nn.Module):  # old-style weight_norm: its computed weight refuses deepcopy
+        def __init__(self):
+            super().__init__()
+            with pytest.warns(FutureWarning):
+                self.c = nn.utils.weight_norm(nn.Conv2d(1, 4, 3))
+
+        def forward(self, x):
+            return self.c(x).flatten(1)
+
+    with pytest.warns(UserWarning, match="cannot be copied to meta .* moving it there in place"):
+        t = VeilTransform(WeightNormed(), key=KEY, device="meta")
+    assert t.local_model.device.type == "meta"
+
+
 def test_works_under_inference_mode(faces, face_model):
     t = _veil_fast(face_model)
     want = t(faces[0][:3])
@@ -256,6 +271,23 @@ def test_overlapping_veils_in_two_threads_leave_the_model_alone(faces):
     assert torch.equal(out["a"], want) and torch.equal(out["b"], want)  # b's veil ran in eval mode throughout
     assert m.training and all(p.requires_grad for p in m.parameters())
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())  # BatchNorm statistics untouched
+
+
+def test_batchnorm_folding_runs_under_the_veils_freeze(faces, monkeypatch):
+    """fold_batchnorm's own eval() / train() ran outside frozen(): a second thread's veil could be left
+    in train mode (BatchNorm statistics updated) or F left in eval mode."""
+    m = _BNNet().train()
+    seen, real = [], F.fold_batchnorm
+
+    def fold(model):  # F's mode as folding starts and as it ends
+        seen.append(m.training)
+        folded = real(model)
+        seen.append(m.training)
+        return folded
+
+    monkeypatch.setattr(F, "fold_batchnorm", fold)
+    VeilTransform(m, key=KEY, steps=2, device="cpu", fold_bn=True)(faces[0][:2])
+    assert seen == [False, False] and m.training  # folded while frozen, and left so; restored after
 
 
 def test_inner_layer_selection(faces, face_model):

@@ -22,7 +22,6 @@ Exit codes: 0 the audit passed, 1 it failed (an attack recovers too much),
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tarfile
@@ -135,14 +134,11 @@ def model_error(args, e: BaseException) -> str:
 
 
 def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
-    """Image bytes -> uint8 [C, H, W] (grey -> 1 channel, else RGB; or forced ``channels``)."""
-    import PIL.Image
+    """Image bytes -> uint8 [C, H, W] (grey -> 1 channel, else RGB; or forced ``channels``), decoded as
+    veil-shard decodes them (EXIF rotation, 16-bit scaling): else the originals' content tags differ."""
+    from veil_transforms.shards import decode_image
 
-    with PIL.Image.open(io.BytesIO(data)) as im:
-        if channels is None:
-            channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-        a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return a[None].copy() if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
+    return decode_image(data, channels)
 
 
 def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[str]]]:

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Corrupt or unreadable images, and images whose height/width differ from the most common "
             "size (among 33 sampled), are skipped and listed in OUT/manifest.json (more than half "
-            "skipped for size: exit 1); images are converted to the channel count of the first one. "
+            "skipped for size: exit 1); images are converted to the most common channel count. "
             "Exit codes: 0 ok, 1 failure, 2 bad input."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -793,7 +793,8 @@ def veil(
     elif chunk == "auto":
         chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision)
     if fold_bn:
-        model = fold_batchnorm(model)
+        with frozen(model):  # its own eval() / train() would race with another thread's veil of this model
+            model = fold_batchnorm(model)
     try:
         xt = torch.cat([
             gia(model, x0[s : s + chunk], xn[s : s + chunk], alpha=alpha, beta=beta, lr=lr, steps=steps, threshold=threshold,
@@ -852,7 +853,7 @@ def fold_batchnorm(model):
         return model if hit[1] is None else hit[1]
     from torch.fx.experimental.optimization import fuse
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each its own: under frozen() F is in eval, its wrapper not
     model.eval()
     try:
         folded = fuse(model)
@@ -862,7 +863,8 @@ def fold_batchnorm(model):
         warnings.warn(f"fold_bn: cannot trace {type(model).__name__} ({type(e).__name__}); BatchNorm not folded", stacklevel=3)
         folded = None
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
     _FOLDED[model] = (sig, folded)  # None: keep the model (no reference to it in the cache)
     return model if folded is None else folded
 

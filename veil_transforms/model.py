@@ -310,14 +310,20 @@ def local_model_on(model, device: torch.device, layer: str | None = None) -> Loc
     another device is copied there and stays where it is; one already there is used as it is."""
     local = as_local_model(model, layer)
     if not isinstance(model, (str, os.PathLike)) and not _all_on(local, device):
-        local = copy.deepcopy(local)
+        try:
+            local = copy.deepcopy(local)
+        except (RuntimeError, TypeError) as e:  # e.g. weight_norm / spectral_norm weights refuse deepcopy
+            warnings.warn(f"model {local.name} cannot be copied to {device} ({describe_error(e)}): moving it there "
+                          "in place", stacklevel=3)
     return local.to(device)
 
 
 def _all_on(module: nn.Module, device: torch.device) -> bool:
     """Whether every parameter and buffer of ``module`` is on ``device`` (``cuda``: the current one)."""
-    def norm(d: torch.device) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+    def norm(d: torch.device) -> torch.device:  # "cuda" is the current CUDA device, "mps" is mps:0
+        if d.index is not None or d.type in ("cpu", "meta"):
+            return d
+        return torch.device(d.type, torch.cuda.current_device() if d.type == "cuda" else 0)
 
     want = norm(torch.device(device))
     return all(norm(t.device) == want for t in itertools.chain(module.parameters(), module.buffers()))
