@@ -879,11 +879,23 @@ def test_folder_links_are_listed_once_and_loops_end(data, tmp_path):
         (src / c).mkdir(parents=True)
         for i in range(2):
             (src / c / f"{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (src / "b" / "sub").mkdir()
+    (src / "b" / "sub" / "2.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
     (src / "a" / "self").symlink_to("../a")  # a loop: listed each image once per depth (41 times)
     (src / "a" / "up").symlink_to("..")  # a second loop: the listing never ended
     (src / "a" / "to-b").symlink_to("../b")  # class b's images under label a
-    rels = [it.rel for it in shards.open_source(src).items]
-    assert rels == ["a/0.png", "a/1.png", "b/0.png", "b/1.png"], rels
+    (src / "a" / "into-b").symlink_to("../b/sub")  # a sub-folder of class b, under label a
+    (src / "alias").symlink_to("b")  # a class that is another class (sorted first)
+    outside = tmp_path / "elsewhere"  # data on another disk, linked in: followed, once
+    outside.mkdir()
+    (outside / "3.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    (outside / "loop").symlink_to(".")
+    (src / "b" / "ext").symlink_to(outside)
+    (src / "b" / "ext-again").symlink_to(outside)
+    source = shards.open_source(src)
+    got = sorted((it.rel, source.classes[it.label]) for it in source.items)
+    assert got == [("a/0.png", "a"), ("a/1.png", "a"), ("b/0.png", "b"), ("b/1.png", "b"), ("b/ext/3.png", "b"),
+                   ("b/sub/2.png", "b")], got
 
 
 def test_a_file_name_that_is_not_utf8_is_named_exit_2(data, tmp_path, capsys):
@@ -911,9 +923,12 @@ def test_out_must_not_be_the_folder_of_source_tars(data, tmp_path, capsys):
                 ti.size = len(payload)
                 tf.addfile(ti, io.BytesIO(payload))
     argv = [str(src), str(src), "--model", str(data["model"]), "--key-file", str(data["key_file"]), *COMMON]
-    assert shard_cli.main(argv) == 2
-    assert "must not be inside the source folder" in _one_line_error(capsys)
-    assert shard_cli.main([str(src), str(src / "veiled"), *argv[2:]]) == 0  # a sub-folder is fine: not listed
+    for out in (src, src / "veiled"):  # a sub-folder made the source read as an ImageFolder on resume
+        assert shard_cli.main([str(src), str(out), *argv[2:]]) == 2
+        assert "must not be inside the source folder" in _one_line_error(capsys)
+    tar = src / "src.tar"  # one .tar file as the source: OUT may sit beside it, and resume
+    for _ in range(2):
+        assert shard_cli.main([str(tar), str(src / "veiled"), *argv[2:]]) == 0
 
 
 def test_unreadable_class_folder_is_an_error_not_a_silent_loss(data, tmp_path, capsys):

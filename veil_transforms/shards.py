@@ -242,10 +242,11 @@ def _imagefolder_source(root: Path) -> Source:
             f"({', '.join(classes[:3])}{', ...' if len(classes) > 3 else ''}), and an ImageFolder reads only the class "
             "folders: move the images into a class folder, or move the folders out and give --labels")
     items = []
-    # real paths of the folders listed, so that a link back up (a loop), a second link to one folder or a
-    # link into another class (its images under this class's label) lists nothing twice
-    seen: set[str] = set()
-    tops = {os.path.realpath(root)} | {os.path.realpath(root / c) for c in classes}
+    # Folder links: one into SRC itself (a loop, an alias of a class, a link into another class, which
+    # would give its images this class's label) is not followed, as its folder is listed in its own
+    # place; one out of SRC (data on another disk) is followed, each real folder once (loops end).
+    root_real = os.path.realpath(root)
+    seen: dict[str, str] = {}  # real path -> the path it was listed under
 
     def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
         raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
@@ -254,12 +255,14 @@ def _imagefolder_source(root: Path) -> Source:
     for ci, c in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
             real = os.path.realpath(dirpath)
-            if real in seen or (real in tops and dirpath != str(root / c)):
-                log.warning("folder %s links to %s, listed once in its own place: not listed here", dirpath, real)
+            inside = os.path.islink(dirpath) and (real == root_real or real.startswith(root_real + os.sep))
+            if inside or real in seen:
+                log.warning("folder %s is a link to %s, %s: not listed through the link", dirpath, real,
+                            "inside the source, listed in its own place" if inside else f"already listed as {seen[real]}")
                 dirnames[:] = []
                 continue
-            seen.add(real)
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            seen[real] = dirpath
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # which link is first: fixed
             # paths joined as strings, once per folder: pathlib per file was most of the listing's
             # time (1.3 s for 32k files on a 2-core CPU); same strings (dirpath comes from a Path)
             rel = Path(dirpath).relative_to(root).as_posix() + "/"
@@ -897,9 +900,9 @@ def prepare(
     # 3. OUT and the key file
     if out.exists() and not out.is_dir():
         raise ShardError(f"OUT {out} exists and is not a folder")
-    if is_inside(out, source.root or "/nonexistent-root") and (
-            source.kind != "webdataset" or out.resolve() == Path(source.root).resolve()):
-        # (a folder of .tar shards is listed without its sub-folders: OUT may be one of them, not the folder)
+    if is_inside(out, source.root or "/nonexistent-root") and (source.kind != "webdataset" or Path(src).is_dir()):
+        # (a source given as one .tar file may have OUT beside it; inside a folder of .tar shards, OUT's
+        # shards would join the listing, or its folder make the source read as an ImageFolder)
         raise ShardError(f"OUT {out} must not be inside the source folder {source.root}")
     try:
         out.mkdir(parents=True, exist_ok=True)
