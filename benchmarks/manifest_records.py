@@ -26,7 +26,9 @@ def simulate(n: int, pace: float) -> shards.ManifestRecorder:
     """n shards recorded by the engine's recorder, one finishing every ``pace`` s."""
     out = Path(tempfile.mkdtemp(dir=Path(__file__).resolve().parent))
     try:
-        shards.atomic_write_json(out / shards.MANIFEST, {"shards": [], "num_shards": n})
+        shards.atomic_write_json(out / shards.MANIFEST, {  # a manifest as prepare() writes it
+            "format": shards.FORMAT, "veil": {}, "key_fingerprint": "0" * 16, "num_shards": n, "shards": [],
+            "source": {"listing_sha256": "0" * 64, "sample_shape": [1, 28, 28]}})
         rec = shards.ManifestRecorder(out)
         for i in range(n):
             time.sleep(pace)

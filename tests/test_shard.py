@@ -644,6 +644,18 @@ def test_a_failed_warm_up_only_warns(data, tmp_path, caplog):
     assert shas(tmp_path / "out") == shas(tmp_path / "ref")
 
 
+def test_manifest_records_benchmark_runs(capsys):
+    """benchmarks/manifest_records.py, cited in the README, broke on its own hand-made manifest."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "manifest_records.py"
+    spec = importlib.util.spec_from_file_location("manifest_records", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--shards", "20", "--pace-ms", "1"])
+    assert capsys.readouterr().out.count("records for 20 shards") == 2
+
+
 def test_manifest_records_are_spaced_by_their_cost(data, tmp_path, monkeypatch):
     """The manifest is rewritten whole per record, so records wait while the last one is recent
     compared with its cost; what waits is recorded at the end, also when the run fails."""
