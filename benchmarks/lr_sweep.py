@@ -25,7 +25,10 @@ ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cp
 args = ap.parse_args()
 dev_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
 torch.set_flush_denormal(True)
-train, test = mnist_split(args.n_train, args.n_test)
+try:
+    train, test = mnist_split(args.n_train, args.n_test)
+except FileNotFoundError as e:  # no MNIST here: say so in one line
+    raise SystemExit(f"{Path(__file__).name}: {e}") from None
 from veil_transforms.training import fit
 
 F = fit(LeNet5(), *train, epochs=args.epochs, seed=1234, device=args.device)

@@ -104,7 +104,10 @@ def main(argv=None):
     configs = CONFIGS if dev.type == "cuda" else {"fp32 (reference)": {}, "bf16": {"precision": "bf16"}}
     if args.configs and dev.type == "cuda":
         configs = {k: v for k, v in CONFIGS.items() if k == "fp32 (reference)" or k in args.configs}
-    (xtr, ytr), (xte, yte) = mnist_split(args.n_train, args.n_test)
+    try:
+        (xtr, ytr), (xte, yte) = mnist_split(args.n_train, args.n_test)
+    except FileNotFoundError as e:  # no MNIST here: say so in one line
+        raise SystemExit(f"{Path(__file__).name}: {e}") from None
     owner = fit(lenet(1234), xtr, ytr, epochs=args.epochs, seed=1234, device=dev)
     # models trained on the originals, per seed, by the same trainer as the veiled ones
     baseline = [] if args.no_baseline else list(train_third_party({(None, "originals"): xtr}, ytr, (xte, yte), args, dev).values())

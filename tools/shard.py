@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "lift the one-process GIL cap (~4-5k small images/s) when the GPU veils faster")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--nproc", type=int, default=1, help="processes to split the shards over (or use torchrun)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no key notice, only errors")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no notices, except that a new key was created; errors and the "
+                        "one-line summary still print")
     p.add_argument("-v", "--verbose", action="store_true", help="log every shard")
     return p
 

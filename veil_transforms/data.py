@@ -23,7 +23,10 @@ def load_mnist(directory: str | os.PathLike | None = None) -> tuple[torch.Tensor
     """The MNIST test set in idx format: uint8 images ``[N, 1, 28, 28]`` and int64 labels."""
     d = Path(directory) if directory is not None else mnist_path()
     if d is None:
-        raise FileNotFoundError(f"MNIST idx files not found under {DATA_DIR / 'mnist'}")
+        raise FileNotFoundError(
+            f"MNIST not found: {DATA_DIR / 'mnist'} must hold t10k-images-idx3-ubyte.gz and "
+            "t10k-labels-idx1-ubyte.gz (the repository's ../shared/data/mnist; set VEIL_DATA to the folder "
+            "that contains mnist/)")
     with gzip.open(d / "t10k-images-idx3-ubyte.gz", "rb") as f:
         raw = f.read()
     n, h, w = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
