@@ -318,6 +318,8 @@ def main(argv=None):
                                              expensive=S["expensive"], device=args.device, settings=SETTINGS)
         res["notes"].append("LFW: scikit-image's 200 crops (face / not a face), stratified 140/60 split 0 of "
                             "benchmarks/_common.py; the attacker's public split is the 60 test images (disjoint from the victims)")
+    if not res["datasets"]:  # (it wrote an empty table and then failed on an empty plot)
+        raise SystemExit(f"frontier.py: nothing to run: {'; '.join(res['notes']) or 'both data sets skipped'}")
     if not args.full:
         res["notes"].append(f"reduced run: the U-Net inverter trains {S['unet_epochs']} epochs (x3 on LFW), which under-trains it "
                             "(see benchmarks/results/security.md); --full trains 300")
