@@ -107,7 +107,7 @@ def main(argv=None) -> None:
                torch=torch.__version__, seconds=time.perf_counter() - t0, rows=rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.out_name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    md = [f"# veil-export's gate on the README's tool recipe (LFW crops, CPU)", "",
+    md = ["# veil-export's gate on the README's tool recipe (LFW crops, CPU)", "",
           f"Command: `{res['command']}` ({res['seconds'] / 60:.1f} min, torch {res['torch']}, 1 thread).", "",
           "200 LFW crops (scikit-image) as an ImageFolder; F = LeNet-5 trained on them; one fresh key per row. "
           "Per veiled sample (copies count separately): SSIM(x, x~), bar `--max-ssim` (default 0.05), and the "
