@@ -299,6 +299,7 @@ def test_learned_inverter_end_to_end(faces):
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(x), generator=g)
     pub, vic = perm[:140], perm[140:]
+    torch.manual_seed(3)  # the initial weights (fit seeds only the batch order): the same owner in any test order
     owner = fit(LeNet5(1, 2), x[vic], y[vic], epochs=10, seed=3)
     kw = dict(steps=30, threshold=0.0)
     v = VeilTransform(owner, key=bytes(range(32)), device="cpu", **kw).veil_batch(x[vic])

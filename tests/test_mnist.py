@@ -19,11 +19,19 @@ N_VEIL = 3000
 EPOCHS = 15
 
 
+def lenet(seed: int) -> LeNet5:
+    """A LeNet-5 with initial weights fixed by ``seed``: fit() seeds only the batch order, so an unseeded
+    model came from whatever state the tests run before had left torch's global generator in (F's
+    agreement on veiled images was 0.93 in the full suite, >= 0.95 alone)."""
+    torch.manual_seed(seed)
+    return LeNet5()
+
+
 @pytest.fixture(scope="module")
 def veiled_mnist(mnist):
     x, y = mnist
     xtr, ytr, xte, yte = x[:8000], y[:8000], x[8000:], y[8000:]
-    local = fit(LeNet5(), xtr, ytr, epochs=10, seed=1234)
+    local = fit(lenet(1234), xtr, ytr, epochs=10, seed=1234)
     veil = VeilTransform(local, key=b"mnist-test-key-0123456789abcdef!", device="cpu")
     xv = veil(xtr[:N_VEIL])
     return local, (xtr[:N_VEIL], ytr[:N_VEIL]), xv, (xte, yte)
@@ -42,12 +50,12 @@ def test_veiled_mnist_hides_pixels_and_keeps_local_features(veiled_mnist):
 def veiled_model_accuracy(veiled_mnist):
     """Accuracy on the original test images of a LeNet-5 trained on the fp32 veil (seed 0)."""
     _, (_, y), xv, (xte, yte) = veiled_mnist
-    return accuracy(fit(LeNet5(), xv, y, epochs=EPOCHS, seed=0), xte, yte)
+    return accuracy(fit(lenet(0), xv, y, epochs=EPOCHS, seed=0), xte, yte)
 
 
 def test_model_trained_on_veiled_mnist_classifies_originals(veiled_mnist, veiled_model_accuracy):
     _, (x, y), xv, (xte, yte) = veiled_mnist
-    base = accuracy(fit(LeNet5(), x, y, epochs=EPOCHS, seed=0), xte, yte)
+    base = accuracy(fit(lenet(0), x, y, epochs=EPOCHS, seed=0), xte, yte)
     veiled = veiled_model_accuracy
     print(f"\nMNIST {N_VEIL} train / {len(xte)} test: baseline {base:.4f}, veiled-model on X {veiled:.4f}, gap {base - veiled:.4f}")
     assert veiled >= 0.80
@@ -84,6 +92,6 @@ def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist, veiled_model_acc
     # it, and a paired difference under 15 points (~3.5 SD): a utility collapse, not a subtle loss.
     mixed = torch.cat([xf, xv[n:]])
     ref = veiled_model_accuracy
-    got = accuracy(fit(LeNet5(), mixed, y, epochs=EPOCHS, seed=0), xte, yte)
+    got = accuracy(fit(lenet(0), mixed, y, epochs=EPOCHS, seed=0), xte, yte)
     print(f"\nMNIST {len(xv)} veiled ({n} by the fast path), same seed: fp32 veil {ref:.4f}, with the fast path {got:.4f}")
     assert got >= 0.80 and abs(got - ref) <= 0.15, (got, ref)
