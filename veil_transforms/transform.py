@@ -238,12 +238,10 @@ class VeilTransform(v2.Transform):
         return needs
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, np.ndarray):
-            return self._transform(inpt)
         try:
             return self._transform(inpt)
-        except ValueError as e:  # F refusing the shape: often a CHW or BHW array read as channels last
-            if "does not accept images" not in str(e):
+        except ValueError as e:  # F refusing a numpy array's shape: often CHW or BHW read as channels last
+            if not isinstance(inpt, np.ndarray) or "does not accept images" not in str(e):
                 raise
             layout = "B, H, W, C" if inpt.ndim == 4 else "H, W, C" if inpt.ndim == 3 else "H, W"
             raise ValueError(f"{e}. numpy arrays are read channels last: this one, of shape {inpt.shape}, as "
