@@ -257,7 +257,8 @@ def export(args) -> int:
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
-    if not gate and manifest["veil"].get("mode", "paper") == "paper" and not args.force:  # (the gate measures it)
+    paper_without_gate = not gate and manifest["veil"].get("mode", "paper") == "paper"  # (a gate would measure it)
+    if paper_without_gate and not args.force:
         raise shards.VerifyError(
             "refused: no --originals, so no privacy gate, and these shards hold the paper's veil (veil-shard "
             "--mode paper), which a key-free fold attack reads back (|2 x~ - 1|; README \"What it protects\"); "
@@ -340,7 +341,7 @@ def export(args) -> int:
             "shards": out_shards,
             # the veil's settings without the model's file name (a name can say whose data this is)
             "veil": {k: v for k, v in manifest["veil"].items() if k != "model"},
-            "paper_mode_without_gate_forced": not gate and manifest["veil"].get("mode", "paper") == "paper",
+            "paper_mode_without_gate_forced": paper_without_gate,
             "key_fingerprint": manifest["key_fingerprint"],
             "gate": {
                 "run": gate,
