@@ -373,6 +373,10 @@ def test_private_map_never_replaces_another_file(data, tmp_path, capsys):
     for d in ("d1", "d2"):
         assert _export(data, weak, tmp_path / d, "--force", "--private-map", str(pm)) == 0
     assert len(pm.read_text().splitlines()) == 13
+    other = pm.read_text().replace(pm.read_text().splitlines()[1].split(",")[0], "0" * 32)
+    pm.write_text(other)  # the map of another data set (other opaque keys): not replaced
+    assert _export(data, weak, tmp_path / "d3", "--force", "--private-map", str(pm)) == 2
+    assert "is the map of another export" in capsys.readouterr().err and pm.read_text() == other
 
 
 def test_gate_passes_over_an_empty_shard(data, tmp_path):

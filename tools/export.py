@@ -191,11 +191,17 @@ def _original(source, item, channels: int) -> np.ndarray:
 
 
 def _is_private_map(path: Path) -> bool:
+    return _map_head(path)[0] == MAP_HEADER
+
+
+def _map_head(path: Path) -> tuple[list | None, list | None]:
+    """A CSV file's header and first row (None where absent or unreadable)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
-            return next(csv.reader(f), None) == MAP_HEADER
+            rows = csv.reader(f)
+            return next(rows, None), next(rows, None)
     except (OSError, UnicodeDecodeError, csv.Error):
-        return False
+        return None, None
 
 
 def _write_private_map(path: Path, rows: list[tuple[str, str, int, str, int]]) -> None:
@@ -257,6 +263,10 @@ def export(args) -> int:
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
+        first = _map_head(pm_path)[1] if pm_path.exists() else None
+        if first and first[0] not in items:  # an earlier map, but of other shards or another key
+            raise shards.ShardError(f"--private-map {pm_path} is the map of another export (its keys are not "
+                                    "these shards'): give a new file name")
     paper_without_gate = not gate and manifest["veil"].get("mode", "paper") == "paper"  # (a gate would measure it)
     if paper_without_gate and not args.force:
         raise shards.VerifyError(
