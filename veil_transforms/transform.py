@@ -209,9 +209,10 @@ class VeilTransform(v2.Transform):
             raise TypeError("VeilTransform does not veil tv_tensors.Video (handing it on unveiled would leak it): "
                             "veil its frames as a batch [T, C, H, W] tensor")
         marked = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) for x in flat_inputs]
+        if any(marked):
+            return marked
         unmarked = [_is_unmarked_image(x) for x in flat_inputs]
-        taken = [u and not any(marked) and self.local_model.accepts(_sample_shape(x))
-                 for x, u in zip(flat_inputs, unmarked)]
+        taken = [u and self.local_model.accepts(_sample_shape(x)) for x, u in zip(flat_inputs, unmarked)]
         if sum(taken) > 1:
             seen = ", ".join(_describe(x) for x, t in zip(flat_inputs, taken) if t)
             raise TypeError(
@@ -220,9 +221,7 @@ class VeilTransform(v2.Transform):
                 "are veiled), masks and maps as tv_tensors.Mask (passed through); or stack the images into "
                 "one batch ([B, C, H, W] tensor, BHWC array)"
             )
-        if any(marked):
-            needs = marked
-        elif any(taken):
+        if any(taken):
             needs = taken
         elif any(unmarked):  # none that F takes: the first, whose veil then fails naming its shape
             first = unmarked.index(True)
