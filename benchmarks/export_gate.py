@@ -42,8 +42,9 @@ SSIM_BARS = (0.05, 0.1, 0.15)
 ATTACK_BARS = (0.3, 0.35, 0.4)
 
 
-def gate_numbers(out: Path, src: Path, key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Per veiled sample: SSIM(x, x~) and the strongest attack's SSIM, as veil-export's gate computes them."""
+def gate_numbers(out: Path, src: Path, key: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per veiled sample: SSIM(x, x~) and the strongest attack's SSIM; per image veiled more than once:
+    the strongest attack's SSIM on the mean of its veils. As veil-export's gate computes them."""
     m = shards.read_manifest(out)
     source = shards.open_source(src)
     owned = shards.opaque_keys(key, m.get("copies", 1), source.items)
@@ -58,7 +59,16 @@ def gate_numbers(out: Path, src: Path, key: bytes) -> tuple[np.ndarray, np.ndarr
                       for smp in samples])
         sx.append(ssim(x, v))
         sa.append(export_cli.attack_ssim(x, v, state))
-    return np.concatenate(sx), np.concatenate(sa)
+    avg = (export_cli.average_gate(out, m, owned, source, channels, state)[1] if m.get("copies", 1) > 1
+           else np.zeros(0))
+    return np.concatenate(sx), np.concatenate(sa), avg
+
+
+def avg_cell(r: dict) -> str:
+    if not r.get("images"):
+        return "–"
+    return (f"{r['average_mean']:.3f} / {r['average_max']:.3f}, "
+            f"{' / '.join(str(v) for v in r['average_over'].values())} of {r['images']}")
 
 
 def main(argv=None) -> None:
@@ -91,15 +101,20 @@ def main(argv=None) -> None:
                 shards.write_shards(src, out, str(work / "local.pt"), key_file=key_file, mode=mode, steps=int(steps),
                                     copies=int(copies), shard_size=200, device="cpu", progress=False)
                 veil_s = time.perf_counter() - t
-                sx, sa = gate_numbers(out, src, key)
+                sx, sa, avg = gate_numbers(out, src, key)
                 rows.append(dict(recipe=recipe, key=k, n=len(sx), veil_s=veil_s,
                                  ssim_max=float(sx.max()), ssim_mean=float(sx.mean()),
                                  attack_max=float(sa.max()), attack_mean=float(sa.mean()),
                                  over_ssim={str(b): int((sx > b + export_cli.EPS).sum()) for b in SSIM_BARS},
                                  over_attack={str(b): int((sa > b + export_cli.EPS).sum()) for b in ATTACK_BARS},
-                                 refused_default=int(((sx > 0.05 + export_cli.EPS) | (sa > 0.3 + export_cli.EPS)).sum())))
+                                 refused_default=int(((sx > 0.05 + export_cli.EPS) | (sa > 0.3 + export_cli.EPS)).sum()),
+                                 images=len(avg), average_max=float(avg.max()) if len(avg) else None,
+                                 average_mean=float(avg.mean()) if len(avg) else None,
+                                 average_over={str(b): int((avg > b + export_cli.EPS).sum()) for b in ATTACK_BARS}))
                 print(f"{recipe} key {k}: {rows[-1]['refused_default']} of {len(sx)} refused at the defaults; "
-                      f"SSIM max {sx.max():.3f}, attack max {sa.max():.3f} ({veil_s:.0f} s to veil)", flush=True)
+                      f"SSIM max {sx.max():.3f}, attack max {sa.max():.3f}"
+                      + (f"; averaging the copies: max {avg.max():.3f}, {rows[-1]['average_over']['0.3']} of "
+                         f"{len(avg)} images over 0.3" if len(avg) else "") + f" ({veil_s:.0f} s to veil)", flush=True)
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -113,15 +128,17 @@ def main(argv=None) -> None:
           "Per veiled sample (copies count separately): SSIM(x, x~), bar `--max-ssim` (default 0.05), and the "
           "strongest key-free attack's SSIM (audit), bar `--max-attack-ssim` (default 0.3). Counts are samples "
           "over each bar; `refused` = over either default bar (veil-export refuses the whole export unless "
-          "`--force`); the export passes with bars at or above the row's maxima.", "",
+          "`--force`); the export passes with bars at or above the row's maxima. With copies > 1 the gate also "
+          "averages each image's veils (a third party links them by position) and scores the strongest attack on "
+          "the mean, bar `--max-attack-ssim`: `averaged` gives its mean / max and the images over 0.3 / 0.35 / 0.4.", "",
           "| recipe (mode steps copies) | key | veils | refused at defaults | SSIM mean / max | over 0.05 / 0.1 / 0.15 "
-          "| attack mean / max | over 0.3 / 0.35 / 0.4 | veil s |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| attack mean / max | over 0.3 / 0.35 / 0.4 | averaged: mean / max, images over 0.3 / 0.35 / 0.4 | veil s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['recipe']} | {r['key']} | {r['n']} | {r['refused_default']} | {r['ssim_mean']:.3f} / "
                   f"{r['ssim_max']:.3f} | {' / '.join(str(v) for v in r['over_ssim'].values())} | "
                   f"{r['attack_mean']:.3f} / {r['attack_max']:.3f} | {' / '.join(str(v) for v in r['over_attack'].values())} "
-                  f"| {r['veil_s']:.0f} |")
+                  f"| {avg_cell(r)} | {r['veil_s']:.0f} |")
     (RESULTS / f"{args.out_name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

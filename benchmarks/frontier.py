@@ -171,7 +171,7 @@ def run_dataset(name, train, test, public, nc, *, seeds, epochs, n_victims, unet
         row["blank_ssim"] = a["blank_ssim"]
         row["max_attack_mean"], row["worst_attack"], row["max_attack_sample"] = rep.max_mean_ssim, rep.worst_attack, rep.max_ssim
         if k > 1:
-            avg = torch.stack([v[:n_victims].float() for v in vs]).mean(0).round().to(torch.uint8)
+            avg = audit.average_copies(torch.stack([v[:n_victims] for v in vs]))
             ra = audit.run(xv, avg, reid_gallery=100)
             row["audit"]["average_of_k"] = dict(mean=ra.max_mean_ssim, max=ra.max_ssim, worst=ra.worst_attack)
             if ra.max_mean_ssim > row["max_attack_mean"]:

@@ -393,3 +393,81 @@ def test_gate_passes_over_an_empty_shard(data, tmp_path):
     assert sorted(s["count"] for s in json.loads((out / "manifest.json").read_text())["shards"]) == [0, 0, 0, 1, 1]
     assert export_cli.main([str(out), str(tmp_path / "d"), "--originals", str(src), "--key-file",
                             str(data["root"] / "owner.key"), "--quiet", "--force"]) == 0
+
+
+def _blocky_copies(x: np.ndarray, rng, block: int = 2) -> np.ndarray:
+    """A weak stand-in for one veil of each image: 0.3 x under strong noise, constant over block x block
+    pixels so that no denoiser removes it. One such veil hides x from every attack; the mean of many
+    shows it (the noise averages out, x does not)."""
+    n, c, h, w = x.shape
+    z = np.kron(rng.uniform(-127, 127, (n, c, h // block, w // block)), np.ones((block, block)))
+    return np.clip(0.3 * x + 90 + z, 0, 255).round().astype(np.uint8)
+
+
+def test_gate_averages_each_images_copies(data, tmp_path, capsys):
+    """With --copies K a third party can link an image's K veils (they sit num_samples / K apart) and
+    average them. The gate runs its attacks on each image's average too: copies that each pass, but
+    whose mean gives the image away, are refused, listed by their first copy's opaque key."""
+    rng = np.random.default_rng(1)
+    src, out, K = tmp_path / "src", tmp_path / "copies", 16
+    yy, xx = np.mgrid[:32, :32]
+    for i in range(6):
+        (src / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        blob = 255 * np.exp(-((yy - 14 - i // 2) ** 2 + (xx - 16) ** 2) / 128.0)
+        PIL.Image.fromarray(np.clip(blob + rng.normal(0, 20, blob.shape), 0, 255).astype(np.uint8)).save(
+            src / f"class{i % 2}" / f"img{i}.png")
+    assert shard_cli.main([str(src), str(out), "--model", str(data["root"] / "model.pt"), "--key-file",
+                           str(data["root"] / "owner.key"), "--steps", "1", "--mode", "hardened", "--copies", str(K),
+                           "--shard-size", "64", "--quiet", "--threads", "1"]) == 0
+    # replace each veil with the weak stand-in above (same keys, labels and order; manifest updated)
+    owner = shards.opaque_keys(data["key"], K, shards.open_source(src).items)
+    m = shards.read_manifest(out)
+    for s in m["shards"]:
+        samples = list(shards.read_tar_samples(out / s["name"]))
+        x = np.stack([shards.decode_image((src / owner[smp["__key__"]].item.rel).read_bytes()) for smp in samples])
+        body = b"".join(shards.tar_sample(smp["__key__"], int(smp["cls"].decode()), v)
+                        for smp, v in zip(samples, _blocky_copies(x, rng)))
+        (out / s["name"]).write_bytes(body + shards.tar_end(len(body)))
+        s["sha256"], s["bytes"] = shards.file_sha256(out / s["name"]), (out / s["name"]).stat().st_size
+    shards.atomic_write_json(out / "manifest.json", m)
+    first_copies = {k for k, o in owner.items() if o.copy == 0}
+    key_file = str(data["root"] / "owner.key")
+
+    def export(*extra):
+        return export_cli.main([str(out), str(tmp_path / "dest"), "--originals", str(src), "--key-file", key_file,
+                                "--quiet", "--max-ssim", "1", *extra])
+
+    assert export() == 1
+    err = capsys.readouterr().err
+    assert "0 of 96 samples fail the privacy gate, and " in err and f"images when their {K} veils are averaged" in err
+    assert "0 exceed --max-attack-ssim 0.3" in err  # every veil alone passes
+    listed = [line.split()[0] for line in err.splitlines() if f"average_of_{K}_attack_ssim=" in line]
+    assert len(listed) >= 5 and set(listed) <= first_copies, err
+    assert not (tmp_path / "dest").exists()
+    # --force exports and records the averaging attack in the receipt
+    assert export("--force") == 0
+    g = json.loads((tmp_path / "dest" / "receipt.json").read_text())["gate"]
+    assert g["forced"] and g["over_threshold"] == 0 and g["attack_ssim"]["max"] < 0.3
+    avg = g["average_of_copies"]
+    assert avg["images"] == 6 and avg["over_threshold"] == len(listed) and avg["attack_ssim"]["max"] > 0.3
+    # veil-audit averages them too: every veil alone passes, their means do not
+    from veil_transforms.tools import audit as audit_cli
+
+    code = audit_cli.main(["--originals", str(src), "--veiled", str(out), "--key-file", key_file, "--attacks", "identity",
+                           "--quiet", "--out", str(tmp_path / "audit")])
+    line = capsys.readouterr().out
+    assert code == 1 and "audit FAILED" in line and f"over {6 * K} samples; averaging {K} copies:" in line, line
+    assert "over 6 images (FAILED)" in line, line
+    per_sample = json.loads((tmp_path / "audit" / "report.json").read_text())
+    averaged = json.loads((tmp_path / "audit" / "average_of_copies" / "report.json").read_text())
+    assert per_sample["passed"] and not averaged["passed"] and averaged["n"] == 6
+
+
+def test_average_copies_is_the_rounded_mean_and_checks_its_input():
+    from veil_transforms.audit import average_copies
+
+    v = np.array([[[[[0, 255]]]], [[[[1, 255]]]], [[[[2, 0]]]]], dtype=np.uint8)  # K=3, N=1, 1x1x2
+    assert average_copies(v).tolist() == [[[[1, 170]]]] and average_copies(torch.from_numpy(v)).dtype == np.uint8
+    for bad in (v[0], v.astype(np.float32), v[:0]):
+        with pytest.raises(ValueError, match=r"expected uint8 \[K, N, C, H, W\]"):
+            average_copies(bad)

@@ -255,8 +255,9 @@ def list_originals(src: str, labels: str | None):
     return items, None
 
 
-def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(originals, veiled, manifest) as uint8 [N, C, H, W] arrays matched sample by sample."""
+def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
+    """(originals, veiled, manifest, groups): uint8 [N, C, H, W] arrays matched sample by sample, and for
+    each image veiled more than once (veil-shard --copies) whose copies are all here, their indices."""
     o_arr = Path(args.originals).suffix.lower() in ARRAY_EXTS
     v_arr = Path(args.veiled).suffix.lower() in ARRAY_EXTS
     if o_arr != v_arr:
@@ -267,7 +268,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
             raise InputError(f"--originals {x.shape} and --veiled {v.shape} differ in shape")
         if args.limit:
             x, v = x[: args.limit], v[: args.limit]
-        return x, v, {}
+        return x, v, {}, []
     from veil_transforms import keys as _keys
 
     veiled, manifest, order = read_shards(args.veiled)
@@ -283,12 +284,13 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
     from veil_transforms.shards import copy_keys_of
 
     copy_key = {}  # opaque key -> the key of its copy (veil-shard --copies)
-    for ck in copy_keys_of(key, manifest.get("copies", 1)):
+    copy_index = {}  # opaque key -> which copy it is
+    for c, ck in enumerate(copy_keys_of(key, manifest.get("copies", 1))):
         for rel, ref in items:
             k = _keys.opaque_key(ck, rel)
             if k in veiled:
                 pairs.append((k, rel, ref))
-                copy_key[k] = ck
+                copy_key[k], copy_index[k] = ck, c
     if not pairs:
         raise InputError(f"no sample of {args.veiled} matches an image of {args.originals} under this key")
     pairs.sort()
@@ -317,7 +319,12 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict]:
     vs = [veiled[k] for k, _, _ in pairs]
     if unmatched:
         print(f"{PROG}: note: {unmatched} veiled samples have no original in {args.originals}", file=sys.stderr)
-    return np.stack(xs), np.stack(vs), manifest
+    by_rel: dict[str, list[tuple[int, int]]] = {}
+    for i, (k, rel, _) in enumerate(pairs):
+        by_rel.setdefault(rel, []).append((copy_index[k], i))
+    copies = manifest.get("copies", 1)
+    groups = [[i for _, i in sorted(g)] for g in by_rel.values() if copies > 1 and len(g) == copies]
+    return np.stack(xs), np.stack(vs), manifest, groups
 
 
 def _missing_original(k: str, src: str):
@@ -389,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             audit.check_options(**{k: v for k, v in kw.items() if k != "attacks"})
         except (ValueError, TypeError) as e:
             raise InputError(e) from None
-        x, v, manifest = match(args)
+        x, v, manifest, groups = match(args)
         if args.model:
             from veil_transforms.model import LocalModel
 
@@ -418,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
                                  epochs=args.learned_epochs, unet_epochs=args.unet_epochs)
         try:
             report = audit.run(x, v, **kw)
+            averaged = None
+            if groups:  # a third party links an image's copies (by position) and averages them
+                cheap = [a for a in (args.attacks or audit.CHEAP) if a in audit.CHEAP]
+                avg_kw = {k: val for k, val in kw.items() if k not in ("model", "learned")}
+                averaged = audit.run(x[[g[0] for g in groups]], audit.average_copies(np.stack([v[g] for g in groups], 1)),
+                                     **{**avg_kw, "attacks": cheap}) if cheap else None
         except (ValueError, TypeError) as e:
             raise InputError(e) from None
     except InputError as e:
@@ -429,15 +442,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         try:
             report.save(args.out)
+            if averaged is not None:
+                averaged.save(Path(args.out) / "average_of_copies")
         except OSError as e:
             return fail(PROG, f"cannot write the report to {args.out}: {e}")
     if not args.quiet:
         print(report.summary())
-    verdict = "passed" if report.passed else "FAILED"
+        if averaged is not None:
+            print(f"\nThe mean of each image's {len(groups[0])} veils (veil-shard --copies):\n{averaged.summary()}")
+    passed = report.passed and (averaged is None or averaged.passed)
+    verdict = "passed" if passed else "FAILED"
     where = f"; report in {args.out}" if args.out else ""
+    avg_txt = (f"; averaging {len(groups[0])} copies: worst attack {averaged.worst_attack} mean SSIM "
+               f"{averaged.max_mean_ssim:.3f}, max SSIM {averaged.max_ssim:.3f} over {averaged.n} images"
+               f"{'' if averaged.passed else ' (FAILED)'}") if averaged is not None else ""
     print(f"{PROG}: audit {verdict}: worst attack {report.worst_attack} mean SSIM {report.max_mean_ssim:.3f}, "
-          f"max SSIM {report.max_ssim:.3f} over {report.n} samples{where}", flush=True)
-    return 0 if report.passed else 1
+          f"max SSIM {report.max_ssim:.3f} over {report.n} samples{avg_txt}{where}", flush=True)
+    return 0 if passed else 1
 
 
 if __name__ == "__main__":

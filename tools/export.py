@@ -8,7 +8,10 @@
    keys back to it) runs the privacy gate on every sample: SSIM(x, x~) must
    be <= --max-ssim and the best attack's SSIM <= --max-attack-ssim. The
    attacks come from ``veil_transforms.audit.run`` when that exists, else the
-   fold attack ``|2 x~ - 1|``. Over-threshold samples are listed by opaque key
+   fold attack ``|2 x~ - 1|``. Shards with several veils per image (veil-shard
+   --copies K) also get the averaging attack: the mean of each image's K veils
+   (which a third party can link by position) must keep the attacks'
+   SSIM <= --max-attack-ssim too. Over-threshold samples are listed by opaque key
    and nothing is exported (exit 1) unless ``--force``. Before that, each shard's
    originals must give the content tag veil-shard recorded (a keyed hash of the
    pixels it veiled): other images under the same names are refused (exit 2).
@@ -67,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key-file", default=None, help="the key veil-shard used; None: <SHARDS>.key beside SHARDS")
     p.add_argument("--max-ssim", type=float, default=0.05, help="largest SSIM(x, x~) allowed per sample")
     p.add_argument("--max-attack-ssim", type=float, default=0.3,
-                   help="largest SSIM between an attack's reconstruction and x allowed per sample")
+                   help="largest SSIM between an attack's reconstruction and x allowed per sample (and per image "
+                        "for the mean of its veils, with veil-shard --copies)")
     p.add_argument("--force", action="store_true",
                    help="export even if samples fail the gate, or with no gate shards of the paper's veil (recorded in the receipt)")
     p.add_argument("--private-map", default=None,
@@ -92,7 +96,7 @@ def fold_attack_ssim(x: np.ndarray, v: np.ndarray) -> np.ndarray:
 def _audit_runner():
     """``veil_transforms.audit.run`` if it exists (and has a usable report), else None."""
     try:
-        from veil_transforms import audit  # being written elsewhere; optional
+        from veil_transforms import audit  # import errors fall back to the fold attack
     except ImportError:
         return None
     run = getattr(audit, "run", None)
@@ -106,7 +110,9 @@ def attack_ssim(x: np.ndarray, v: np.ndarray, state: dict) -> np.ndarray:
         import torch
 
         try:
-            report = run(torch.from_numpy(x), torch.from_numpy(v))
+            # per-sample scores only: the re-identification rate (a gallery of 100 x 100 SSIMs per attack,
+            # half the audit's time on small images) is not part of the gate
+            report = run(torch.from_numpy(x), torch.from_numpy(v), reid_gallery=0)
             out = np.asarray(report.per_sample_max, dtype=np.float64).reshape(-1)
             if out.shape[0] != len(x) or not np.all(np.isfinite(out)):
                 raise ValueError(f"per_sample_max has shape {out.shape} for {len(x)} samples")
@@ -117,6 +123,55 @@ def attack_ssim(x: np.ndarray, v: np.ndarray, state: dict) -> np.ndarray:
             log.warning("veil_transforms.audit.run failed (%s: %s); using the fold attack", type(e).__name__, e)
     state["method"] = "fold"
     return fold_attack_ssim(x, v)
+
+
+AVERAGE_CHUNK = 256  # images per batch of the averaging pass
+
+
+def _samples_from(shards_dir: Path, entries: list[dict], start: int):
+    """The shards' samples in shard order, from global position ``start`` on."""
+    for s in entries:
+        if start >= s["count"]:
+            start -= s["count"]
+            continue
+        for i, smp in enumerate(shards.read_tar_samples(shards_dir / s["name"])):
+            if i >= start:
+                yield smp
+        start = 0
+
+
+def average_gate(shards_dir: Path, manifest: dict, items: dict, source, channels: int, state: dict,
+                 pb=None) -> tuple[list[str], np.ndarray]:
+    """The averaging attack on every image veiled ``copies`` times: (each image's opaque key of copy 0,
+    the strongest attack's SSIM on the mean of its veils). The copies are stored copy by copy, so
+    image i's veils sit at i, i + n, i + 2n, ... (n = samples per copy), as a third party sees them:
+    one reader per copy, in step."""
+    from veil_transforms.audit import average_copies
+
+    k, total = manifest.get("copies", 1), manifest["num_veiled"]
+    n = total // k
+    if n * k != total:
+        raise shards.VerifyError(f"{total} samples do not split into {k} copies")
+    readers = [_samples_from(shards_dir, manifest["shards"], c * n) for c in range(k)]
+    keys: list[str] = []
+    scores = []
+    for lo in range(0, n, AVERAGE_CHUNK):
+        group = [[next(r) for _ in range(min(AVERAGE_CHUNK, n - lo))] for r in readers]  # [copy][image]
+        xs, vs = [], []
+        for j in range(len(group[0])):
+            owned = [items.get(group[c][j]["__key__"]) for c in range(k)]
+            if any(o is None or o.copy != c or o.item.rel != owned[0].item.rel for c, o in enumerate(owned)):
+                raise shards.VerifyError(
+                    f"samples {lo + j} + i x {n} are not the {k} copies of one image: these shards are not in "
+                    "veil-shard's copy-by-copy order, so the averaging attack cannot be run")
+            keys.append(group[0][j]["__key__"])
+            xs.append(_original(source, owned[0].item, channels))
+            vs.append([shards.decode_image(group[c][j]["png"], channels=channels) for c in range(k)])
+        avg = average_copies(np.stack(vs, axis=1))
+        scores.append(attack_ssim(np.stack(xs), avg, state))
+        if pb is not None:
+            pb.update(len(xs))
+    return keys, np.concatenate(scores) if scores else np.zeros(0)
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -328,14 +383,33 @@ def export(args) -> int:
                 sha, size = _write_shard(staging / s["name"], samples)
                 out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
                 pb.update(len(samples))
-        if offenders and not args.force:
+        copies = manifest.get("copies", 1)
+        averaged: np.ndarray = np.zeros(0)
+        if gate and copies > 1 and manifest["num_veiled"]:  # a third party can link an image's copies
+            with bar(total=manifest["num_veiled"] // copies, desc=f"gate: averaging {copies} copies",
+                     disable=args.quiet) as pb:
+                avg_keys, averaged = average_gate(shards_dir, manifest, items, source, channels, state, pb)
+            over = averaged > args.max_attack_ssim + EPS
+            avg_offenders = [(k, float(a)) for k, a, o in zip(avg_keys, averaged, over) if o]
+        else:
+            avg_offenders = []
+        if (offenders or avg_offenders) and not args.force:
             shutil.rmtree(staging, ignore_errors=True)
-            show = "\n".join(f"  {k}  ssim={a:.4f}  attack_ssim={b:.4f}" for k, a, b in offenders[:50])
-            more = f"\n  ... and {len(offenders) - 50} more" if len(offenders) > 50 else ""
-            print(f"{PROG}: refused: {len(offenders)} of {len(ssims)} samples fail the privacy gate: "
-                  f"{refusal_reasons(ssims, attacks, args.max_ssim, args.max_attack_ssim, state.get('method'))}; "
-                  f"nothing exported (veil again with more --steps in veil-shard, or raise the flag named "
-                  f"if its bar is too strict; --force exports anyway):\n{show}{more}", file=sys.stderr, flush=True)
+            reasons = refusal_reasons(ssims, attacks, args.max_ssim, args.max_attack_ssim, state.get("method"))
+            lines = [f"  {k}  ssim={a:.4f}  attack_ssim={b:.4f}" for k, a, b in offenders[:50]]
+            if len(offenders) > 50:
+                lines.append(f"  ... and {len(offenders) - 50} more")
+            what = f"{len(offenders)} of {len(ssims)} samples fail the privacy gate"
+            if avg_offenders:
+                what += f", and {len(avg_offenders)} of {len(averaged)} images when their {copies} veils are averaged"
+                reasons += (f"; {len(avg_offenders)} images exceed --max-attack-ssim {args.max_attack_ssim} "
+                            f"by the averaging attack (max {averaged.max():.3f})")
+                lines += [f"  {k} (and its other copies)  average_of_{copies}_attack_ssim={a:.4f}" for k, a in avg_offenders[:50]]
+                if len(avg_offenders) > 50:
+                    lines.append(f"  ... and {len(avg_offenders) - 50} more")
+            print(f"{PROG}: refused: {what}: {reasons}; nothing exported (veil again with more --steps in veil-shard, "
+                  f"or raise the flag named if its bar is too strict; --force exports anyway):\n" + "\n".join(lines),
+                  file=sys.stderr, flush=True)
             return 1
         receipt = {
             "format": "veil-export/1",
@@ -361,7 +435,10 @@ def export(args) -> int:
                 "ssim": _stats(ssims),
                 "attack_ssim": _stats(attacks),
                 "over_threshold": len(offenders),
-                "forced": bool(args.force and offenders),
+                # the averaging attack on each image's copies (veil-shard --copies K > 1): one score per image
+                "average_of_copies": {"images": len(averaged), "attack_ssim": _stats(averaged.tolist()),
+                                      "over_threshold": len(avg_offenders)} if len(averaged) else None,
+                "forced": bool(args.force and (offenders or avg_offenders)),
             },
         }
         shards.atomic_write_json(staging / shards.RECEIPT, receipt)
@@ -383,8 +460,11 @@ def export(args) -> int:
         print(f"{PROG}: warning: no --originals: privacy gate not run and no private map written",
               file=sys.stderr, flush=True)
     g = receipt["gate"]
-    gate_txt = (f"gate {g['attack']}: SSIM max {g['ssim']['max']}, attack SSIM max {g['attack_ssim']['max']}"
-                + (f", {g['over_threshold']} over threshold (forced)" if g["forced"] else "")) if gate else "no gate"
+    avg_txt = (f", averaging {copies} copies: attack SSIM max {g['average_of_copies']['attack_ssim']['max']}"
+               if g["average_of_copies"] else "")
+    gate_txt = (f"gate {g['attack']}: SSIM max {g['ssim']['max']}, attack SSIM max {g['attack_ssim']['max']}{avg_txt}"
+                + (f", {g['over_threshold'] + (g['average_of_copies'] or {}).get('over_threshold', 0)} over threshold (forced)"
+                   if g["forced"] else "")) if gate else "no gate"
     print(f"{PROG}: exported {receipt['num_samples']} samples in {receipt['num_shards']} shards to {dest} "
           f"({gate_txt}){f'; private map: {pm_path}' if gate else ''} in {time.perf_counter() - t0:.1f} s",
           flush=True)

@@ -46,6 +46,12 @@ Attacks (see :mod:`veil_transforms.attacks` for the functions):
   veiled by the attacker with a surrogate model and own key;
 - ``inversion`` (opt-in, ``model=``): images optimised to match a veiled-data
   model's outputs on the veiled images.
+
+Several veils of one image (``veil-shard --copies K``) add one more attack,
+which works on groups rather than samples: average an image's K veils
+(:func:`average_copies`; a third party links them by position), then run every
+attack above on the average. ``veil-audit`` and ``veil-export``'s gate do this
+whenever the shards hold copies.
 """
 
 from __future__ import annotations
@@ -85,6 +91,21 @@ OPTIONS = dict(
     reid_gallery=100,  # originals in the re-identification gallery (0: skip)
     progress=False,
 )
+
+
+def average_copies(veils) -> np.ndarray:
+    """The averaging attack's image: the pixel-wise mean of one image's veils, rounded to uint8.
+
+    ``veils`` is uint8 ``[K, N, C, H, W]`` (tensor or array): K veils of each of N
+    images, as ``veil-shard --copies K`` stores them (sample i and sample
+    i + N of a copy-major listing are veils of one image, which a third party
+    can see). Independent keyed pads average out as K grows, and what they hid
+    of x can show through; run :func:`run` on ``(originals, average_copies(veils))``.
+    """
+    v = veils.numpy() if isinstance(veils, torch.Tensor) else np.asarray(veils)
+    if v.ndim != 5 or v.dtype != np.uint8 or len(v) < 1:
+        raise ValueError(f"average_copies: expected uint8 [K, N, C, H, W] with K >= 1, got {v.dtype} {tuple(v.shape)}")
+    return np.rint(v.astype(np.float32).mean(0)).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- references
@@ -183,7 +204,7 @@ class AuditReport:
     """What :func:`run` found. ``attacks[name]`` has ``mean_ssim``, ``max_ssim``,
     ``mean_psnr``, ``ssim`` (per-sample array), ``psnr`` (per-sample array),
     ``variants`` (mean SSIM per ``"<variant> vs <reference>"`` pair, e.g.
-    ``"fold vs fold(x)"``, the number FINDINGS.md reports), ``best_variant``
+    ``"fold vs fold(x)"``, the number ../shared/FINDINGS.md reports), ``best_variant``
     (the pair that most often scored highest) and ``seconds``."""
 
     n: int
