@@ -183,14 +183,14 @@ def table2(args):
             f"- The paper's MNIST row uses AlexNet and all 60,000 images; ours uses LeNet-5 on {mn['n_train']} images of "
             f"the 10,000-image MNIST test set ({'so our baseline is lower, and ' if lower else 'our baseline matches the paper; '}"
             "the veiled model has less data to recover the features from). The gap on X shrinks with the training "
-            "size: reduced runs (1,000 images) lose far more than `--full` (8,000); FINDINGS.md measured 95.6% vs "
+            "size: reduced runs (1,000 images) lose far more than `--full` (8,000); ../shared/FINDINGS.md measured 95.6% vs "
             "98.45% at 8,000 with lr 0.1.")
     lines += [
         "- Our LFW is scikit-image's 200-crop face / not-a-face set (2 classes), not the paper's 5,749-identity "
         "recognition task: only the direction of the gap is comparable. With 2 logits the paper's early stop "
         "(L1 over the logits < 0.3) fires early for many samples (see the owner table), so those samples are "
         "barely more than the flipped image.",
-        "- lr is not given in the paper; we use the library default (FINDINGS.md: lr sets the utility/privacy trade-off).",
+        "- lr is not given in the paper; we use the library default (../shared/FINDINGS.md: lr sets the utility/privacy trade-off).",
     ]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped)]
@@ -238,7 +238,7 @@ def table3(args):
         "SSIM: scikit-image `structural_similarity` on [0, 1] images, 7x7 window (`veil_transforms.metrics.ssim`), "
         "over every veiled image (train + test) of the Table 2 runs (cached veiled data). Examples 1-3: the first "
         "three training images of the first split. Fold SSIM: SSIM(|2x~ − 1|, |2x − 1|), the keyless attack that "
-        "undoes the sign flips (FINDINGS.md). Same-class reference: mean SSIM between two *different* originals of "
+        "undoes the sign flips (../shared/FINDINGS.md). Same-class reference: mean SSIM between two *different* originals of "
         "the same class (the paper's bar for \"not the same image\" is about 0.3). ± is the sd over splits (LFW) or "
         "over images (MNIST, one split).",
         "",

@@ -1,7 +1,7 @@
 """Security benchmark: the privacy audit of the paper's method on MNIST and on real LFW faces.
 
     python benchmarks/security.py            # reduced sizes, for a 2-core CPU (~5-8 min)
-    python benchmarks/security.py --full --device cuda --out-name security_full   # FINDINGS.md sizes
+    python benchmarks/security.py --full --device cuda --out-name security_full   # ../shared/FINDINGS.md sizes
 
 For each data set:
 
@@ -46,7 +46,7 @@ from veil_transforms.training import accuracy, fit, predict
 
 RESULTS = Path(__file__).parent / "results"
 
-# FINDINGS.md (reference implementation, not this library) for the same attacks
+# ../shared/FINDINGS.md (reference implementation, not this library) for the same attacks
 FINDINGS = {
     "mnist": "fold SSIM(fold(X~), fold(X)) 0.43 at lr 0.01, 0.30 at lr 0.1, 0.03 at lr 1.0 (8k MNIST, LeNet-5, 300 steps); "
              "SSIM(X, X~) 0.011-0.018",

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=1,
                    help=f"veils per image (1 to {shards.MAX_COPIES}); for K > 1 each under its own key derived from the "
                         "key file (hardened.copy_keys); the hardened recipe is --mode hardened --steps 75 --copies 4 "
-                        "(the cost of one 300-step veil)")
+                        "(300 steps per image, as one paper veil; 1.0-1.5x its time in benchmarks/results/frontier.md)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--io-procs", type=_int_at_least(0, " (0: threads only)"), default=None,
                    help="processes that decode, hash and PNG-encode instead of threads (0: threads only). "
                         "Default: up to 8 when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
-                        "lift the one-process GIL cap (~4-5k small images/s) when the GPU veils faster")
+                        "lift the one-process GIL cap (~2.5-4.5k small images/s, by CPU) when the GPU veils faster")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
     p.add_argument("--nproc", type=int, default=1, help="processes to split the shards over (or use torchrun)")
     p.add_argument("--quiet", action="store_true",

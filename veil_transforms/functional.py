@@ -30,7 +30,7 @@ from .model import LocalModel, frozen
 # Chosen from benchmarks/lr_sweep.py on MNIST 8k/2k / LeNet-5 (benchmarks/results/lr_sweep.md,
 # H200): 0.03, 0.1 and 0.3 all leave the veiled model 4.6-5.5 points below the baseline on
 # originals, but below 0.1 F's argmax on X~ agrees with X only 81-92% of the time; 0.1 gives
-# 97% agreement and SSIM(X, X~) 0.018, and stays well away from the collapse FINDINGS.md saw at 1.0.
+# 97% agreement and SSIM(X, X~) 0.018, and stays well away from the collapse ../shared/FINDINGS.md saw at 1.0.
 DEFAULT_LR = 0.1
 
 PAPER = dict(p=0.5, alpha=0.999, beta=0.001, steps=300, threshold=0.3)

@@ -26,7 +26,7 @@ Writing (:func:`write_shards`, the engine behind ``veil-shard``):
   of the veil loop, and PNG encoding + tar writing happen in a writer thread,
   so the veil loop does not wait on I/O; with ``io_procs`` the decoding and
   the encoding run in spawned processes instead (one Python process's GIL
-  caps the threads at ~4-5k small images/s, below a GPU's veil rate). Veil
+  caps the threads at ~2.5-4.5k small images/s, depending on the CPU, below a GPU's veil rate). Veil
   batches run across shard boundaries;
 - with ``rank``/``world_size`` several processes split the shards
   (shard ``i`` -> rank ``i % world_size``); the output is identical to a
@@ -1073,7 +1073,7 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
 def auto_io_procs(total: int, world_size: int = 1) -> int:
     """I/O processes for one veil-shard process when not given: none (threads) for small runs,
     several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
-    decoding, hashing and PNG encoding at ~4-5k MNIST-sized images/s: below a GPU's veil rate."""
+    decoding, hashing and PNG encoding at ~2.5-4.5k MNIST-sized images/s (H100 runs 5-7: depending on the CPU): below a GPU's veil rate."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if world_size > 1 or cpus < 8 or total < 20_000:
         return 0
