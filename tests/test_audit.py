@@ -183,6 +183,20 @@ def test_logit_inversion_recovers_through_an_injective_model(faces):
     assert r.attacks["inversion"]["mean_ssim"] > 0.5
 
 
+def test_logit_inversion_moves_where_mid_grey_has_no_gradient(faces):
+    """A model whose ReLUs are all off at mid-grey (a trained LeNet-5 on MNIST was one) gave the
+    attack no gradient from its old all-zero start: z never moved and the inversion scored a blank
+    guess, whatever the veil. From a little noise it recovers what the model passes on."""
+    x = faces[0][:8]
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.ReLU())  # M(z) = relu(z): dead at z = 0
+    z = A.logit_inversion(model, x, steps=150, lr=0.05, tv_weight=0.0)
+    x01 = f01(x)
+    lit = x01 > 0.6  # pixels the model passes on (2x - 1 > 0.2)
+    assert float(z.std()) > 0.05
+    close = (np.abs(z.double().numpy() - x01) < 0.05)[lit].mean()
+    assert close > 0.3, close  # about half start below 0 (relu closed) and stay there
+
+
 def test_uniform_noise_passes(faces):
     x = faces[0][:60]
     g = torch.Generator().manual_seed(1)

@@ -521,9 +521,12 @@ def logit_inversion(
     """Model inversion: find images whose outputs under ``model`` match those of the veiled images.
 
     ``model`` takes normalized [-1, 1] input (as models trained with
-    :func:`veil_transforms.training.fit` do). Starting from mid-grey, Adam
-    minimizes ``mean (M(z) - M(x~))^2 + tv_weight * TV(z)`` for ``steps``
-    steps, with z clamped to [-1, 1]. Returns float [0, 1] images on the CPU.
+    :func:`veil_transforms.training.fit` do). Starting from mid-grey plus a
+    little fixed noise (sd 0.1: from exactly mid-grey, a model whose first
+    ReLUs are all off at 0 gives z no gradient, and the attack never moved on
+    such models), Adam minimizes ``mean (M(z) - M(x~))^2 + tv_weight * TV(z)``
+    for ``steps`` steps, with z clamped to [-1, 1]. Returns float [0, 1]
+    images on the CPU.
     """
     from .model import frozen
 
@@ -534,7 +537,8 @@ def logit_inversion(
             xt = (2 * v[s : s + batch_size] - 1).to(device)
             with torch.no_grad():
                 target = model(xt)
-            z = torch.zeros_like(xt, requires_grad=True)
+            g = torch.Generator().manual_seed(s)  # the same start for a sample whatever the device
+            z = (0.1 * torch.randn(xt.shape, generator=g)).clamp_(-1, 1).to(device).requires_grad_(True)
             opt = torch.optim.Adam([z], lr=lr)
             for _ in range(steps):
                 loss = ((model(z) - target) ** 2).flatten(1).mean(1) + tv_weight * _tv(z)
