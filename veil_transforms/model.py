@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import inspect
 import io
 import itertools
 import os
@@ -30,7 +31,7 @@ from torch import nn
 
 
 _FROZEN_LOCK = threading.Lock()
-_FROZEN: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [depth, mode, flags]
+_FROZEN: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [depth, modes, flags]
 
 
 @contextlib.contextmanager
@@ -39,7 +40,9 @@ def frozen(model):
 
     Counted per module: veils overlapping in several threads (or nested) share one freeze, and the
     last to leave restores, so one veil ending does not put F back in train mode under another
-    (which then updated BatchNorm's running statistics and changed its veil)."""
+    (which then updated BatchNorm's running statistics and changed its veil). Each submodule's own
+    mode is restored: a model in train mode with a frozen BatchNorm (``m.train(); m.bn.eval()``)
+    gets its BatchNorm back in eval mode."""
     module = model.module if isinstance(model, LocalModel) else model
     if not isinstance(module, nn.Module):
         yield
@@ -47,7 +50,8 @@ def frozen(model):
     with _FROZEN_LOCK:
         state = _FROZEN.get(module)
         if state is None:
-            state = _FROZEN[module] = [0, module.training, [(p, p.requires_grad) for p in module.parameters()]]
+            state = _FROZEN[module] = [0, [(m, m.training) for m in module.modules()],
+                                       [(p, p.requires_grad) for p in module.parameters()]]
             module.eval()
             for p, _ in state[2]:
                 p.requires_grad_(False)
@@ -61,7 +65,8 @@ def frozen(model):
                 del _FROZEN[module]
                 for p, rg in state[2]:
                     p.requires_grad_(rg)
-                module.train(state[1])
+                for m, mode in state[1]:
+                    m.training = mode  # each its own (train() would set the children to the parent's)
 
 
 class LocalModel(nn.Module):
@@ -88,25 +93,36 @@ class LocalModel(nn.Module):
 
         if isinstance(module, torch.jit.ScriptModule):
             raise ValueError("layer selection needs a Python nn.Module, not a TorchScript module")
+        if type(module).__name__ == "OnnxModule":
+            raise ValueError("layer selection needs a Python nn.Module; an ONNX file's F is its first output "
+                             "(export the inner layer as the graph's output instead)")
         try:
             _, nodes = get_graph_node_names(module)
         except Exception as e:  # noqa: BLE001 - torch.fx cannot trace every module
             raise ValueError(f"layer={layer!r} needs a module torch.fx can trace, and this one cannot be "
                              f"({describe_error(e)}); use the output (layer=None)") from e
+        if layer in _input_names(module):
+            raise ValueError(f"layer {layer!r} is F's input: its features are the image itself, so the veil "
+                             "would pull x~ back onto x and hide nothing; pick a layer inside F")
         if layer not in nodes:
-            raise ValueError(f"layer {layer!r} not found; available: {', '.join(nodes)}")
+            raise ValueError(f"layer {layer!r} not found; available: {', '.join(LocalModel.layers(module))}")
         return create_feature_extractor(module, return_nodes={layer: "out"})
 
     @staticmethod
     def layers(module: nn.Module) -> list[str]:
-        """Node names that ``layer=`` accepts for this module."""
+        """Node names that ``layer=`` accepts for this module (its input is not one)."""
         from torchvision.models.feature_extraction import get_graph_node_names
 
-        return get_graph_node_names(module)[1]
+        inputs = _input_names(module)
+        return [n for n in get_graph_node_names(module)[1] if n not in inputs]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._extractor is not None:
-            return self._extractor(x)["out"].flatten(1)
+            out = self._extractor(x)["out"]
+            if not isinstance(out, torch.Tensor):
+                raise LayerOutputError(f"layer {self.layer!r} of {self.name} gives a {type(out).__name__}, not a "
+                                       "tensor: pick a layer whose output is a tensor")
+            return out.flatten(1)
         return self.module(x)
 
     @property
@@ -141,9 +157,15 @@ class LocalModel(nn.Module):
         return True
 
     def _check_input(self, sample_shape: tuple[int, ...]) -> None:
+        half = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
+        if half:
+            raise ValueError(f"local model {self.name} has {'/'.join(half)} weights: the veil runs F in float32 "
+                             "(precision='bf16' runs it under autocast); pass model.float()")
         try:
             with torch.inference_mode(False), torch.enable_grad(), frozen(self):  # as the veil runs it
                 out = self(torch.zeros((2, *sample_shape), device=self.device, requires_grad=True))
+        except LayerOutputError as e:
+            raise ValueError(str(e)) from None
         except Exception as e:  # noqa: BLE001 - any failure means "does not accept"
             raise ValueError(
                 f"local model {self.name} does not accept images of shape {list(sample_shape)} "
@@ -164,6 +186,16 @@ class LocalModel(nn.Module):
             )
         if out.shape[0] != 2:
             raise ValueError(f"local model {self.name} mixes samples: batch of 2 gave {list(out.shape)}")
+        # the same image twice must give the same output, or the same key gives another veil each time
+        x = torch.rand((2, *sample_shape), generator=torch.Generator().manual_seed(0)).to(self.device) * 2 - 1
+        with torch.inference_mode(False), torch.no_grad(), frozen(self):
+            a, b = self(x).float(), self(x).float()
+        if not torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(a.nan_to_num().abs().max())), equal_nan=True):
+            raise ValueError(
+                f"local model {self.name} gives different outputs for the same image (max difference "
+                f"{float((a - b).abs().max()):.3g}): dropout or other randomness is on even in eval mode (a "
+                "TorchScript traced in train mode keeps it), so one key would give a new veil each time; "
+                "export F in eval mode")
 
     def fingerprint(self) -> str:
         """sha256 of what F computes besides the veil's settings: its file (when loaded from one) or its
@@ -172,6 +204,8 @@ class LocalModel(nn.Module):
         h = hashlib.sha256(repr((self.name, self.layer)).encode())
         if self._source is not None:
             h.update(self._source[0].encode() + self._source[1])
+        else:  # an in-memory module: its structure and code too (same weights, a Tanh for a ReLU)
+            h.update(_code_of(self.module).encode())
         for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
@@ -235,6 +269,58 @@ class LocalModel(nn.Module):
         if self._source is None:
             return (LocalModel, (self.module, self.layer), {"name": self.name})
         return (_from_source, (self._source, self.layer, self.name, str(self.device)))
+
+
+_ACCEPTED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()  # module -> shapes it passed
+
+
+def check_model(model, sample_shape: tuple[int, ...]) -> None:
+    """:meth:`LocalModel.check_input` for a LocalModel or an nn.Module (a module's pass is remembered
+    per shape, a refusal is not: the caller may mend the model in place, ``model.float()``); other
+    callables are not checked. Raises ValueError."""
+    if isinstance(model, LocalModel):
+        model.check_input(sample_shape)
+        return
+    if not isinstance(model, nn.Module):
+        return
+    shape = tuple(int(s) for s in sample_shape)
+    with _FROZEN_LOCK:
+        if shape in _ACCEPTED.get(model, ()):
+            return
+    LocalModel(model).check_input(shape)
+    with _FROZEN_LOCK:
+        _ACCEPTED.setdefault(model, set()).add(shape)
+
+
+class LayerOutputError(ValueError):
+    """The chosen inner layer's output is not a tensor."""
+
+
+def _input_names(module: nn.Module) -> set[str]:
+    """Names of ``module.forward``'s arguments: torch.fx lists them as (placeholder) layers."""
+    try:
+        return set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _code_of(module: nn.Module) -> str:
+    """What an in-memory module computes besides its weights: its repr (structure, activation
+    modules) and, per class, the source of ``forward`` where it can be read (TorchScript: its code)."""
+    parts = [repr(module)]
+    seen = set()
+    for m in module.modules():
+        cls = type(m)
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if isinstance(m, torch.jit.ScriptModule):
+            with contextlib.suppress(Exception):
+                parts.append(m.code)
+            continue
+        with contextlib.suppress(Exception):  # built-ins and classes made in a REPL have no readable source
+            parts.append(f"{cls.__module__}.{cls.__qualname__}:{inspect.getsource(cls.forward)}")
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", "\n".join(parts))  # object addresses change per process
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
