@@ -415,3 +415,31 @@ def test_supported_ops_cover_the_usual_suspects():
             "LayerNormalization", "Softmax", "ReduceMean", "Pad", "Expand", "Where", "Equal", "Sqrt",
             "Pow", "Split", "GatherND"}
     assert need <= SUPPORTED_OPS
+
+
+def test_weights_in_an_external_data_file(tmp_path):
+    """torch.onnx.export(..., dynamo=True) writes the weights to <name>.onnx.data beside the graph by default:
+    LocalModel.load read the graph's bytes alone and failed ("should be stored in m.onnx.data, but it is
+    not regular file"). The weights are read in, so the veil equals the module's, and workers and the
+    fingerprint get them too."""
+    from veil_transforms import VeilTransform
+    from veil_transforms.model import LocalModel
+    from veil_transforms.nets import LeNet5
+
+    torch.manual_seed(0)
+    net = LeNet5().eval()
+    _export(net, (1, 28, 28), tmp_path / "plain.onnx", "legacy17", dynamic=True)
+    proto = onnx.load(str(tmp_path / "plain.onnx"))
+    onnx.save_model(proto, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (tmp_path / "m.onnx.data").stat().st_size > 200_000 > (tmp_path / "m.onnx").stat().st_size
+    x = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    kw = dict(key=b"k" * 32, steps=3, device="cpu")
+    ref = VeilTransform(net, **kw).veil_batch(x)
+    ext = VeilTransform(str(tmp_path / "m.onnx"), **kw)
+    assert (ext.veil_batch(x).int() - ref.int()).abs().max() <= 1
+    again = pickle.loads(pickle.dumps(ext.local_model))  # a DataLoader worker: no file read
+    assert again.fingerprint() == ext.local_model.fingerprint()
+    (tmp_path / "m.onnx.data").unlink()
+    with pytest.raises(ValueError, match="external data file that cannot be read"):
+        LocalModel.load(tmp_path / "m.onnx")

@@ -223,17 +223,18 @@ class LocalModel(nn.Module):
             raise ValueError(f"{path} is a folder; give the model file (.pt or .onnx) in it")
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        data = path.read_bytes()
         if path.suffix.lower() == ".onnx":
-            from .onnx_import import load_onnx
+            from .onnx_import import embedded, load_onnx
 
             try:
+                data = embedded(path)  # weights in a .onnx.data file beside it (the dynamo exporter's default)
                 module = load_onnx(data, **kw)
             except Exception as e:
                 raise ValueError(f"ONNX model {path.name} cannot be used: {e}") from e
             m = cls(module, layer, name=path.name)
             m._source = ("onnx", data)
             return m
+        data = path.read_bytes()
         if arch is not None:
             try:
                 state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

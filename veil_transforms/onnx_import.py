@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -1162,6 +1163,29 @@ class OnnxModule(nn.Module):
 def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     scale = float(ref.abs().max()) if ref.numel() else 0.0
     return float((y - ref).abs().max()) / max(scale, 1e-12) if ref.numel() else 0.0
+
+
+def embedded(path: str | os.PathLike) -> bytes:
+    """The ONNX file at ``path`` as one serialized model, its external data (the ``.onnx.data`` file
+    ``torch.onnx.export(..., dynamo=True)`` writes beside it by default) read into it: bytes that load,
+    hash and pickle (DataLoader workers) without the file beside them. A file without external data is
+    returned as it is."""
+    import onnx
+    from onnx import external_data_helper
+
+    raw = Path(path).read_bytes()
+    try:
+        model = onnx.load_model_from_string(raw)
+    except Exception:  # noqa: BLE001 - load_onnx names what is wrong with it
+        return raw
+    if not any(external_data_helper.uses_external_data(t) for t in model.graph.initializer):
+        return raw
+    try:
+        external_data_helper.load_external_data_for_model(model, str(Path(path).parent))
+    except Exception as e:
+        raise ValueError(f"its weights are in an external data file that cannot be read beside it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    return model.SerializeToString()
 
 
 def _read(src):

@@ -871,13 +871,18 @@ def prepare(
     model_sha = None
     if isinstance(model, (str, os.PathLike)):
         mp = Path(model)
+        if mp.is_dir():
+            raise ShardError(f"--model {mp} is a folder; give the model file (.pt or .onnx) in it")
         if not mp.is_file():
             raise ShardError(f"model file not found: {mp}")
         try:
             local = LocalModel.load(mp, layer, arch=arch)
         except (ValueError, RuntimeError, OSError, ImportError) as e:
             raise ShardError(f"cannot load model {mp}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        model_sha = file_sha256(mp)
+        # an ONNX graph's weights may lie in a .onnx.data file beside it: hash them too (LocalModel.load
+        # reads them in; for a file without one these are its own bytes, and the hash is the file's)
+        loaded = getattr(local, "_source", None)
+        model_sha = hashlib.sha256(loaded[1]).hexdigest() if loaded and loaded[0] == "onnx" else file_sha256(mp)
     else:
         local = model
     try:
