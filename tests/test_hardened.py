@@ -132,3 +132,37 @@ def test_pad_derived_ahead_gives_the_same_veil(faces, face_model):
             VF.veil(face_model, x, uniforms=u, pad_uniforms=bad, **kw)
     with pytest.raises(TypeError, match="pad: expected a tensor"):
         H.hardened_iteration(face_model, x0, xn, steps=1, pad=pad)
+
+
+def test_a_p_whose_flip_bits_could_be_guessed_is_refused(tmp_path):
+    """The pad is derived from the flip bits alone, so at p far from 0.5 it is nearly a constant: a
+    red-team run recovered LFW faces from such veils (SSIM 0.65 at p = 1e-6, and 5 of 8 faces at 0.90+ at
+    p = 0.002 by trying every pattern of <= 2 flips), and veil-export's gate passed them. Refused unless a
+    sample's bits carry MIN_PAD_BITS of secret; veil-shard refuses before making OUT."""
+    from veil_transforms.nets import LeNet5
+    from veil_transforms.tools import shard as shard_cli
+    import PIL.Image
+
+    torch.manual_seed(0)
+    m = LeNet5()
+    x = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for p in (1e-6, 0.002, 0.999999):
+        with pytest.raises(ValueError, match=r"carry \d+\.\d bits of secret, fewer than 80"):
+            VF.veil(m, x, key=KEY, p=p, mode="hardened", steps=1)
+    assert H.pad_secret_bits(0.1, 784) > H.MIN_PAD_BITS  # 119 bits: accepted
+    VF.veil(m, x, key=KEY, p=0.1, mode="hardened", steps=1)
+    VF.veil(m, x, key=KEY, p=0.002, mode="paper", steps=1)  # no pad in the paper mode: its own business
+    # mid-grey pixels (0.5 exactly, normalized to 0) carry no bit: a nearly flat float image is refused
+    flat = torch.full((1, 1, 28, 28), 0.5)
+    flat[0, 0, 0, :20] = 0.0
+    with pytest.raises(ValueError, match=r"\(20 pixels not mid-grey\) carry 20.0 bits"):
+        VF.veil(m, flat, key=KEY, mode="hardened", steps=1)
+    src = tmp_path / "src" / "a"
+    src.mkdir(parents=True)
+    for i in range(3):
+        PIL.Image.fromarray(x[i % 2, 0].numpy()).save(src / f"{i}.png")
+    torch.jit.script(m).save(str(tmp_path / "m.pt"))
+    argv = [str(tmp_path / "src"), str(tmp_path / "out"), "--model", str(tmp_path / "m.pt"), "--mode", "hardened",
+            "--steps", "1", "--quiet", "--key-file", str(tmp_path / "k")]
+    assert shard_cli.main([*argv, "--p", "0.001"]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "k").exists()

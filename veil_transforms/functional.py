@@ -771,6 +771,8 @@ def veil(
     if device.type == "cpu":
         tune_for_cpu_veil()  # once per process; VEIL_TUNE_ALLOCATOR=0 leaves glibc's allocator alone
     xn = normalize(images)
+    if mode == "hardened":
+        _hardened.check_pad_secret(p, xn)
     if uniforms is not None:
         if key is None or tuple(uniforms.shape) != tuple(images.shape):
             raise ValueError("veil: uniforms= must come with key= and have the images' shape")
@@ -876,4 +878,4 @@ def fold_batchnorm(model):
 # mode name -> gradient-iteration function with gradient_iteration's signature.
 MODES: dict[str, Callable] = {"paper": gradient_iteration}
 
-from . import hardened as _hardened  # noqa: E402,F401 - registers mode "hardened"
+from . import hardened as _hardened  # noqa: E402 - registers mode "hardened"

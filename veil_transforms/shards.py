@@ -900,6 +900,12 @@ def prepare(
     shape = _reference_shape(source)
     try:
         veil.check_shape(shape)
+        if veil.mode == "hardened":  # before OUT is made (veil() checks each batch's images too)
+            import torch
+
+            from .hardened import check_pad_secret
+
+            check_pad_secret(veil.p, torch.ones((1, *shape)))
     except ValueError as e:
         raise ShardError(str(e).splitlines()[0]) from None
     # 3. OUT and the key file
