@@ -25,6 +25,7 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 
@@ -34,6 +35,7 @@ from veil_transforms import shards
 from ._common import debug, fail, setup_logging
 
 PROG = "veil-shard"
+LISTING_NOTICE_AFTER = 3.0  # seconds of listing before veil-shard says it is listing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +150,19 @@ def _device(arg: str, local_rank: int, world: int):
 def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
     # the hold on OUT: --nproc's parent holds it for its rank processes; torchrun's ranks share it
     lock = None if os.environ.get("_VEIL_SHARD_CHILD") == "1" else "shared" if world > 1 else "exclusive"
+    # listing and keying a large SRC takes a while before the first notice or bar: say so when it does
+    notice = threading.Timer(LISTING_NOTICE_AFTER, lambda: print(
+        f"{PROG}: listing {args.src} and checking the model ...", file=sys.stderr, flush=True))
+    notice.daemon = True
+    if not args.quiet and rank == 0 and lock is not None:
+        notice.start()
+    try:
+        return _prepare_plan(args, rank, world, local_rank, lock)
+    finally:
+        notice.cancel()
+
+
+def _prepare_plan(args, rank: int, world: int, local_rank: int, lock) -> shards.Plan:
     return shards.prepare(
         args.src, args.out, args.model, labels=args.labels, key_file=args.key_file, arch=args.arch, lock=lock, rank=rank,
         layer=args.layer, shard_size=args.shard_size, device=_device(args.device, local_rank, world),
