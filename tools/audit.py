@@ -141,9 +141,24 @@ def _decode(data: bytes, channels: int | None = None) -> np.ndarray:
     return decode_image(data, channels)
 
 
+class _Veiled(dict):
+    """``{opaque key: PNG bytes}``, read as uint8 [C, H, W]: a sample is decoded when it is audited, so
+    ``--limit 100`` of a million samples decodes 100 of them (it decoded all, 1.2 KB held per 28x28)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where: dict[str, str] = {}  # key -> its shard's name, for messages
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        try:
+            return _decode(super().__getitem__(key))
+        except Exception as e:  # noqa: BLE001 - any undecodable sample is bad input
+            raise InputError(f"shard {self.where[key]}: sample {key} is not a readable image ({_why(e)})") from None
+
+
 def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[str]]]:
-    """Veiled samples ``{opaque key: uint8 [C, H, W]}`` of a shard folder or .tar, its manifest (or {}),
-    and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
+    """Veiled samples ``{opaque key: uint8 [C, H, W]}`` (decoded when read) of a shard folder or .tar,
+    its manifest (or {}), and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
     p = Path(path)
     manifest = {}
     home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
@@ -173,7 +188,7 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
         tars = [p]
     else:
         raise InputError(f"veiled shards not found: {path}")
-    out: dict[str, np.ndarray] = {}
+    out = _Veiled()
     order: dict[str, list[str]] = {}
     for t in tars:
         order[t.name] = []
@@ -187,12 +202,9 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
                         continue
                     key, ext = base.split(".", 1)
                     if ext.lower() == "png":
-                        data = tf.extractfile(m).read()
                         order[t.name].append(key)
-                        try:
-                            out[key] = _decode(data)
-                        except Exception as e:  # noqa: BLE001 - any undecodable sample is bad input
-                            raise InputError(f"shard {t.name}: sample {key} is not a readable image ({_why(e)})") from None
+                        out.where[key] = t.name
+                        dict.__setitem__(out, key, tf.extractfile(m).read())
         except (tarfile.TarError, OSError, EOFError) as e:
             raise InputError(f"cannot read shard {t.name}: {e}") from None
     if not out:
@@ -299,9 +311,16 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
     if args.limit:
         pairs = pairs[: args.limit]
 
+    decoded: dict[str, np.ndarray] = {}
+
+    def veil_of(k: str) -> np.ndarray:
+        if k not in decoded:
+            decoded[k] = veiled[k]
+        return decoded[k]
+
     def read_original(k: str) -> np.ndarray:
         rel, ref = by_key[k]
-        v = veiled[k]
+        v = veil_of(k)
         where = Path(args.originals) / rel if Path(args.originals).is_dir() else f"{rel} in {args.originals}"
         try:
             data = source.read_bytes(ref) if source is not None else Path(ref).read_bytes()
@@ -316,7 +335,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
     check_source_tags(manifest, order, key, originals,
                       lambda k: read_original(k) if k in by_key else _missing_original(k, args.originals), copy_key)
     xs = [originals[k] for k, _, _ in pairs]
-    vs = [veiled[k] for k, _, _ in pairs]
+    vs = [veil_of(k) for k, _, _ in pairs]
     if unmatched:
         print(f"{PROG}: note: {unmatched} veiled samples have no original in {args.originals}", file=sys.stderr)
     by_rel: dict[str, list[tuple[int, int]]] = {}
