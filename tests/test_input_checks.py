@@ -276,6 +276,25 @@ def test_load_state_dict_errors(tmp_path, lenet):
         LocalModel.load(sd, arch="resnet18")
 
 
+def test_load_names_common_mistakes(tmp_path, lenet):
+    """A whole pickled module without arch= was told 'not a TorchScript file'; {'model': sd} and 'module.'
+    (DataParallel) checkpoints reported only missing keys; a meta-device model gave torch's raw error."""
+    whole = tmp_path / "whole.pt"
+    torch.save(lenet, whole)
+    with pytest.raises(ValueError, match=r"whole.pt holds a pickled Python module \(torch.save\(model\)\)"):
+        LocalModel.load(whole)
+    x = u8()
+    for name, ckpt in (("wrapped", {"model": lenet.state_dict(), "epoch": 3}),
+                       ("ddp", {f"module.{k}": v for k, v in lenet.state_dict().items()})):
+        torch.save(ckpt, tmp_path / f"{name}.pt")
+        m = LocalModel.load(tmp_path / f"{name}.pt", arch="lenet5")
+        assert torch.equal(m(F.normalize(x)), lenet(F.normalize(x)))
+    with torch.device("meta"):
+        meta = LeNet5()
+    with pytest.raises(ValueError, match="weights on the meta device"):
+        VeilTransform(meta, steps=2, key=KEY, device="cpu")(x[0])
+
+
 def test_torchscript_shape_error_names_the_cause(tmp_path, lenet):
     path = tmp_path / "lenet.pt"
     torch.jit.script(lenet).save(str(path))

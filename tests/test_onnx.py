@@ -322,6 +322,13 @@ def test_two_float_inputs_rejected():
         load_onnx(model.SerializeToString())
 
 
+def test_integer_image_input_gets_advice():
+    x = helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 3, 4, 4])
+    model = _model([helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT)], [x], [_vi("y")])
+    with pytest.raises(ValueError, match=r"input 'x' \(non-float\) is not floating point.*export F taking float"):
+        load_onnx(model.SerializeToString())
+
+
 def test_parity_failure_is_reported(monkeypatch):
     from veil_transforms import onnx_import
 

@@ -157,6 +157,7 @@ class LocalModel(nn.Module):
         return True
 
     def _check_input(self, sample_shape: tuple[int, ...]) -> None:
+        _not_meta(self)
         half = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
         if half:
             raise ValueError(f"local model {self.name} has {'/'.join(half)} weights: the veil runs F in float32 "
@@ -257,6 +258,15 @@ class LocalModel(nn.Module):
                 warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
                 module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
+            try:  # what is it then? (tensors only: nothing in the file runs)
+                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e2:
+                if "Unsupported global" in str(e2):
+                    raise ValueError(f"{path.name} holds a pickled Python module (torch.save(model)), which could "
+                                     "run code when loaded: save model.state_dict() and pass arch=... (--arch), "
+                                     "or save a TorchScript file (torch.jit.script(model).save(path))") from e
+            except Exception:  # noqa: BLE001 - neither: say what TorchScript said
+                pass
             raise ValueError(
                 f"{path.name} is not a TorchScript file ({describe_error(e)}); for a state dict load it with "
                 "LocalModel.load(path, arch=...) and pass that (--arch on the command line)"
@@ -385,8 +395,14 @@ def build_arch(arch: str, state_dict: dict) -> nn.Module:
     """Instantiate a named architecture (``lenet5`` or any torchvision model) and load weights."""
     from . import nets
 
-    if isinstance(state_dict, dict) and "state_dict" in state_dict:
-        state_dict = state_dict["state_dict"]
+    if isinstance(state_dict, dict):
+        for wrapper in ("state_dict", "model_state_dict", "model"):  # common checkpoint layouts
+            if isinstance(state_dict.get(wrapper), dict):
+                state_dict = state_dict[wrapper]
+                break
+        keys = [k for k in state_dict if isinstance(k, str)]
+        if keys and all(k.startswith("module.") for k in keys):  # saved from DataParallel / DDP
+            state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
     module = nets.build(arch, state_dict)
     module.load_state_dict(state_dict)
     return module
@@ -396,6 +412,8 @@ def local_model_on(model, device: torch.device, layer: str | None = None) -> Loc
     """:func:`as_local_model` on ``device``. ``nn.Module.to`` moves in place, so a caller's model on
     another device is copied there and stays where it is; one already there is used as it is."""
     local = as_local_model(model, layer)
+    if torch.device(device).type != "meta":
+        _not_meta(local)
     if not isinstance(model, (str, os.PathLike)) and not _all_on(local, device):
         try:
             local = copy.deepcopy(local)
@@ -403,6 +421,12 @@ def local_model_on(model, device: torch.device, layer: str | None = None) -> Loc
             warnings.warn(f"model {local.name} cannot be copied to {device} ({describe_error(e)}): moving it there "
                           "in place", stacklevel=3)
     return local.to(device)
+
+
+def _not_meta(local: LocalModel) -> None:
+    if any(t.is_meta for t in itertools.chain(local.module.parameters(), local.module.buffers())):
+        raise ValueError(f"local model {local.name} has weights on the meta device (built but never loaded): "
+                         "load its weights first (load_state_dict(..., assign=True), or to_empty() and then load)")
 
 
 def _all_on(module: nn.Module, device: torch.device) -> bool:

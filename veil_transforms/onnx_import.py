@@ -1242,6 +1242,9 @@ def _graph_input(model):
         tt = i.type.tensor_type if i.type.HasField("tensor_type") else None
         desc.append(f"{i.name!r} ({_FLOAT_CODES.get(tt.elem_type, 'non-float') if tt is not None else 'non-tensor'})")
     floats = [i for i in real if i.type.HasField("tensor_type") and i.type.tensor_type.elem_type in _FLOAT_CODES]
+    if len(real) == 1 and not floats:
+        raise ValueError(f"the graph's input {desc[0]} is not floating point: the veil follows F's gradient with "
+                         "respect to the image, so export F taking float images (normalized to [-1, 1])")
     if len(real) != 1 or len(floats) != 1:
         raise ValueError(f"expected exactly one float graph input, found {len(real)}: {', '.join(desc) or 'none'}")
     inp = floats[0]
