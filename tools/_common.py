@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -54,3 +55,16 @@ def unwritable_folder(folder: str | os.PathLike) -> str | None:
     if not os.access(f, os.W_OK | os.X_OK):
         return f"{f} is not writable"
     return None
+
+
+def int_at_least(low: int, note: str = ""):
+    """An argparse type: an integer >= ``low`` (``note`` says what the low end means)."""
+    def parse(v: str) -> int:
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{note}, got {n}")
+        return n
+    return parse

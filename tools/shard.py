@@ -32,7 +32,7 @@ from datetime import timedelta
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
-from ._common import debug, fail, setup_logging
+from ._common import debug, fail, int_at_least, setup_logging
 
 PROG = "veil-shard"
 LISTING_NOTICE_AFTER = 3.0  # seconds of listing before veil-shard says it is listing
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"veils per image (1 to {shards.MAX_COPIES}); for K > 1 each under its own key derived from the "
                         "key file (hardened.copy_keys); the hardened recipe is --mode hardened --steps 75 --copies 4 "
                         "(300 steps per image, as one paper veil; 1.0-1.5x its time in benchmarks/results/frontier.md)")
-    p.add_argument("--batch-size", type=_int_at_least(1), default=256, help="images veiled together")
+    p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "
                         "veil (5 grey levels on average), not its utility: on MNIST, on an H100, -0.07 +- 0.17 "
@@ -88,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="--compile and --fold-bn (both keep the veil up to float rounding)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--io-workers", type=_int_at_least(0, " (0: automatic)"), default=0,
+    p.add_argument("--io-workers", type=int_at_least(0, " (0: automatic)"), default=0,
                    help="image decoding threads (without --io-procs); 0: automatic, min(8, CPUs) and at least 2")
-    p.add_argument("--io-procs", type=_int_at_least(0, " (0: threads only)"), default=None,
+    p.add_argument("--io-procs", type=int_at_least(0, " (0: threads only)"), default=None,
                    help="processes that decode, hash and PNG-encode instead of threads (0: threads only). "
                         "Default: up to 8 when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
                         "lift the one-process GIL cap (~2.5-4.5k small images/s, by CPU) when the GPU veils faster")
@@ -101,20 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "one-line summary still print")
     p.add_argument("-v", "--verbose", action="store_true", help="log every shard")
     return p
-
-
-def _int_at_least(low: int, note: str = ""):
-    def parse(v: str) -> int:
-        try:
-            n = int(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not an integer: {v!r}") from None
-        if n < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}{note}, got {n}")
-        return n
-    return parse
-
-
 
 
 def _dist_env() -> tuple[int, int, int]:
