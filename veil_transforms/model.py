@@ -65,8 +65,9 @@ def frozen(model):
                 del _FROZEN[module]
                 for p, rg in state[2]:
                     p.requires_grad_(rg)
+                module.train(state[1][0][1])  # the module's own train() (an override may do more) ...
                 for m, mode in state[1]:
-                    m.training = mode  # each its own (train() would set the children to the parent's)
+                    m.training = mode  # ... then each submodule's own flag (train() gave them the parent's)
 
 
 class LocalModel(nn.Module):
