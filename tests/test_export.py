@@ -495,3 +495,68 @@ def test_gate_threads_give_each_sample_the_same_score():
     x, v = (rng.integers(0, 256, (50, 1, 16, 16), dtype=np.uint8) for _ in range(2))
     serial, state = export_cli.attack_ssim(x, v, {}, 1), {}
     assert np.array_equal(export_cli.attack_ssim(x, v, state, 3), serial) and state["method"] == "audit"
+
+
+def _count_attacks(monkeypatch, fail_at=None):
+    calls = []
+    real = export_cli.attack_ssim
+
+    def counted(*a, **kw):
+        calls.append(1)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # as a Ctrl-C or a kill between shards
+        return real(*a, **kw)
+
+    monkeypatch.setattr(export_cli, "attack_ssim", counted)
+    return calls
+
+
+def test_a_stopped_export_resumes_and_a_refused_one_keeps_its_scores(data, tmp_path, monkeypatch, capsys):
+    """The gate is hours at a million images, and a stopped export started again from zero (its staging
+    folder was deleted). Gated shards are now kept with their scores: a rerun gates only the rest, gives
+    the same DEST and private map as an uninterrupted run, and a refused export rerun with --force or
+    other bars computes nothing again. One export at a time per DEST."""
+    weak = data["root"] / "weak"  # 3 shards
+    ref = tmp_path / "ref"
+    assert _export(data, weak, ref, "--force", "--private-map", str(tmp_path / "ref.csv")) == 0
+    dest, pm = tmp_path / "dest", str(tmp_path / "dest.csv")
+    calls = _count_attacks(monkeypatch, fail_at=2)
+    assert _export(data, weak, dest, "--force", "--private-map", pm) == 130  # stopped in the second shard
+    assert not dest.exists() and (tmp_path / ".dest.partial").is_dir()
+    monkeypatch.undo()
+    calls = _count_attacks(monkeypatch)
+    capsys.readouterr()
+    assert export_cli.main([str(weak), str(dest), "--originals", str(data["src"]), "--key-file",
+                            str(data["root"] / "owner.key"), "--force", "--private-map", pm]) == 0
+    assert len(calls) == 2, calls  # the first shard's scores were kept
+    assert "resumed: 1 of 3 shards were gated and staged by an earlier run" in capsys.readouterr().err
+    assert not (tmp_path / ".dest.partial").exists()
+    assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in ref.iterdir())  # no records, no lock
+    for f in ref.glob("*.tar"):
+        assert (dest / f.name).read_bytes() == f.read_bytes()
+    r, r_ref = (json.loads((d / "receipt.json").read_text()) for d in (dest, ref))
+    assert {**r, "created_unix": 0} == {**r_ref, "created_unix": 0}
+    assert open(pm).read() == open(tmp_path / "ref.csv").read()
+    # refused, then forced: nothing computed again
+    calls.clear()
+    assert _export(data, weak, tmp_path / "again") == 1
+    assert len(calls) == 3 and "the gate's scores are kept in" in capsys.readouterr().err
+    assert _export(data, weak, tmp_path / "again", "--force") == 0 and len(calls) == 3
+    # another export on the same DEST waits its turn
+    import fcntl
+
+    staging = tmp_path / ".busy.partial"
+    staging.mkdir()
+    fd = os.open(staging / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert _export(data, weak, tmp_path / "busy", "--force") == 2
+        assert "another veil-export is writing" in capsys.readouterr().err
+    finally:
+        os.close(fd)
+    # staged work of other shards is not reused
+    other = tmp_path / "other"
+    _shard(data["root"], data["src"], other, p="0.01", steps="2")
+    calls.clear()
+    assert _export(data, weak, tmp_path / "mix") == 1  # leaves weak's scores staged for DEST mix
+    assert _export(data, other, tmp_path / "mix", "--force") == 0 and len(calls) == 6

@@ -21,9 +21,14 @@
    The private map (file name <-> opaque key) goes OUTSIDE DEST (default:
    ``<SHARDS>.private-map.csv`` beside SHARDS).
 
-DEST is assembled in a hidden folder beside it and renamed into place at the
-end, after the private map is written (its path is checked before any work),
-so a failed or refused export leaves no DEST behind and no DEST without its map.
+DEST is assembled in a hidden folder beside it (``.DEST.partial``) and renamed
+into place at the end, after the private map is written (its path is checked
+before any work), so a failed or refused export leaves no DEST behind and no
+DEST without its map. The hidden folder keeps each gated shard with its scores
+(opaque keys and numbers, no names) until DEST is complete: a stopped, failed or
+refused export rerun on the same shards and originals gates only what is left
+(a refusal rerun with --force or other bars computes nothing again); delete it
+to start over. One export at a time per DEST.
 Exit codes: 0 exported, 1 verification failed or gate refused, 2 bad input
 (including I/O errors such as an unwritable DEST parent, and --originals that
 are not the images veiled).
@@ -35,6 +40,7 @@ import argparse
 import contextlib
 import csv
 import io
+import json
 import logging
 import os
 import shutil
@@ -194,6 +200,67 @@ def average_gate(shards_dir: Path, manifest: dict, items: dict, source, channels
 
 
 # -- helpers ----------------------------------------------------------------------
+LOCK = ".lock"  # in the staging folder: one export at a time per DEST
+RECORDS = ".gate"  # in the staging folder: each staged shard's keys, labels and gate scores
+
+
+def _hold_staging(staging: Path, dest: Path) -> int:
+    """An exclusive hold on the staging folder (fcntl, released when the process ends), or ShardError."""
+    import fcntl
+
+    fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise shards.ShardError(f"another veil-export is writing {dest} (its work is in {staging}); "
+                                "wait for it to end") from None
+    return fd
+
+
+def _inputs_id(shards_dir: Path, manifest: dict, source) -> str:
+    """What staged work depends on: the shards (their manifest, with each shard's sha256) and the
+    originals' listing. Another value: the staged work is of other inputs and is discarded."""
+    import hashlib
+
+    h = hashlib.sha256((shards_dir / shards.MANIFEST).read_bytes())
+    h.update(repr((source.listing_sha256() if source is not None else None, manifest.get("key_fingerprint"))).encode())
+    return h.hexdigest()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _resume_records(staging: Path, inputs: str) -> tuple[Path, bool]:
+    """The staging folder's records folder, and whether it holds work of these inputs (else emptied)."""
+    records = staging / RECORDS
+    if (_read_json(records / "inputs.json") or {}).get("inputs") == inputs:
+        return records, True
+    for f in staging.iterdir():
+        if f.name != LOCK:
+            shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+    records.mkdir()
+    shards.atomic_write_json(records / "inputs.json", {"inputs": inputs})
+    return records, False
+
+
+def _staged_record(records: Path, staging: Path, name: str) -> dict | None:
+    """A staged shard's record, if the shard is there intact (its sha256 as recorded)."""
+    rec = _read_json(records / f"{name}.json")
+    if not isinstance(rec, dict) or not (staging / name).is_file():
+        return None
+    try:
+        if shards.file_sha256(staging / name) != rec["sha256"] or len(rec["keys"]) != len(rec["labels"]):
+            return None
+    except (OSError, KeyError, TypeError):
+        return None
+    return rec
+
+
 def default_private_map(shards_dir: Path) -> Path:
     shards_dir = shards_dir.absolute()
     return shards_dir.parent / f"{shards_dir.name}.private-map.csv"
@@ -351,28 +418,52 @@ def export(args) -> int:
     manifest = shards.verify(shards_dir)  # raises VerifyError
     channels = int(manifest["source"]["sample_shape"][0])
 
-    staging = dest.parent / f".{dest.name}.partial-{os.getpid()}"
+    staging = dest.parent / f".{dest.name}.partial"
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # from an export that was killed
+        for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # an earlier version's, per process
             shutil.rmtree(stale, ignore_errors=True)
-        staging.mkdir()
+        staging.mkdir(exist_ok=True)
     except OSError as e:
         raise shards.ShardError(f"cannot create DEST {dest}: {e.strerror or e}: {e.filename}") from None
+    hold = _hold_staging(staging, dest)
     try:
+        records, resumed = _resume_records(staging, _inputs_id(shards_dir, manifest, source))
         state: dict = {}
         ssims: list[float] = []
         attacks: list[float] = []
         offenders: list[tuple[str, float, float]] = []
         private_rows: list[tuple[str, str, int, str]] = []
         out_shards = []
+        reused = 0
+
+        def account(name: str, keys: list[str], labels: list[int], s_x, s_a) -> None:
+            for i, (k, y) in enumerate(zip(keys, labels)):
+                if gate:
+                    a1, a2 = float(s_x[i]), float(s_a[i])
+                    ssims.append(a1)
+                    attacks.append(a2)
+                    if a1 > args.max_ssim + EPS or a2 > args.max_attack_ssim + EPS:
+                        offenders.append((k, a1, a2))
+                    private_rows.append((k, items[k].item.rel, y, name, items[k].copy))
+
         with bar(total=manifest["num_veiled"], desc="exporting", disable=args.quiet) as pb:
             for s in manifest["shards"]:
+                rec = _staged_record(records, staging, s["name"]) if resumed else None
+                if rec is not None:  # gated and written by an earlier run that was stopped or refused
+                    state.setdefault("method", rec.get("method"))
+                    account(s["name"], rec["keys"], rec["labels"], rec.get("ssim"), rec.get("attack"))
+                    out_shards.append({"name": s["name"], "count": len(rec["keys"]), "sha256": rec["sha256"],
+                                       "bytes": rec["bytes"]})
+                    reused += 1
+                    pb.update(len(rec["keys"]))
+                    continue
                 samples = []
                 for smp in shards.read_tar_samples(shards_dir / s["name"]):
                     k = smp["__key__"]
                     a = shards.decode_image(smp["png"], channels=channels)
                     samples.append((k, a, int(smp["cls"].decode())))
+                s_x = s_a = None
                 if gate and samples:  # a shard can be empty: every image of its part of SRC was skipped
                     missing = [k for k, _, _ in samples if k not in items]
                     if missing:
@@ -391,30 +482,36 @@ def export(args) -> int:
                     elif shards.source_tag(key, x, [items[k].key for k, _, _ in samples]) != s["source_tag"]:
                         raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
                                                 "(content tag differs): wrong --originals?")
-                    s_x = ssim(x, v)
-                    s_a = attack_ssim(x, v, state, args.threads)
-                    for (k, _, y), a1, a2 in zip(samples, s_x, s_a):
-                        ssims.append(float(a1))
-                        attacks.append(float(a2))
-                        if a1 > args.max_ssim + EPS or a2 > args.max_attack_ssim + EPS:
-                            offenders.append((k, float(a1), float(a2)))
-                        private_rows.append((k, items[k].item.rel, y, s["name"], items[k].copy))
+                    s_x = [float(a) for a in ssim(x, v)]
+                    s_a = [float(a) for a in attack_ssim(x, v, state, args.threads)]
+                keys, labels = [k for k, _, _ in samples], [y for _, _, y in samples]
+                account(s["name"], keys, labels, s_x, s_a)
                 sha, size = _write_shard(staging / s["name"], samples)
+                shards.atomic_write_json(records / f"{s['name']}.json", {  # opaque keys and scores: no names
+                    "keys": keys, "labels": labels, "ssim": s_x, "attack": s_a, "method": state.get("method"),
+                    "sha256": sha, "bytes": size})
                 out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
                 pb.update(len(samples))
+        if reused and not args.quiet:
+            print(f"{PROG}: resumed: {reused} of {len(manifest['shards'])} shards were gated and staged by an "
+                  f"earlier run ({staging})", file=sys.stderr, flush=True)
         copies = manifest.get("copies", 1)
         averaged: np.ndarray = np.zeros(0)
         if gate and copies > 1 and manifest["num_veiled"]:  # a third party can link an image's copies
-            with bar(total=manifest["num_veiled"] // copies, desc=f"gate: averaging {copies} copies",
-                     disable=args.quiet) as pb:
-                avg_keys, averaged = average_gate(shards_dir, manifest, items, source, channels, state, pb,
-                                                  args.threads)
+            done = _read_json(records / "average.json") if resumed else None
+            if done is not None:
+                avg_keys, averaged = done["keys"], np.asarray(done["scores"], dtype=np.float64)
+            else:
+                with bar(total=manifest["num_veiled"] // copies, desc=f"gate: averaging {copies} copies",
+                         disable=args.quiet) as pb:
+                    avg_keys, averaged = average_gate(shards_dir, manifest, items, source, channels, state, pb,
+                                                      args.threads)
+                shards.atomic_write_json(records / "average.json", {"keys": avg_keys, "scores": averaged.tolist()})
             over = averaged > args.max_attack_ssim + EPS
             avg_offenders = [(k, float(a)) for k, a, o in zip(avg_keys, averaged, over) if o]
         else:
             avg_offenders = []
         if (offenders or avg_offenders) and not args.force:
-            shutil.rmtree(staging, ignore_errors=True)
             reasons = refusal_reasons(ssims, attacks, args.max_ssim, args.max_attack_ssim, state.get("method"))
             lines = [f"  {k}  ssim={a:.4f}  attack_ssim={b:.4f}" for k, a, b in offenders[:50]]
             if len(offenders) > 50:
@@ -428,8 +525,9 @@ def export(args) -> int:
                 if len(avg_offenders) > 50:
                     lines.append(f"  ... and {len(avg_offenders) - 50} more")
             print(f"{PROG}: refused: {what}: {reasons}; nothing exported (veil again with more --steps in veil-shard, "
-                  f"or raise the flag named if its bar is too strict; --force exports anyway):\n" + "\n".join(lines),
-                  file=sys.stderr, flush=True)
+                  f"or raise the flag named if its bar is too strict; --force exports anyway; the gate's scores are "
+                  f"kept in {staging}, so a rerun on the same shards does not compute them again):\n"
+                  + "\n".join(lines), file=sys.stderr, flush=True)
             return 1
         receipt = {
             "format": "veil-export/1",
@@ -469,13 +567,14 @@ def export(args) -> int:
             except OSError as e:
                 raise shards.ShardError(f"cannot write the private map {pm_path}: {e.strerror or e}; "
                                         "nothing exported") from None
+        shutil.rmtree(records)  # not for the third party (opaque keys and scores only, but no business of theirs)
+        os.unlink(staging / LOCK)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         os.replace(staging, dest)
         shards.fsync_dir(dest.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    finally:  # a stopped, failed or refused export keeps its staged shards and scores for a rerun
+        os.close(hold)
     if not gate:
         print(f"{PROG}: warning: no --originals: privacy gate not run and no private map written",
               file=sys.stderr, flush=True)
