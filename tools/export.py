@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -221,8 +222,6 @@ def _hold_staging(staging: Path, dest: Path) -> int:
 def _inputs_id(shards_dir: Path, manifest: dict, source) -> str:
     """What staged work depends on: the shards (their manifest, with each shard's sha256) and the
     originals' listing. Another value: the staged work is of other inputs and is discarded."""
-    import hashlib
-
     h = hashlib.sha256((shards_dir / shards.MANIFEST).read_bytes())
     h.update(repr((source.listing_sha256() if source is not None else None, manifest.get("key_fingerprint"))).encode())
     return h.hexdigest()
@@ -436,6 +435,15 @@ def export(args) -> int:
         private_rows: list[tuple[str, str, int, str]] = []
         out_shards = []
         reused = 0
+        seen: dict[str, str] = {}  # a veil's pixel hash -> the first key with it
+        twins: list[tuple[str, str]] = []  # (key, the earlier key with the same pixels)
+
+        def note_twins(keys: list[str], digests: list[str]) -> None:
+            for k, d in zip(keys, digests):
+                if d in seen:
+                    twins.append((k, seen[d]))
+                else:
+                    seen[d] = k
 
         def account(name: str, keys: list[str], labels: list[int], s_x, s_a) -> None:
             for i, (k, y) in enumerate(zip(keys, labels)):
@@ -453,6 +461,7 @@ def export(args) -> int:
                 if rec is not None:  # gated and written by an earlier run that was stopped or refused
                     state.setdefault("method", rec.get("method"))
                     account(s["name"], rec["keys"], rec["labels"], rec.get("ssim"), rec.get("attack"))
+                    note_twins(rec["keys"], rec.get("digests") or [])
                     out_shards.append({"name": s["name"], "count": len(rec["keys"]), "sha256": rec["sha256"],
                                        "bytes": rec["bytes"]})
                     reused += 1
@@ -485,13 +494,21 @@ def export(args) -> int:
                     s_x = [float(a) for a in ssim(x, v)]
                     s_a = [float(a) for a in attack_ssim(x, v, state, args.threads)]
                 keys, labels = [k for k, _, _ in samples], [y for _, _, y in samples]
+                digests = [hashlib.sha256(a.tobytes()).hexdigest()[:16] for _, a, _ in samples]
                 account(s["name"], keys, labels, s_x, s_a)
+                note_twins(keys, digests)
                 sha, size = _write_shard(staging / s["name"], samples)
                 shards.atomic_write_json(records / f"{s['name']}.json", {  # opaque keys and scores: no names
                     "keys": keys, "labels": labels, "ssim": s_x, "attack": s_a, "method": state.get("method"),
+                    "digests": digests,
                     "sha256": sha, "bytes": size})
                 out_shards.append({"name": s["name"], "count": len(samples), "sha256": sha, "bytes": size})
                 pb.update(len(samples))
+        if twins:  # shown under --quiet too: the third party sees it
+            print(f"{PROG}: warning: {len(twins)} veils are byte-identical to another (e.g. {twins[0][0]} = "
+                  f"{twins[0][1]}): their originals are identical, and the third party can see which (the same key "
+                  "and image give the same veil); deduplicate SRC and veil again if that matters",
+                  file=sys.stderr, flush=True)
         if reused and not args.quiet:
             print(f"{PROG}: resumed: {reused} of {len(manifest['shards'])} shards were gated and staged by an "
                   f"earlier run ({staging})", file=sys.stderr, flush=True)
