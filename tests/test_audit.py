@@ -569,3 +569,35 @@ def test_cli_decodes_originals_as_veil_shard_does():
         for channels in (None, 1, 3):
             assert np.array_equal(audit_tool._decode(data, channels), shards.decode_image(data, channels))
     assert audit_tool._decode(rotated.getvalue()).shape == (1, 16, 12)  # rotated
+
+
+def test_sign_recovery_icm_equals_the_two_energy_maps_it_replaced():
+    """ICM takes each pixel's sign from the energy change 4 m G (one pass per colour class) instead of
+    two full energy maps: the same signs, in half the time (the gate's slowest attack)."""
+    def pixel_energy(v):  # the summed energy of the triples containing each pixel (the old way)
+        out = np.zeros_like(v)
+        for ax in (-1, -2):
+            n = v.shape[ax]
+            if n >= 3:
+                a, b, c = (np.take(v, range(i, n - 2 + i), axis=ax) for i in range(3))
+                t = (a - 2 * b + c) ** 2
+                for i in range(3):
+                    idx = [slice(None)] * v.ndim
+                    idx[ax] = slice(i, n - 2 + i)
+                    out[tuple(idx)] += t
+        return out
+
+    rng = np.random.default_rng(0)
+    for shape in [(16, 28, 28), (4, 5, 7), (3, 2, 9), (2, 9, 2)]:
+        m = rng.random(shape)
+        m[rng.random(shape) < 0.1] = 0
+        s = np.where(rng.random(shape) < 0.5, -1.0, 1.0)
+        H, W = shape[-2:]
+        rr, cc = np.meshgrid(np.arange(H), np.arange(W), indexing="ij")
+        for a, b in ((0, 0), (1, 2), (2, 1)):
+            cls = (rr % 3 == a) & (cc % 3 == b)
+            ep = pixel_energy(np.where(cls, 1.0, s) * m)
+            em = pixel_energy(np.where(cls, -1.0, s) * m)
+            assert np.allclose((ep - em)[..., cls], (4 * m * A._flip_gain(s * m))[..., cls], atol=1e-9)
+    x = rng.random((6, 1, 20, 20))
+    assert np.array_equal(A.recover_signs(x), A.recover_signs(x.copy()))  # deterministic, runs
