@@ -220,10 +220,11 @@ def _hold_staging(staging: Path, dest: Path) -> int:
 
 
 def _inputs_id(shards_dir: Path, manifest: dict, source) -> str:
-    """What staged work depends on: the shards (their manifest, with each shard's sha256) and the
-    originals' listing. Another value: the staged work is of other inputs and is discarded."""
+    """What staged work depends on: the shards (their manifest, with each shard's sha256), the
+    originals' listing and the library (its attacks). Another value: the staged work is discarded."""
     h = hashlib.sha256((shards_dir / shards.MANIFEST).read_bytes())
-    h.update(repr((source.listing_sha256() if source is not None else None, manifest.get("key_fingerprint"))).encode())
+    h.update(repr((source.listing_sha256() if source is not None else None, manifest.get("key_fingerprint"),
+                   shards.library_version())).encode())
     return h.hexdigest()
 
 
