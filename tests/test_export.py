@@ -530,7 +530,7 @@ def test_a_stopped_export_resumes_and_a_refused_one_keeps_its_scores(data, tmp_p
                             str(data["root"] / "owner.key"), "--force", "--private-map", pm]) == 0
     assert len(calls) == 2, calls  # the first shard's scores were kept
     assert "resumed: 1 of 3 shards were gated and staged by an earlier run" in capsys.readouterr().err
-    assert not (tmp_path / ".dest.partial").exists()
+    assert not (tmp_path / ".dest.partial").exists() and not (tmp_path / ".dest.partial.lock").exists()
     assert sorted(p.name for p in dest.iterdir()) == sorted(p.name for p in ref.iterdir())  # no records, no lock
     for f in ref.glob("*.tar"):
         assert (dest / f.name).read_bytes() == f.read_bytes()
@@ -542,12 +542,19 @@ def test_a_stopped_export_resumes_and_a_refused_one_keeps_its_scores(data, tmp_p
     assert _export(data, weak, tmp_path / "again") == 1
     assert len(calls) == 3 and "the gate's scores are kept in" in capsys.readouterr().err
     assert _export(data, weak, tmp_path / "again", "--force") == 0 and len(calls) == 3
+    # staged scores are reused, but the originals' content tags are checked again (other pixels, same names)
+    assert _export(data, weak, tmp_path / "swap") == 1
+    other_src = tmp_path / "other_src"
+    shutil.copytree(data["src"], other_src)
+    victim = sorted((other_src / "Person A").iterdir())[0]
+    PIL.Image.fromarray(255 - np.asarray(PIL.Image.open(victim).convert("L"))).save(victim, format="PNG")
+    code = export_cli.main([str(weak), str(tmp_path / "swap"), "--originals", str(other_src), "--key-file",
+                            str(data["root"] / "owner.key"), "--quiet", "--force"])
+    assert code == 2 and "content tag differs" in capsys.readouterr().err
     # another export on the same DEST waits its turn
     import fcntl
 
-    staging = tmp_path / ".busy.partial"
-    staging.mkdir()
-    fd = os.open(staging / ".lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(tmp_path / ".busy.partial.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         assert _export(data, weak, tmp_path / "busy", "--force") == 2

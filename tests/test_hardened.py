@@ -155,7 +155,7 @@ def test_a_p_whose_flip_bits_could_be_guessed_is_refused(tmp_path):
     # mid-grey pixels (0.5 exactly, normalized to 0) carry no bit: a nearly flat float image is refused
     flat = torch.full((1, 1, 28, 28), 0.5)
     flat[0, 0, 0, :20] = 0.0
-    with pytest.raises(ValueError, match=r"\(20 pixels not mid-grey\) carry 20.0 bits"):
+    with pytest.raises(ValueError, match=r"sample 0 \(20 of its 784 values not exactly mid-grey\) carry 20.0 bits"):
         VF.veil(m, flat, key=KEY, mode="hardened", steps=1)
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)

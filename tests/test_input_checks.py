@@ -257,6 +257,22 @@ def test_cache_tells_models_with_the_same_weights_but_other_code_apart(tmp_path)
     tanh[2] = nn.Tanh()
     assert LocalModel(relu).fingerprint() != LocalModel(tanh).fingerprint()
     assert LocalModel(relu).fingerprint() == LocalModel(copy.deepcopy(relu)).fingerprint()
+    # scripted: every scripted submodule is one class (RecursiveScriptModule), so each one's code counts
+    class ActA(nn.Module):
+        def forward(self, x):
+            return torch.relu(x)
+
+    class ActB(nn.Module):
+        def forward(self, x):
+            return torch.tanh(x)
+
+    for c in (ActA, ActB):
+        c.__name__ = c.__qualname__ = "Act"  # the same name in the scripted repr
+    a, b = copy.deepcopy(relu), copy.deepcopy(relu)
+    a[2], b[2] = ActA(), ActB()
+    sa, sb = torch.jit.script(a), torch.jit.script(b)
+    assert repr(sa) == repr(sb)
+    assert LocalModel(sa).fingerprint() != LocalModel(sb).fingerprint()
 
 
 # -- LocalModel.load: the cause, in one line ------------------------------------------------------------

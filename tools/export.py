@@ -201,22 +201,31 @@ def average_gate(shards_dir: Path, manifest: dict, items: dict, source, channels
 
 
 # -- helpers ----------------------------------------------------------------------
-LOCK = ".lock"  # in the staging folder: one export at a time per DEST
+LOCK = ".lock"  # .DEST.partial.lock beside the staging folder: one export at a time per DEST
 RECORDS = ".gate"  # in the staging folder: each staged shard's keys, labels and gate scores
 
 
 def _hold_staging(staging: Path, dest: Path) -> int:
-    """An exclusive hold on the staging folder (fcntl, released when the process ends), or ShardError."""
+    """An exclusive hold on DEST's staging (fcntl on a file beside the folder, never inside it: the
+    folder becomes DEST; released when the process ends), or ShardError."""
     import fcntl
 
-    fd = os.open(staging / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(_lock_path(staging), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise shards.ShardError(f"another veil-export is writing {dest} (its work is in {staging}); "
                                 "wait for it to end") from None
+    except OSError as e:
+        os.close(fd)
+        raise shards.ShardError(f"cannot lock {_lock_path(staging)} ({e.strerror or e}): veil-export needs a "
+                                "file system with flock for DEST's parent") from None
     return fd
+
+
+def _lock_path(staging: Path) -> Path:
+    return staging.parent / f"{staging.name}{LOCK}"
 
 
 def _inputs_id(shards_dir: Path, manifest: dict, source) -> str:
@@ -241,8 +250,7 @@ def _resume_records(staging: Path, inputs: str) -> tuple[Path, bool]:
     if (_read_json(records / "inputs.json") or {}).get("inputs") == inputs:
         return records, True
     for f in staging.iterdir():
-        if f.name != LOCK:
-            shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
+        shutil.rmtree(f) if f.is_dir() and not f.is_symlink() else f.unlink()
     records.mkdir()
     shards.atomic_write_json(records / "inputs.json", {"inputs": inputs})
     return records, False
@@ -459,8 +467,19 @@ def export(args) -> int:
         with bar(total=manifest["num_veiled"], desc="exporting", disable=args.quiet) as pb:
             for s in manifest["shards"]:
                 rec = _staged_record(records, staging, s["name"]) if resumed else None
+                if rec is not None and gate and rec["keys"] and s.get("source_tag") is not None:
+                    # the originals may have changed under the same names since: their content tag again
+                    # (decoding and hashing only, far below the gate's cost)
+                    if any(k not in items for k in rec["keys"]):
+                        rec = None
+                    else:
+                        x = np.stack([_original(source, items[k].item, channels) for k in rec["keys"]])
+                        if shards.source_tag(key, x, [items[k].key for k in rec["keys"]]) != s["source_tag"]:
+                            raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard "
+                                                    "veiled (content tag differs): wrong --originals?")
                 if rec is not None:  # gated and written by an earlier run that was stopped or refused
-                    state.setdefault("method", rec.get("method"))
+                    if rec.get("method"):  # an empty shard records none; one fold fallback makes it "fold"
+                        state["method"] = "fold" if "fold" in (rec["method"], state.get("method")) else rec["method"]
                     account(s["name"], rec["keys"], rec["labels"], rec.get("ssim"), rec.get("attack"))
                     note_twins(rec["keys"], rec.get("digests") or [])
                     out_shards.append({"name": s["name"], "count": len(rec["keys"]), "sha256": rec["sha256"],
@@ -586,11 +605,12 @@ def export(args) -> int:
                 raise shards.ShardError(f"cannot write the private map {pm_path}: {e.strerror or e}; "
                                         "nothing exported") from None
         shutil.rmtree(records)  # not for the third party (opaque keys and scores only, but no business of theirs)
-        os.unlink(staging / LOCK)
         if dest.exists():
             dest.rmdir()  # empty, checked above
         os.replace(staging, dest)
         shards.fsync_dir(dest.parent)
+        with contextlib.suppress(OSError):
+            os.unlink(_lock_path(staging))  # done (still held: a second export waiting on it is refused)
     finally:  # a stopped, failed or refused export keeps its staged shards and scores for a rerun
         os.close(hold)
     if not gate:

@@ -86,13 +86,18 @@ def pad_secret_bits(p: float, pixels: int) -> float:
 def check_pad_secret(p: float, x: torch.Tensor) -> None:
     """Refuse a hardened veil whose pad a third party could guess: fewer than :data:`MIN_PAD_BITS`
     bits of secret in some sample's flip bits (``x`` normalized, pixels at 0 carry no bit)."""
-    pixels = int((x != 0).flatten(1).sum(1).min()) if len(x) else 0
+    if not len(x):
+        return
+    counts = (x != 0).flatten(1).sum(1)
+    i = int(counts.argmin())
+    pixels = int(counts[i])
     bits = pad_secret_bits(p, pixels)
     if bits < MIN_PAD_BITS:
         raise ValueError(
-            f"mode='hardened': with p={p:g} a sample's flip bits ({pixels} pixels not mid-grey) carry "
-            f"{bits:.1f} bits of secret, fewer than {MIN_PAD_BITS}, and its one-time pad is derived from them: a "
-            "third party could guess the pad and undo it; use p near 0.5 (the default)")
+            f"mode='hardened': with p={p:g} the flip bits of sample {i} ({pixels} of its "
+            f"{x[i].numel()} values not exactly mid-grey) carry {bits:.1f} bits of secret, fewer than "
+            f"{MIN_PAD_BITS}, and its one-time pad is derived from them: a third party could guess the pad and "
+            "undo it; use p near 0.5 (the default), and images of more than 80 values that are not blank mid-grey")
 
 
 def flip_mask(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -322,16 +322,17 @@ def _code_of(module: nn.Module) -> str:
     parts = [repr(module)]
     seen = set()
     for m in module.modules():
+        if isinstance(m, torch.jit.ScriptModule):  # one class for all scripted modules: each its own code
+            with contextlib.suppress(Exception):
+                parts.append(m.code)
+            continue
         cls = type(m)
         if cls in seen:
             continue
         seen.add(cls)
-        if isinstance(m, torch.jit.ScriptModule):
-            with contextlib.suppress(Exception):
-                parts.append(m.code)
-            continue
+        where = "__main__" if cls.__module__ == "__mp_main__" else cls.__module__  # a spawned worker's name for it
         with contextlib.suppress(Exception):  # built-ins and classes made in a REPL have no readable source
-            parts.append(f"{cls.__module__}.{cls.__qualname__}:{inspect.getsource(cls.forward)}")
+            parts.append(f"{where}.{cls.__qualname__}:{inspect.getsource(cls.forward)}")
     return re.sub(r" at 0x[0-9a-fA-F]+", "", "\n".join(parts))  # object addresses change per process
 
 
