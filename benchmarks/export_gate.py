@@ -2,6 +2,7 @@
 
     python benchmarks/export_gate.py                 # LFW crops, 3 keys, hardened 75 steps x 4 copies
     python benchmarks/export_gate.py --keys 5 --recipes "hardened 75 4" "hardened 300 1"
+    python benchmarks/export_gate.py --data mnist --keys 3   # 300 MNIST digits (needs the MNIST files)
 
 For each key: the 200 LFW crops of scikit-image (face / not a face) are written as an ImageFolder, the
 owner's LeNet-5 F is trained on them (40 epochs, as ``veil-demo``), ``veil-shard`` veils them with the
@@ -76,21 +77,36 @@ def main(argv=None) -> None:
     ap.add_argument("--keys", type=int, default=3, help="owner keys (each a fresh veil of the whole set)")
     ap.add_argument("--recipes", nargs="+", default=["hardened 75 4"],
                     help="'MODE STEPS COPIES' per recipe (the README's: hardened 75 4)")
-    ap.add_argument("--epochs", type=int, default=40, help="F's training epochs (veil-demo's default)")
-    ap.add_argument("--out-name", default="export_gate")
+    ap.add_argument("--epochs", type=int, default=None, help="F's training epochs (default: 40 on LFW, "
+                    "veil-demo's; 15 on MNIST)")
+    ap.add_argument("--data", choices=["lfw", "mnist"], default="lfw",
+                    help="lfw: scikit-image's 200 face crops (F trained on them); mnist: 300 test digits veiled, "
+                         "F trained on 2,000 others (needs the MNIST files)")
+    ap.add_argument("--out-name", default=None, help="results file stem (default: export_gate, export_gate_mnist)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    x, y = load_lfw_faces()
+    if args.data == "lfw":
+        x, y = load_lfw_faces()
+        fx, fy, names, epochs = x, y, ["not_face", "face"], args.epochs or 40
+    else:
+        from veil_transforms.data import load_mnist
+
+        try:
+            mx, my = load_mnist()
+        except (FileNotFoundError, OSError) as e:
+            sys.exit(f"export_gate.py --data mnist: {e}")
+        x, y, fx, fy = mx[:300], my[:300], mx[1000:3000], my[1000:3000]
+        names, epochs = [str(c) for c in range(10)], args.epochs or 15
     work = Path(tempfile.mkdtemp(prefix="veil-export-gate-"))
     rows = []
     try:
         src = work / "photos"
         for i in range(len(x)):
-            d = src / ("face" if int(y[i]) == 1 else "not_face")
+            d = src / names[int(y[i])]
             d.mkdir(parents=True, exist_ok=True)
             PIL.Image.fromarray(x[i, 0].numpy()).save(d / f"{i:03d}.png")
-        f = fit(LeNet5(1, 2), x, y, epochs=args.epochs, seed=1234).eval()
+        f = fit(LeNet5(1, len(names)), fx, fy, epochs=epochs, seed=1234).eval()
         torch.jit.script(f).save(str(work / "local.pt"))
         for recipe in args.recipes:
             mode, steps, copies = recipe.split()
@@ -121,10 +137,13 @@ def main(argv=None) -> None:
     res = dict(command=" ".join(["python benchmarks/export_gate.py", shlex.join(sys.argv[1:] if argv is None else argv)]).strip(),
                torch=torch.__version__, seconds=time.perf_counter() - t0, rows=rows)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out_name}.json").write_text(json.dumps(res, indent=1) + "\n")
-    md = ["# veil-export's gate on the README's tool recipe (LFW crops, CPU)", "",
+    out_name = args.out_name or ("export_gate" if args.data == "lfw" else "export_gate_mnist")
+    (RESULTS / f"{out_name}.json").write_text(json.dumps(res, indent=1) + "\n")
+    what = ("200 LFW crops (scikit-image) as an ImageFolder; F = LeNet-5 trained on them" if args.data == "lfw" else
+            "300 MNIST test digits as an ImageFolder; F = LeNet-5 trained on 2,000 other test digits")
+    md = [f"# veil-export's gate on the README's tool recipe ({'LFW crops' if args.data == 'lfw' else 'MNIST'}, CPU)", "",
           f"Command: `{res['command']}` ({res['seconds'] / 60:.1f} min, torch {res['torch']}, 1 thread).", "",
-          "200 LFW crops (scikit-image) as an ImageFolder; F = LeNet-5 trained on them; one fresh key per row. "
+          f"{what}; one fresh key per row. "
           "Per veiled sample (copies count separately): SSIM(x, x~), bar `--max-ssim` (default 0.05), and the "
           "strongest key-free attack's SSIM (audit), bar `--max-attack-ssim` (default 0.3). Counts are samples "
           "over each bar; `refused` = over either default bar (veil-export refuses the whole export unless "
@@ -139,7 +158,7 @@ def main(argv=None) -> None:
                   f"{r['ssim_max']:.3f} | {' / '.join(str(v) for v in r['over_ssim'].values())} | "
                   f"{r['attack_mean']:.3f} / {r['attack_max']:.3f} | {' / '.join(str(v) for v in r['over_attack'].values())} "
                   f"| {avg_cell(r)} | {r['veil_s']:.0f} |")
-    (RESULTS / f"{args.out_name}.md").write_text("\n".join(md) + "\n")
+    (RESULTS / f"{out_name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
