@@ -393,6 +393,14 @@ def test_gate_passes_over_an_empty_shard(data, tmp_path):
     assert sorted(s["count"] for s in json.loads((out / "manifest.json").read_text())["shards"]) == [0, 0, 0, 1, 1]
     assert export_cli.main([str(out), str(tmp_path / "d"), "--originals", str(src), "--key-file",
                             str(data["root"] / "owner.key"), "--quiet", "--force"]) == 0
+    # resumed (refused, then forced): empty shards' records carry no attack; the receipt still names it
+    again = [str(out), str(tmp_path / "d2"), "--originals", str(src), "--key-file", str(data["root"] / "owner.key"),
+             "--quiet", "--max-ssim", "-1"]
+    assert export_cli.main(again) == 1 and export_cli.main([*again, "--force"]) == 0
+    assert json.loads((tmp_path / "d2" / "receipt.json").read_text())["gate"]["attack"] == "audit"
+    assert export_cli.merged_method(None, "audit") == export_cli.merged_method("audit", None) == "audit"
+    assert export_cli.merged_method("audit", "fold") == export_cli.merged_method("fold", None) == "fold"
+    assert export_cli.merged_method(None, None) is None
 
 
 def _blocky_copies(x: np.ndarray, rng, block: int = 2) -> np.ndarray:

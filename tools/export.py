@@ -256,6 +256,19 @@ def _resume_records(staging: Path, inputs: str) -> tuple[Path, bool]:
     return records, False
 
 
+def merged_method(a: str | None, b: str | None) -> str | None:
+    """The gate's attack over two parts of an export: "fold" if either fell back to it, else the one
+    known (an empty shard records none)."""
+    return "fold" if "fold" in (a, b) else a or b
+
+
+def _check_source_tag(shard: dict, key: bytes, x: np.ndarray, sample_keys: list[bytes]) -> None:
+    """The originals ``x`` of ``shard`` must be the images veil-shard veiled (its recorded content tag)."""
+    if shards.source_tag(key, x, sample_keys) != shard["source_tag"]:
+        raise shards.ShardError(f"originals of {shard['name']} are not the images veil-shard veiled "
+                                "(content tag differs): wrong --originals?")
+
+
 def _staged_record(records: Path, staging: Path, name: str) -> dict | None:
     """A staged shard's record, if the shard is there intact (its sha256 as recorded)."""
     rec = _read_json(records / f"{name}.json")
@@ -474,12 +487,9 @@ def export(args) -> int:
                         rec = None
                     else:
                         x = np.stack([_original(source, items[k].item, channels) for k in rec["keys"]])
-                        if shards.source_tag(key, x, [items[k].key for k in rec["keys"]]) != s["source_tag"]:
-                            raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard "
-                                                    "veiled (content tag differs): wrong --originals?")
+                        _check_source_tag(s, key, x, [items[k].key for k in rec["keys"]])
                 if rec is not None:  # gated and written by an earlier run that was stopped or refused
-                    if rec.get("method"):  # an empty shard records none; one fold fallback makes it "fold"
-                        state["method"] = "fold" if "fold" in (rec["method"], state.get("method")) else rec["method"]
+                    state["method"] = merged_method(state.get("method"), rec.get("method"))
                     account(s["name"], rec["keys"], rec["labels"], rec.get("ssim"), rec.get("attack"))
                     note_twins(rec["keys"], rec.get("digests") or [])
                     out_shards.append({"name": s["name"], "count": len(rec["keys"]), "sha256": rec["sha256"],
@@ -508,9 +518,8 @@ def export(args) -> int:
                             print(f"{PROG}: warning: {s['name']} has no source tag in the manifest (made before "
                                   "veil-shard recorded one): cannot check that --originals hold the images veiled",
                                   file=sys.stderr, flush=True)
-                    elif shards.source_tag(key, x, [items[k].key for k, _, _ in samples]) != s["source_tag"]:
-                        raise shards.ShardError(f"originals of {s['name']} are not the images veil-shard veiled "
-                                                "(content tag differs): wrong --originals?")
+                    else:
+                        _check_source_tag(s, key, x, [items[k].key for k, _, _ in samples])
                     s_x = [float(a) for a in ssim(x, v)]
                     s_a = [float(a) for a in attack_ssim(x, v, state, args.threads)]
                 keys, labels = [k for k, _, _ in samples], [y for _, _, y in samples]
