@@ -25,7 +25,7 @@ import torch
 
 from . import keys as _keys
 from .allocator import tune_for_cpu_veil
-from .model import LocalModel, check_model, frozen
+from .model import LocalModel, check_model, frozen, modes_of, restore_modes
 
 # Chosen from benchmarks/lr_sweep.py on MNIST 8k/2k / LeNet-5 (benchmarks/results/lr_sweep.md,
 # H200): 0.03, 0.1 and 0.3 all leave the veiled model 4.6-5.5 points below the baseline on
@@ -859,7 +859,7 @@ def fold_batchnorm(model):
         return model if hit[1] is None else hit[1]
     from torch.fx.experimental.optimization import fuse
 
-    modes = [(m, m.training) for m in model.modules()]  # each its own: under frozen() F is in eval, its wrapper not
+    modes = modes_of(model)  # each its own: under frozen() F is in eval, its wrapper not
     model.eval()
     try:
         folded = fuse(model)
@@ -869,8 +869,7 @@ def fold_batchnorm(model):
         warnings.warn(f"fold_bn: cannot trace {type(model).__name__} ({type(e).__name__}); BatchNorm not folded", stacklevel=3)
         folded = None
     finally:
-        for m, training in modes:
-            m.training = training
+        restore_modes(modes)
     _FOLDED[model] = (sig, folded)  # None: keep the model (no reference to it in the cache)
     return model if folded is None else folded
 

@@ -34,6 +34,16 @@ _FROZEN_LOCK = threading.Lock()
 _FROZEN: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [depth, modes, flags]
 
 
+def modes_of(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """Each submodule's own train/eval flag (``train()`` would give them all the parent's)."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, training in modes:
+        m.training = training
+
+
 @contextlib.contextmanager
 def frozen(model):
     """Eval mode and no parameter grads for the duration; restores both afterwards.
@@ -50,8 +60,7 @@ def frozen(model):
     with _FROZEN_LOCK:
         state = _FROZEN.get(module)
         if state is None:
-            state = _FROZEN[module] = [0, [(m, m.training) for m in module.modules()],
-                                       [(p, p.requires_grad) for p in module.parameters()]]
+            state = _FROZEN[module] = [0, modes_of(module), [(p, p.requires_grad) for p in module.parameters()]]
             module.eval()
             for p, _ in state[2]:
                 p.requires_grad_(False)
@@ -66,8 +75,7 @@ def frozen(model):
                 for p, rg in state[2]:
                     p.requires_grad_(rg)
                 module.train(state[1][0][1])  # the module's own train() (an override may do more) ...
-                for m, mode in state[1]:
-                    m.training = mode  # ... then each submodule's own flag (train() gave them the parent's)
+                restore_modes(state[1])  # ... then each submodule's own flag
 
 
 class LocalModel(nn.Module):
