@@ -548,6 +548,12 @@ def test_cli_refuses_originals_that_are_not_the_images_veiled(faces, tmp_path):
     assert p.returncode == 2 and "content tag differs" in p.stderr, p.stdout + p.stderr
     p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--quiet", "--limit", "2")
     assert p.returncode in (0, 1) and "over 2 samples" in p.stdout, p.stdout + p.stderr  # a partial shard still checked
+    # a shard changed since veil-shard wrote it (still a readable tar): the audit says so rather than score it
+    tar = next(out.glob("*.tar"))
+    with open(tar, "ab") as f:
+        f.write(b"\0" * 512)
+    p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--quiet")
+    assert p.returncode == 2 and f"shard {tar.name}: its sha256 differs from manifest.json" in p.stderr, p.stderr
 
 
 def test_cli_decodes_originals_as_veil_shard_does():

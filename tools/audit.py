@@ -15,6 +15,10 @@ inversion attack; ``--learned-public DIR`` (public images, ImageFolder
 layout, disjoint from the audited ones) adds the adaptive learned inverter,
 which veils them with the settings recorded in the shards' manifest.
 
+A shard listed in SHARDS' manifest.json (or a veil-export DEST's receipt.json)
+whose sha256 differs from the one recorded is bad input: the audit would not
+be of the shards recorded.
+
 Exit codes: 0 the audit passed, 1 it failed (an attack recovers too much),
 2 bad input (one line on stderr).
 """
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("--originals", required=True, help="source folder the shards were made from, or a .npy/.pt uint8 [N, C, H, W]")
-    p.add_argument("--veiled", required=True, help="veil-shard output folder or .tar, or a .npy/.pt uint8 [N, C, H, W]")
+    p.add_argument("--veiled", required=True, help="veil-shard output folder or .tar (each shard's sha256 checked against "
+                   "its manifest.json or receipt.json), or a .npy/.pt uint8 [N, C, H, W]")
     p.add_argument("--key-file", default=None, help="the owner's key file (default: <VEILED>.key beside the shard folder)")
     p.add_argument("--labels", default=None, help="labels CSV, if SRC is a flat folder (as given to veil-shard)")
     p.add_argument("--model", default=None, help="a model trained on veiled data (TorchScript .pt, state dict with --arch, or .onnx): adds the inversion attack")
@@ -160,7 +165,7 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
     """Veiled samples ``{opaque key: uint8 [C, H, W]}`` (decoded when read) of a shard folder or .tar,
     its manifest (or {}), and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
     p = Path(path)
-    manifest = {}
+    manifest, recorded = {}, {}  # recorded: each listed shard's sha256 (an audit of changed shards says so)
     home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
     # veil-shard's OUT has a manifest; veil-export's DEST a receipt (its copies and key fingerprint, no tags)
     meta = next((home / n for n in ("manifest.json", "receipt.json") if (home / n).is_file()), None)
@@ -173,6 +178,9 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read {meta}: {e}") from None
+        listed = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+        recorded = {s["name"]: s["sha256"] for s in listed
+                    if isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)}
         if meta.name == "receipt.json":
             manifest = {k: manifest[k] for k in ("copies", "key_fingerprint") if k in manifest}
         try:  # what this tool reads of it: the rest may be a partial manifest of hand-made shards
@@ -193,6 +201,9 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
     for t in tars:
         order[t.name] = []
         try:
+            if t.name in recorded and shards.file_sha256(t) != recorded[t.name]:
+                raise InputError(f"shard {t.name}: its sha256 differs from {meta.name} (changed or damaged since "
+                                 f"it was written): this audit would not be of the shards recorded")
             with tarfile.open(t, "r:") as tf:
                 for m in tf:
                     if not m.isfile():
