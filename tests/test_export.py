@@ -96,13 +96,22 @@ def test_gate_refuses_weak_veil_then_force_exports(data, tmp_path, capsys):
     listed = {line.split()[0] for line in err.splitlines()[1:] if line.startswith("  ") and "ssim=" in line}
     assert listed and listed <= all_keys  # offenders are named by opaque key
     assert not dest.exists() and not list(tmp_path.glob(".dest.partial-*"))
+    printed_max = float(err.splitlines()[0].split("(SSIM(x, x~), max ")[1][:5])
     # --force exports anyway and records it
     assert _export(data, weak, dest, "--force") == 0
     r = json.loads((dest / "receipt.json").read_text())
     assert r["gate"]["run"] and r["gate"]["forced"] and r["gate"]["over_threshold"] == len(all_keys)
-    assert r["gate"]["ssim"]["max"] > 0.5
-    # and generous thresholds pass without --force
-    assert _export(data, weak, tmp_path / "dest2", "--max-ssim", "1", "--max-attack-ssim", "1") == 0
+    assert r["gate"]["ssim"]["max"] > 0.5 and r["gate"]["ssim"]["max"] > r["gate"]["ssim"]["mean"]
+    assert abs(r["gate"]["ssim"]["max"] - printed_max) < 1e-3  # the receipt's max is the worst sample's
+    # either bar alone refuses (--max-ssim: the paper's SSIM(x, x~); --max-attack-ssim: the attacks')
+    assert _export(data, weak, tmp_path / "only_ssim", "--max-attack-ssim", "1") == 1
+    assert "12 exceed --max-ssim 0.05" in capsys.readouterr().err
+    assert _export(data, weak, tmp_path / "only_attack", "--max-ssim", "1", "--max-attack-ssim", "0.01") == 1
+    assert "0 exceed --max-ssim 1" in capsys.readouterr().err
+    # and generous thresholds pass: with --force too, the receipt does not call the export forced
+    assert _export(data, weak, tmp_path / "dest2", "--max-ssim", "1", "--max-attack-ssim", "1", "--force") == 0
+    g = json.loads((tmp_path / "dest2" / "receipt.json").read_text())["gate"]
+    assert not g["forced"] and g["over_threshold"] == 0
 
 
 def test_fold_attack_fallback(data, tmp_path, monkeypatch):
@@ -133,7 +142,7 @@ def test_export_has_no_names_metadata_or_key(data, tmp_path):
     assert sorted(p.name for p in dest.iterdir()) == ["receipt.json", "veil-000000.tar", "veil-000001.tar",
                                                       "veil-000002.tar"]
     # every PNG has only the critical chunks
-    exported = {}
+    exported, labels = {}, {}
     for t in sorted(dest.glob("*.tar")):
         for s in shards.read_tar_samples(t):
             assert set(s) == {"__key__", "png", "cls"}
@@ -145,12 +154,15 @@ def test_export_has_no_names_metadata_or_key(data, tmp_path):
                 pos += 12 + n
             assert set(chunks) == {b"IHDR", b"IDAT", b"IEND"}, chunks
             exported[s["__key__"]] = shards.decode_image(png)
-    # same pixels as the owner's shards
+            labels[s["__key__"]] = s["cls"]
+    # same pixels and labels as the owner's shards
     for sh in shards.read_manifest(strong)["shards"]:
         for s in shards.read_tar_samples(strong / sh["name"]):
             assert np.array_equal(exported[s["__key__"]], shards.decode_image(s["png"]))
+            assert labels[s["__key__"]] == s["cls"]
+    assert sorted(set(labels.values())) == [b"0", b"1"]
     r = json.loads((dest / "receipt.json").read_text())
-    assert r["num_samples"] == 12 and r["veil"]["steps"] == 2 and "key" not in r
+    assert r["num_samples"] == 12 and r["num_classes"] == 2 and r["veil"]["steps"] == 2 and "key" not in r
     assert r["key_fingerprint"] == keys.key_fingerprint(key)
     for s in r["shards"]:
         assert shards.file_sha256(dest / s["name"]) == s["sha256"]
@@ -162,6 +174,8 @@ def test_export_has_no_names_metadata_or_key(data, tmp_path):
     assert {r["opaque_key"] for r in rows} == set(exported)
     for row in rows:
         assert row["opaque_key"] == keys.opaque_key(key, row["path"])
+        assert row["label"] == str(["Person A", "Person B"].index(row["path"].split("/")[0]))
+        assert labels[row["opaque_key"]] == row["label"].encode()
     assert any("alice_smith" in row["path"] for row in rows)
 
 
@@ -171,6 +185,17 @@ def test_default_private_map_beside_shards(data, tmp_path):
     assert _export(data, weak, tmp_path / "d", "--force") == 0
     assert (tmp_path / "w.private-map.csv").is_file()
     assert not list((tmp_path / "d").glob("*.csv"))
+
+
+def test_progress_bars_show_unless_quiet(data, tmp_path, monkeypatch):
+    from veil_transforms import progress
+
+    shown, real = [], progress.bar
+    monkeypatch.setattr(progress, "bar", lambda *a, **kw: (shown.append(not kw.get("disable")), real(*a, **kw))[1])
+    assert _export(data, data["root"] / "weak", tmp_path / "quiet", "--force") == 0 and shown and not any(shown)
+    shown.clear()
+    assert export_cli.main([str(data["root"] / "weak"), str(tmp_path / "shown"), "--originals", str(data["src"]),
+                            "--key-file", str(data["root"] / "owner.key"), "--force"]) == 0 and shown[0]
 
 
 def test_verification_failures_exit_1(data, tmp_path, capsys):
@@ -469,6 +494,34 @@ def test_gate_averages_each_images_copies(data, tmp_path, capsys):
     per_sample = json.loads((tmp_path / "audit" / "report.json").read_text())
     averaged = json.loads((tmp_path / "audit" / "average_of_copies" / "report.json").read_text())
     assert per_sample["passed"] and not averaged["passed"] and averaged["n"] == 6
+    # under --limit only images whose K copies are all audited are averaged
+    code = audit_cli.main(["--originals", str(src), "--veiled", str(out), "--key-file", key_file, "--attacks", "identity",
+                           "--quiet", "--limit", "3"])
+    line = capsys.readouterr().out
+    assert code == 0 and "over 3 samples" in line and "averaging" not in line, line
+    # averaging needs veil-shard's copy-by-copy order: two images of copy 0 swapped (labels and content tag
+    # made to match, so only the order is wrong) is refused, not scored on the mean of two different images
+    s0 = m["shards"][0]
+    smps = list(shards.read_tar_samples(out / s0["name"]))
+    smps[0], smps[1] = smps[1], smps[0]
+    body = b"".join(shards.tar_sample(smp["__key__"], int(smp["cls"].decode()), shards.decode_image(smp["png"]))
+                    for smp in smps)
+    (out / s0["name"]).write_bytes(body + shards.tar_end(len(body)))
+    x = np.stack([shards.decode_image((src / owner[smp["__key__"]].item.rel).read_bytes()) for smp in smps])
+    s0["source_tag"] = shards.source_tag(data["key"], x, [owner[smp["__key__"]].key for smp in smps])
+    s0["sha256"], s0["bytes"] = shards.file_sha256(out / s0["name"]), (out / s0["name"]).stat().st_size
+    shards.atomic_write_json(out / "manifest.json", m)
+    capsys.readouterr()
+    assert export_cli.main([str(out), str(tmp_path / "swapped"), "--originals", str(src), "--key-file", key_file,
+                            "--quiet", "--force", "--max-ssim", "1"]) == 1
+    assert f"are not the {K} copies of one image" in capsys.readouterr().err
+    # two copies are averaged too
+    assert shard_cli.main([str(src), str(tmp_path / "two"), "--model", str(data["root"] / "model.pt"), "--key-file",
+                           key_file, "--steps", "1", "--mode", "hardened", "--copies", "2", "--quiet",
+                           "--threads", "1"]) == 0
+    assert export_cli.main([str(tmp_path / "two"), str(tmp_path / "two_dest"), "--originals", str(src), "--key-file",
+                            key_file, "--quiet", "--max-ssim", "1", "--max-attack-ssim", "1"]) == 0
+    assert json.loads((tmp_path / "two_dest" / "receipt.json").read_text())["gate"]["average_of_copies"]["images"] == 6
 
 
 def test_average_copies_is_the_rounded_mean_and_checks_its_input():
@@ -476,6 +529,7 @@ def test_average_copies_is_the_rounded_mean_and_checks_its_input():
 
     v = np.array([[[[[0, 255]]]], [[[[1, 255]]]], [[[[2, 0]]]]], dtype=np.uint8)  # K=3, N=1, 1x1x2
     assert average_copies(v).tolist() == [[[[1, 170]]]] and average_copies(torch.from_numpy(v)).dtype == np.uint8
+    assert average_copies(np.array([[[[[0, 1]]]], [[[[1, 2]]]]], dtype=np.uint8)).tolist() == [[[[0, 2]]]]  # rint
     for bad in (v[0], v.astype(np.float32), v[:0]):
         with pytest.raises(ValueError, match=r"expected uint8 \[K, N, C, H, W\]"):
             average_copies(bad)
@@ -503,6 +557,9 @@ def test_gate_threads_give_each_sample_the_same_score():
     x, v = (rng.integers(0, 256, (50, 1, 16, 16), dtype=np.uint8) for _ in range(2))
     serial, state = export_cli.attack_ssim(x, v, {}, 1), {}
     assert np.array_equal(export_cli.attack_ssim(x, v, state, 3), serial) and state["method"] == "audit"
+    # a sample's score is its strongest attack's: random pixel flips, which the fold undoes, score 1
+    flipped, state = np.where(rng.random(x.shape) < 0.5, x, 255 - x).astype(np.uint8), {}
+    assert np.allclose(export_cli.attack_ssim(x, flipped, state, 1), 1.0) and state["method"] == "audit"
 
 
 def _count_attacks(monkeypatch, fail_at=None):
@@ -549,7 +606,14 @@ def test_a_stopped_export_resumes_and_a_refused_one_keeps_its_scores(data, tmp_p
     calls.clear()
     assert _export(data, weak, tmp_path / "again") == 1
     assert len(calls) == 3 and "the gate's scores are kept in" in capsys.readouterr().err
-    assert _export(data, weak, tmp_path / "again", "--force") == 0 and len(calls) == 3
+    staged = tmp_path / ".again.partial" / "veil-000000.tar"  # ... except a staged shard damaged since
+    b = bytearray(staged.read_bytes())
+    b[600] ^= 0xFF
+    staged.write_bytes(bytes(b))
+    assert _export(data, weak, tmp_path / "again", "--force") == 0 and len(calls) == 4  # gated again, alone
+    for s in json.loads((tmp_path / "again" / "receipt.json").read_text())["shards"]:
+        assert shards.file_sha256(tmp_path / "again" / s["name"]) == s["sha256"]
+    assert (tmp_path / "again" / "veil-000000.tar").read_bytes() == (ref / "veil-000000.tar").read_bytes()
     # staged scores are reused, but the originals' content tags are checked again (other pixels, same names)
     assert _export(data, weak, tmp_path / "swap") == 1
     other_src = tmp_path / "other_src"
