@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -322,13 +323,30 @@ def test_bad_inputs_exit_2_with_one_line(data, tmp_path, capsys):
         err = _one_line_error(capsys)
         if what == "channel mismatch":
             assert "does not accept" in err
+    for flag, value in (("--shard-size", "0"), ("--nproc", "0")):
+        assert shard_cli.main([src, str(tmp_path / f"o{flag}"), "--model", str(model), flag, value]) == 2, flag
+        err = _one_line_error(capsys)
+        assert f"{flag} must be" in err and f"got {value}" in err, err
     # nothing was created for inputs refused before OUT
-    for o in ("o1", "o2", "o3", "o4", "o6"):
+    for o in ("o1", "o2", "o3", "o4", "o6", "o--shard-size", "o--nproc"):
         assert not (tmp_path / o).exists() and not (tmp_path / f"{o}.key").exists(), o
+    # someone's shards without a manifest are never written over
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "veil-000000.tar").write_bytes(b"their data")
+    assert shard_cli.main([src, str(tmp_path / "theirs"), "--model", str(model), "--key-file", str(kf), *COMMON]) == 2
+    assert "holds shards but no manifest.json" in _one_line_error(capsys)
+    assert (tmp_path / "theirs" / "veil-000000.tar").read_bytes() == b"their data"
 
 
 def test_resume_with_other_params_or_key_is_refused(data, tmp_path, capsys):
     ref = data["ref"]
+    (tmp_path / "retrained").mkdir()  # a retrained model saved under the same file name
+    torch.manual_seed(1)
+    retrained = tmp_path / "retrained" / data["model"].name
+    torch.jit.script(LeNet5(1, 3).eval()).save(str(retrained))
+    more = tmp_path / "more"  # SRC with one image added
+    shutil.copytree(data["src"], more)
+    shutil.copy(more / "class0" / "img000.png", more / "class0" / "img000_copy.png")
     before = (ref / "manifest.json").read_bytes()
     other_key = tmp_path / "other.key"
     keys.read_key_file(other_key, create=True)
@@ -341,11 +359,18 @@ def test_resume_with_other_params_or_key_is_refused(data, tmp_path, capsys):
         ([b[0], str(ref), "--model", str(data["model"]), "--key-file", str(tmp_path / "gone.key"), *COMMON], "not found"),
         ([b[0], str(ref), "--model", str(data["root"] / "rgb_model.pt"), "--key-file", str(data["key_file"]), *COMMON],
          "does not accept"),
+        ([b[0], str(ref), "--model", str(retrained), "--key-file", str(data["key_file"]), *COMMON], "the local model file"),
+        ([str(more), str(ref), *b[1:], *COMMON], "the source listing (files or labels changed)"),
     ]:
         assert shard_cli.main(argv) == 2
         assert needle in _one_line_error(capsys)
     assert (ref / "manifest.json").read_bytes() == before
     assert not (tmp_path / "gone.key").exists()
+    # the same weights under another file name resume
+    shutil.copy(data["model"], tmp_path / "renamed.pt")
+    assert shard_cli.main([b[0], str(ref), "--model", str(tmp_path / "renamed.pt"), "--key-file", str(data["key_file"]),
+                           *COMMON]) == 0
+    assert (ref / "manifest.json").read_bytes() == before
 
 
 def test_all_images_corrupt(tmp_path, data, capsys):
@@ -1186,3 +1211,46 @@ def test_a_key_uniform_of_exactly_one_is_veiled_not_refused(data, tmp_path, monk
     x = torch.stack([torch.from_numpy(shards.decode_image(source.read_bytes(owner[s["__key__"]].item))) for s in smp])
     veil = VeilTransform(str(data["model"]), key=key, steps=3, mode=mode, device="cpu")
     assert np.array_equal(veil.veil_batch(x).numpy(), np.stack([shards.decode_image(s["png"]) for s in smp]))
+
+
+def test_a_new_key_is_owner_only_and_the_flags_reach_the_run(tmp_path, capsys, caplog, monkeypatch):
+    """Without --key-file veil-shard makes <OUT>.key (0600) and says so even under --quiet; --precision
+    reaches the veil (recorded in the manifest); each shard is fsynced before its rename; --quiet hides
+    the library's warnings and the progress bar, which show without it."""
+    torch.manual_seed(0)
+    torch.jit.script(LeNet5(1, 3).eval()).save(str(tmp_path / "m.pt"))
+    rng = np.random.default_rng(0)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(5):
+        (tmp_path / "src" / "a" / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (12, 12), dtype=np.uint8)))
+    (tmp_path / "src" / "a" / "bad.png").write_bytes(b"not a png")
+    fsynced, progress, real_fsync, real_run = [], [], os.fsync, shards.run
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    monkeypatch.setattr(shards, "run", lambda *a, **kw: (progress.append(kw["progress"]), real_run(*a, **kw))[1])
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "src"), str(out), "--model", str(tmp_path / "m.pt"), "--steps", "1", "--shard-size", "2",
+            "--precision", "bf16", "--io-procs", "0", "--threads", "1"]
+    assert shard_cli.main([*argv, "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert f"created a new key in {tmp_path / 'out.key'}" in err and "skipping" not in caplog.text, err
+    assert stat.S_IMODE(os.stat(tmp_path / "out.key").st_mode) == 0o600
+    m = shards.read_manifest(out)
+    assert m["veil"]["precision"] == "bf16" and len(m["shards"]) == 3 and progress == [False]
+    assert {f".{s['name']}.tmp" for s in m["shards"]} <= set(fsynced), fsynced
+    shutil.rmtree(out)  # again without --quiet, with the key now there
+    assert shard_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"key from {tmp_path / 'out.key'}" in err and "skipping a/bad.png" in caplog.text and progress == [False, True]
+
+
+def test_exit_1_only_when_more_than_half_are_skipped_for_size(monkeypatch):
+    size = {"reason": "size mismatch: 10x10, not 12x12"}
+    m = {"complete": True, "copies": 1, "source": {"num_samples": 4, "sample_shape": [1, 12, 12]},
+         "skipped": [size, size, {"reason": "cannot decode"}]}
+    monkeypatch.setattr(shards, "read_manifest", lambda out: m)
+    assert shard_cli._size_problem("out") is None  # 2 of 4: half
+    m["skipped"].append(size)
+    assert shard_cli._size_problem("out").startswith("3 of 4 images were skipped for size mismatch")
+    m.update(copies=2, skipped=[size] * 4)  # each copy of an image is skipped: 2 images of 4
+    assert shard_cli._size_problem("out") is None
