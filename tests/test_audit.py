@@ -548,6 +548,8 @@ def test_cli_refuses_originals_that_are_not_the_images_veiled(faces, tmp_path):
     assert p.returncode == 2 and "content tag differs" in p.stderr, p.stdout + p.stderr
     p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--quiet", "--limit", "2")
     assert p.returncode in (0, 1) and "over 2 samples" in p.stdout, p.stdout + p.stderr  # a partial shard still checked
+    p = cli("--originals", other, "--veiled", out, "--attacks", "fold", "--quiet", "--limit", "1")
+    assert p.returncode == 2 and "content tag differs" in p.stderr, p.stdout + p.stderr  # ... and refused
     # a shard changed since veil-shard wrote it (still a readable tar): the audit says so rather than score it
     tar = next(out.glob("*.tar"))
     with open(tar, "ab") as f:
@@ -607,3 +609,15 @@ def test_sign_recovery_icm_equals_the_two_energy_maps_it_replaced():
             assert np.allclose((ep - em)[..., cls], (4 * m * A._flip_gain(s * m))[..., cls], atol=1e-9)
     x = rng.random((6, 1, 20, 20))
     assert np.array_equal(A.recover_signs(x), A.recover_signs(x.copy()))  # deterministic, runs
+
+
+def test_report_passes_only_below_both_bars():
+    """passed: every attack's mean SSIM below the first bar and every sample's below the second (strictly)."""
+    def report(mean, worst):
+        return audit.AuditReport(n=2, shape=(1, 4, 4), thresholds=(0.2, 0.3), per_sample_max=np.array([mean, worst]),
+                                 attacks={"fold": {"mean_ssim": mean, "max_ssim": worst}},
+                                 per_sample_attack=["fold", "fold"], reference_ssim=1.0)
+
+    assert report(0.1, 0.29).passed
+    assert not report(0.1, 0.9).passed  # one sample recovered, on a low mean
+    assert not report(0.2, 0.25).passed and not report(0.1, 0.3).passed  # at a bar is not below it
