@@ -483,3 +483,114 @@ def test_progress_into_a_log_is_a_line_now_and_then():
     with progress.LogLines(total=3 * 2**30, desc="checking", unit="B", unit_scale=True, every=0.0, file=sizes) as pb:
         pb.update(2**30)
     assert sizes.getvalue().startswith("checking: 1.07G/3.22G B (33.3%)"), sizes.getvalue()
+
+
+# -- contracts a mutation review found no test for ----------------------------------------------
+@pytest.fixture(scope="module")
+def lenet():
+    torch.manual_seed(0)
+    return LeNet5().eval()
+
+
+def _digits(lo=0, n=2):
+    return torch.randint(lo, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_denormalize_clamps_instead_of_wrapping():
+    assert F.denormalize(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # a uint8 cast alone wraps 300 to 44
+
+
+def test_the_distance_term_pushes_the_veil_away_from_the_original():
+    """L = alpha |F(x~) - F(x)| - beta |x~ - x|: with an F that ignores its input only the distance term
+    moves x~, and it must move it away from x."""
+    class Const(nn.Module):
+        def forward(self, z):
+            return z.flatten(1)[:, :3] * 0 + 1.0
+
+    g = torch.Generator().manual_seed(0)
+    xn = torch.rand(4, 1, 9, 9, generator=g) * 2 - 1
+    x0 = F.random_pixel_flip(xn, generator=g)
+    xt = F.gradient_iteration(Const(), x0, xn, steps=5, lr=1.0, threshold=float("-inf"))
+    assert ((xt - xn).flatten(1).norm(dim=1) > (x0 - xn).flatten(1).norm(dim=1)).all()
+
+
+def test_veil_and_transform_flip_at_the_rate_p(lenet):
+    """Bright images and a negligible step: the share of dark veil pixels is the flip rate p."""
+    x = _digits(lo=140)
+    for p in (0.2, 0.8):
+        kw = dict(key=KEY, p=p, steps=1, lr=1e-6, threshold=float("-inf"))
+        for v in (F.veil(lenet, x, **kw), VeilTransform(lenet, device="cpu", **kw)(x)):
+            assert abs(float((v < 128).float().mean()) - p) < 0.03
+
+
+def test_transform_veils_with_its_own_settings_and_output(lenet):
+    x = _digits()
+    kw = dict(key=KEY, p=0.3, alpha=0.9, beta=0.5, steps=3, lr=0.5, threshold=float("-inf"))
+    assert torch.equal(VeilTransform(lenet, device="cpu", **kw)(x), F.veil(lenet, x, **kw))
+    # float in: output="uint8" (the default) gives values on the 256-level grid, as PNGs store them;
+    # output="float" the unrounded veil; and the input's float dtype is kept
+    def off_grid(v):
+        return float((v.double() * 255 - (v.double() * 255).round()).abs().max())
+
+    v = F.veil(lenet, x.double() / 255, key=KEY, steps=2)
+    assert v.dtype == torch.float64 and off_grid(v) < 1e-4  # k / 255 in float32, then cast
+    assert off_grid(VeilTransform(lenet, key=KEY, steps=2, device="cpu", output="float")(x.float() / 255)) > 0.01
+
+
+def test_float_pixels_outside_0_1_are_refused():
+    for v in (-0.1, 1.01):
+        with pytest.raises(ValueError, match="must lie in"):
+            F.check_pixels(torch.full((1, 1, 4, 4), v))
+
+
+def test_keyed_digests_keys_and_key_files(tmp_path):
+    import hashlib
+    import hmac
+    import os
+    import stat
+
+    from veil_transforms import hardened as H
+
+    a = torch.rand(1, 4, 4)
+    assert keys.sample_digest(KEY, a) != keys.sample_digest(b"\x01" * 32, a)  # keyed: cache names leak nothing
+    assert keys.sample_digest(KEY, a) != keys.sample_digest(KEY, a.reshape(1, 2, 8))  # the shape counts
+    with pytest.raises(ValueError, match="at least 16"):
+        keys.as_key(b"\x01" * 15)
+    keys.read_key_file(tmp_path / "k", create=True)
+    assert stat.S_IMODE(os.stat(tmp_path / "k").st_mode) == 0o600
+    # copy keys as documented (veils of other versions keep matching)
+    assert H.copy_keys(KEY, 2) == [hmac.new(KEY, b"veil-hardened-copy" + i.to_bytes(4, "big"), hashlib.sha256).digest()
+                                   for i in range(2)]
+
+
+def test_model_problems_are_refused_and_the_layer_survives_pickling(lenet):
+    class Mix(nn.Module):
+        def forward(self, z):
+            return z.flatten().unsqueeze(0)[:, :10]  # one row for the whole batch
+
+    with pytest.raises(ValueError, match="mixes samples"):
+        F.veil(Mix(), _digits(), key=KEY, steps=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        F.veil(lenet, _digits(), key=KEY, generator=torch.Generator(), steps=1)
+    assert pickle.loads(pickle.dumps(LocalModel(lenet, layer="fc2"))).layer == "fc2"  # DataLoader workers
+
+
+def test_dataset_keeps_sample_types_copies_and_a_cache_folder_per_setting(lenet, tmp_path):
+    import collections
+
+    from veil_transforms.metrics import ssim
+
+    x = _digits()
+    S = collections.namedtuple("S", "img label")
+    ds = VeiledDataset([S(x[0], 1), S(x[1], 0)], VeilTransform(lenet, key=KEY, steps=1, device="cpu"), progress=False)
+    first = ds[0]
+    assert isinstance(first, S) and ds[1].label == 0
+    kept = first.img.clone()
+    first.img.zero_()  # an in-place augmentation of the first access must not reach the memory cache
+    assert torch.equal(ds[0].img, kept)
+    assert isinstance(VeilTransform(lenet, key=KEY, steps=1, device="cpu")(tv_tensors.Image(x)), tv_tensors.Image)
+    dirs = {VeiledDataset([x[0]], VeilTransform(lenet, key=KEY, device="cpu", **kw), cache=tmp_path, progress=False)._dir
+            for kw in (dict(steps=1), dict(steps=3), dict(steps=1, precision="bf16"))}
+    assert len(dirs) == 3  # another setting never reads the old veils
+    with pytest.raises(ValueError):
+        ssim(x, x[:1])  # the gate's SSIM never truncates a batch

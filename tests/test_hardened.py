@@ -126,8 +126,11 @@ def test_pad_derived_ahead_gives_the_same_veil(faces, face_model):
         VF.veil(face_model, x, key=key, uniforms=u, pad_uniforms=torch.from_numpy(pad), steps=2, device="cpu")
     # a pad of integers or zeros starts the veil from x itself (SSIM 0.99 to the original): refused
     t = torch.from_numpy(pad)
+    last_wrong = t.clone()
+    last_wrong[-1] = torch.from_numpy(keys.pad_uniforms_np(((u[-1:] < 0.4) & (xn[-1:] != 0)).numpy()))[0]
     for bad in (torch.zeros_like(t), (t * 255).to(torch.uint8), t.round(), t.half(), t.double(), t + 1, -t,
-                torch.full_like(t, float("nan")), pad, torch.from_numpy(keys.pad_uniforms_np((u < 0.4).numpy()))):
+                torch.full_like(t, float("nan")), pad, torch.from_numpy(keys.pad_uniforms_np((u < 0.4).numpy())),
+                last_wrong):
         with pytest.raises(ValueError, match="pad_uniforms="):
             VF.veil(face_model, x, uniforms=u, pad_uniforms=bad, **kw)
     with pytest.raises(TypeError, match="pad: expected a tensor"):
@@ -157,6 +160,8 @@ def test_a_p_whose_flip_bits_could_be_guessed_is_refused(tmp_path):
     flat[0, 0, 0, :20] = 0.0
     with pytest.raises(ValueError, match=r"sample 0 \(20 of its 784 values not exactly mid-grey\) carry 20.0 bits"):
         VF.veil(m, flat, key=KEY, mode="hardened", steps=1)
+    with pytest.raises(ValueError, match=r"sample 1 \(20 of"):  # the batch's poorest sample, not its first
+        VF.veil(m, torch.cat([x[:1].float() / 255, flat]), key=KEY, mode="hardened", steps=1)
     src = tmp_path / "src" / "a"
     src.mkdir(parents=True)
     for i in range(3):
