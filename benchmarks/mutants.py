@@ -255,6 +255,14 @@ MUTANTS = [
      'desc="exporting", disable=args.quiet)',
      'desc="exporting", disable=True)',
      ['tests/test_export.py', '-k', 'progress_bars']),
+    ('M66', 'p given as a str or bool accepted', 'veil_transforms/functional.py',
+     '    if not (_is_number(p) and 0.0 < float(p) < 1.0):',
+     '    if not (0.0 < float(p) < 1.0):',
+     ['tests/test_input_checks.py', '-k', 'rejects_bad_settings']),
+    ('M80', 'an unknown output= accepted', 'veil_transforms/functional.py',
+     '    if output not in ("uint8", "float"):',
+     '    if output is None:',
+     ['tests/test_input_checks.py', '-k', 'rejects_bad_settings']),
 ]
 
 

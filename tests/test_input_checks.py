@@ -125,6 +125,11 @@ def test_empty_numpy_batch(vt):
     (dict(chunk="big"), "chunk must be an integer >= 1"),
     (dict(uniforms=torch.full((2, 1, 28, 28), float("nan"))), "uniforms= must be a float32 tensor"),
     (dict(device="gpu"), "not a torch device"),
+    (dict(p="0.5"), r"p must lie in the open interval \(0, 1\), got '0.5'"),  # a str from a config file
+    (dict(p=True), "p must lie in the open interval"),
+    (dict(p=1.0), "p must lie in the open interval"),
+    (dict(output="png"), "output must be 'uint8' or 'float'"),
+    (dict(mode="strong"), "mode must be one of"),
 ])
 def test_veil_rejects_bad_settings(lenet, kw, match):
     kw = {"key": KEY, **kw}
