@@ -651,3 +651,21 @@ def test_batched_keyed_uniforms_equal_per_sample():
     xn = F.normalize(torch.randint(0, 256, (5, 3, 7, 9), dtype=torch.uint8))
     one = torch.stack([keys.keyed_uniform(key, keys.sample_digest(key, s), (3, 7, 9)) for s in xn])
     assert torch.equal(F.keyed_uniforms(key, xn), one)
+
+
+def test_fit_many_per_model_labels():  # T2 T4
+    from veil_transforms.training import fit, fit_many
+
+    x = torch.randint(0, 256, (32, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ys = torch.stack([torch.arange(32) % 2, (torch.arange(32) // 2) % 2])
+
+    def net(s):
+        torch.manual_seed(s)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 2))
+
+    many = fit_many([net(0), net(1)], x, ys, seeds=[0, 1], epochs=1, batch_size=16)
+    for i in range(2):
+        one = fit(net(i), x, ys[i], epochs=1, seed=i, batch_size=16)
+        assert torch.allclose(many[i][1].weight, one[1].weight, atol=1e-5)
+    with pytest.raises(ValueError, match="labels of shape"):
+        fit_many([net(0), net(1), net(2)], x, ys, seeds=[0, 1, 2])

@@ -95,3 +95,15 @@ def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist, veiled_model_acc
     got = accuracy(fit(lenet(0), mixed, y, epochs=EPOCHS, seed=0), xte, yte)
     print(f"\nMNIST {len(xv)} veiled ({n} by the fast path), same seed: fp32 veil {ref:.4f}, with the fast path {got:.4f}")
     assert got >= 0.80 and abs(got - ref) <= 0.15, (got, ref)
+
+
+def test_mnist_split_takes_the_last_images_for_testing():  # D1 D2
+    from veil_transforms import data
+
+    if data.mnist_path() is None:
+        pytest.skip("no MNIST")
+    x, y = data.load_mnist()
+    (xtr, _), (xte, yte) = data.mnist_split(100, 50)
+    assert torch.equal(xtr, x[:100]) and torch.equal(xte, x[-50:]) and torch.equal(yte, y[-50:])
+    with pytest.raises(ValueError):
+        data.mnist_split(len(x) - 5, 6)

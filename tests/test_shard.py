@@ -1254,3 +1254,97 @@ def test_exit_1_only_when_more_than_half_are_skipped_for_size(monkeypatch):
     assert shard_cli._size_problem("out").startswith("3 of 4 images were skipped for size mismatch")
     m.update(copies=2, skipped=[size] * 4)  # each copy of an image is skipped: 2 images of 4
     assert shard_cli._size_problem("out") is None
+
+
+# -- the reader: order, shuffling, workers, empty inputs, decoding (from a mutation review) ------------
+def _tiny_shard(path, items):
+    body = b"".join(shards.tar_sample(k, y, np.full((1, 2, 2), v, np.uint8)) for k, y, v in items)
+    path.write_bytes(body + shards.tar_end(len(body)))
+
+
+def _folder(tmp_path, n=6, receipt=True):
+    d = tmp_path / "dest"
+    d.mkdir()
+    meta = []
+    for i in range(n):
+        _tiny_shard(d / f"veil-{i:06d}.tar", [(f"{i:02d}" + "a" * 30, i, i)])
+        meta.append({"name": f"veil-{i:06d}.tar", "index": i})
+    if receipt:
+        (d / "receipt.json").write_text(json.dumps({"shards": meta[::-1]}))  # listed out of order
+    return d
+
+
+def test_reader_follows_the_shard_index_not_the_listing_order(tmp_path):  # R3
+    d = _folder(tmp_path)
+    assert [y for _, y in shards.load(d)] == list(range(6))
+
+
+def test_reader_folder_without_metadata_reads_tars_sorted(tmp_path):  # R6
+    d = _folder(tmp_path, receipt=False)
+    assert shards.shard_urls(d) == sorted(str(p) for p in d.glob("*.tar"))
+
+
+def test_reader_refuses_empty_inputs(tmp_path):  # R4 R7 R9
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no shards in"):
+        shards.shard_urls(tmp_path / "empty")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "receipt.json").write_text(json.dumps({"shards": []}))
+    with pytest.raises(ValueError, match="lists no finished shards"):
+        shards.shard_urls(tmp_path / "r")
+    with pytest.raises(ValueError, match="no shard urls given"):
+        shards.shard_urls([])
+
+
+def test_reader_shuffle_is_real_and_seeded(tmp_path):  # R10 R11 R12 R13
+    d = _folder(tmp_path, n=24)
+    plain = [y for _, y in shards.load(d)]
+    a = [y for _, y in shards.load(d, shuffle=8, seed=1)]
+    b = [y for _, y in shards.load(d, shuffle=8, seed=1)]
+    assert a == b and a != plain and sorted(a) == plain
+    # one sample per shard and a buffer of 1: only the shard order can change
+    s = [y for _, y in shards.load(d, shuffle=1, seed=1)]
+    assert s != plain and s == [y for _, y in shards.load(d, shuffle=1, seed=1)]
+    ds = shards.load(d, shuffle=1, seed=1)  # the same dataset, a second epoch: a new (seeded) shard order
+    assert [y for _, y in ds] == s and [y for _, y in ds] != s
+
+
+def test_reader_shuffles_samples_within_a_shard(tmp_path):  # R13
+    d = tmp_path / "one"
+    d.mkdir()
+    _tiny_shard(d / "veil-000000.tar", [(f"{i:02d}" + "b" * 30, i, i) for i in range(16)])
+    assert [y for _, y in shards.load(d, shuffle=8, seed=3)] != list(range(16))
+
+
+def test_reader_two_workers_read_each_sample_once(tmp_path):  # R14
+    d = _folder(tmp_path, n=4)
+    dl = torch.utils.data.DataLoader(shards.load(d), batch_size=None, num_workers=2)
+    assert sorted(int(y) for _, y in dl) == [0, 1, 2, 3]
+
+
+def test_reader_names_the_missing_member(tmp_path):  # R16
+    okey = "0123456789abcdef0123456789abcdef"
+    body = shards.tar_member(f"{okey}.png", shards.encode_png(np.zeros((1, 2, 2), np.uint8)))
+    p = tmp_path / "nocls.tar"
+    p.write_bytes(body + shards.tar_end(len(body)))
+    with pytest.raises(shards.ShardError, match="lacks its cls"):
+        list(shards.load(str(p)))
+
+
+def _enc(im, fmt="PNG"):
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_decode_grey_alpha_and_32_bit_grey_and_bad_channels():  # R18 R19 R21
+    import PIL.Image
+
+    la = PIL.Image.fromarray(np.stack([np.full((3, 3), 77, np.uint8), np.full((3, 3), 200, np.uint8)], -1), "LA")
+    assert shards.decode_image(_enc(la)).shape == (1, 3, 3)
+    want = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    deep = PIL.Image.fromarray(want.astype(np.int32) * 257)  # mode "I", values > 255
+    assert deep.mode == "I"
+    assert np.array_equal(shards.decode_image(_enc(deep, "TIFF")), want[None])
+    with pytest.raises(ValueError, match="unsupported channel count"):
+        shards.decode_image(_enc(la), channels=2)
