@@ -144,8 +144,9 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _ort(path, x):
-    sess = _ort_session(str(path))
+def _ort(src, x):
+    """onnxruntime's output for ``x``; ``src``: a saved model's path or a ModelProto."""
+    sess = _ort_session(src.SerializeToString() if isinstance(src, onnx.ModelProto) else str(src))
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
@@ -281,9 +282,9 @@ def _save(tmp_path, model, name="m.onnx"):
     return p
 
 
-def _model(nodes, inputs, outputs, inits=(), extra_opsets=()):
+def _model(nodes, inputs, outputs, inits=(), extra_opsets=(), opset=17):
     graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
-    opsets = [helper.make_opsetid("", 17), *[helper.make_opsetid(d, 1) for d in extra_opsets]]
+    opsets = [helper.make_opsetid("", opset), *[helper.make_opsetid(d, 1) for d in extra_opsets]]
     return helper.make_model(graph, opset_imports=opsets, ir_version=8)
 
 
@@ -463,9 +464,8 @@ FL = TensorProto.FLOAT
 
 def _op_model(nodes, x_shape, y_shape, inits=(), opset=17, x_type=FL, y_type=FL, extra_inputs=()):
     x = helper.make_tensor_value_info("x", x_type, list(x_shape))
-    y = helper.make_tensor_value_info("y", y_type, list(y_shape) if y_shape is not None else None)
-    g = helper.make_graph(nodes, "g", [x, *extra_inputs], [y], list(inits))
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    y = helper.make_tensor_value_info("y", y_type, list(y_shape))
+    return _model(nodes, [x, *extra_inputs], [y], inits, opset=opset)
 
 
 def _init(name, a, dtype=FL):
@@ -473,17 +473,10 @@ def _init(name, a, dtype=FL):
     return helper.make_tensor(name, dtype, list(a.shape), a.flatten().tolist())
 
 
-def _op_ort(model, x):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    s = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return torch.from_numpy(s.run(None, {"x": x.numpy()})[0])
-
-
 def _same_as_ort(model, x, tol=1e-5, **kw):
     onnx.checker.check_model(model)
     m = load_onnx(model.SerializeToString(), **kw)
-    ref = _op_ort(model, x)
+    ref = _ort(model, x)
     got = m(x)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) <= tol * max(1.0, float(ref.abs().max()))
@@ -496,8 +489,6 @@ _G = torch.Generator().manual_seed(0)
 def _randn(*shape):
     return torch.randn(*shape, generator=_G)
 
-
-# ----------------------------------------------------------------------------- ONNX op semantics
 
 def test_gemm_alpha_beta_transA():  # O1 O2 O3
     c = np.random.default_rng(1).standard_normal((3,)).astype(np.float32)
