@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--copies", type=int, default=1,
                    help=f"veils per image (1 to {shards.MAX_COPIES}); for K > 1 each under its own key derived from the "
                         "key file (hardened.copy_keys); the hardened recipe is --mode hardened --steps 75 --copies 4 "
-                        "(300 steps per image, as one paper veil; 1.0-1.5x its time in benchmarks/results/frontier.md)")
+                        "(300 steps per image, as one paper veil; 0.85-1.5x its time in benchmarks/results/frontier*.md)")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "

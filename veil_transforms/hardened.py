@@ -31,8 +31,8 @@ batch-size-dependent kernels) and the same key + image gives the same veil.
 Recipe: several veils per image, each with fewer steps, beat one long veil at
 the same number of steps: 4 veils of 75 steps (keys from :func:`copy_keys`) take
 the 300 steps of one paper veil per original image (measured time per image,
-``frontier.md``: 0.98x the paper veil's on LFW, 1.47x on MNIST, where the
-per-veil costs outside the steps weigh more). The third party should train
+``frontier.md``: 0.98x the paper veil's on LFW; on MNIST 1.47x there and 0.85x in
+``frontier_mnist_inversion_fix.md``, CPU times that move +-30% between settings). The third party should train
 with Gaussian input noise (:func:`noise_augment`, sigma 0.6 on the [-1, 1]
 scale) and twice the usual epochs. Measured in ``benchmarks/frontier.py``
 (reduced CPU run, LeNet-5, accuracy on original test images): MNIST 2000/1000
