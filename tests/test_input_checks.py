@@ -215,6 +215,18 @@ def test_half_precision_weights_get_advice_not_a_dtype_error(lenet):
     with pytest.raises(ValueError, match="torch.float16 weights"):
         F.veil(m, u8(), steps=2, key=KEY)
     F.veil(m.float(), u8(), steps=2, key=KEY)  # mended in place: a refusal is not remembered
+    with pytest.raises(ValueError, match=r"torch.float64 weights.*model.float\(\)"):  # was a raw dtype error
+        VeilTransform(copy.deepcopy(lenet).double(), steps=2, key=KEY, device="cpu")(u8()[0])
+
+
+def test_common_input_mistakes_name_their_fix(vt):
+    from torchvision.transforms import v2
+
+    with pytest.raises(ValueError, match=r"\[H, W\] add a channel axis"):  # webdataset's "torchl" decoding
+        vt(u8()[0, 0])
+    normalized = v2.Normalize([0.5], [0.5])(u8()[0].float() / 255)
+    with pytest.raises(ValueError, match="put the veil before Normalize"):
+        vt(normalized)
 
 
 def test_the_input_is_not_a_layer():
@@ -335,6 +347,118 @@ class _Images(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.x[i], i % 10
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Samples of two images (and a label), built by ``make(a, b, label)``."""
+
+    def __init__(self, make, n=4):
+        self.x, self.make = u8(2 * n, seed=3), make
+
+    def __len__(self):
+        return len(self.x) // 2
+
+    def __getitem__(self, i):
+        return self.make(self.x[2 * i], self.x[2 * i + 1], i)
+
+
+@pytest.mark.parametrize("make", [
+    lambda a, b, y: (tv_tensors.Image(a), tv_tensors.Image(b), y),
+    lambda a, b, y: {"image": PIL.Image.fromarray(a[0].numpy()), "image2": PIL.Image.fromarray(b[0].numpy()), "y": y},
+    lambda a, b, y: [{"left": tv_tensors.Image(a)}, ({"right": tv_tensors.Image(b)}, y)],
+], ids=["tuple", "dict", "nested"])
+def test_dataset_veils_every_image_of_a_sample(vt, make):
+    """It veiled the first image of a sample and handed the second on as it was."""
+    data = _Pairs(make)
+    ds = VeiledDataset(data, vt, batch_size=3, progress=False)
+    for i in range(len(data)):
+        got, (a, b) = ds[i], (data.x[2 * i], data.x[2 * i + 1])
+        leaves = torch.utils._pytree.tree_leaves(got)
+        images = [v.as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))[None]
+                  for v in leaves if not isinstance(v, int)]
+        assert [torch.equal(v, vt(x)) for v, x in zip(images, (a, b))] == [True, True]
+        assert type(got) is type(data[i]) and [v for v in leaves if isinstance(v, int)] == [i]
+
+
+def test_dataset_refuses_two_unmarked_images_and_takes_image_key(vt):
+    data = _Pairs(lambda a, b, y: (a, b, y))
+    with pytest.raises(TypeError, match="cannot tell which.*image_key="):
+        VeiledDataset(data, vt, progress=False)[0]
+    one = VeiledDataset(data, vt, image_key=1, progress=False)[0]  # the owner's choice: veil b, hand on a
+    assert torch.equal(one[0], data.x[0]) and torch.equal(one[1], vt(data.x[1])) and one[2] == 0
+    with pytest.raises(TypeError, match="image_key=5 is not in the sample"):
+        VeiledDataset(data, vt, image_key=5, progress=False)[0]
+    label_first = VeiledDataset(_Pairs(lambda a, b, y: (y, a)), vt, progress=False)[1]  # no image_key needed
+    assert label_first[0] == 1 and torch.equal(label_first[1], vt(data.x[2]))
+
+
+class _Flipping(torch.utils.data.Dataset):
+    """A detection-style sample whose image and box flip together at random, as v2.RandomHorizontalFlip does."""
+
+    def __init__(self):
+        self.x, self.g = u8(4, seed=5), torch.Generator().manual_seed(0)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        flip = bool(torch.rand(1, generator=self.g) < 0.5)
+        return (self.x[i].flip(-1) if flip else self.x[i]), {"flipped": flip}
+
+
+def test_memory_cache_never_pairs_an_old_veil_with_new_targets(vt, caplog):
+    """The memory cache was keyed by index alone: a random transform in the wrapped dataset got its first
+    draw's veil back beside later draws' targets (boxes on the wrong side)."""
+    data = _Flipping()
+    ds = VeiledDataset(data, vt, batch_size=4, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        for _ in range(6):
+            for i in range(len(data)):
+                got, target = ds[i]
+                want = data.x[i].flip(-1) if target["flipped"] else data.x[i]
+                assert torch.equal(got, vt(want)), (i, target)
+    assert [r.getMessage().count("another image") for r in caplog.records] == [1]
+    assert len(ds._memory) == len(data)  # one veil held per image slot, not one per draw
+
+
+def test_a_worker_veiling_into_the_memory_cache_warns_once(vt, caplog, monkeypatch):
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    ds = VeiledDataset(_Images(), vt, batch_size=16, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        ds[0], ds[1], ds[20]
+    assert [r.getMessage().count("call prepare()") for r in caplog.records] == [1]
+    prepared = VeiledDataset(_Images(), vt, batch_size=16, progress=False)
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: None)
+    prepared.prepare()
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: object())
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        prepared[0], prepared[20]
+    assert caplog.records == []  # prepared: the worker only reads
+
+
+def test_cache_folder_with_a_tilde_is_the_home_folder(vt, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    ds = VeiledDataset(_Images(), vt, cache="~/veil-cache", progress=False)
+    assert ds._dir.parent == tmp_path / "veil-cache" and not (tmp_path / "~").exists()
+
+
+def test_in_memory_torchscript_model_pickles_for_spawned_workers(lenet, tmp_path):
+    import pickle
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(lenet.eval())
+    vt = VeilTransform(scripted, steps=2, key=KEY, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor torch's "torch.jit.save is deprecated" in every worker
+        worker_vt = pickle.loads(pickle.dumps(vt))
+    x = u8(2)
+    assert torch.equal(worker_vt(x), vt(x))
+    ds = VeiledDataset(_Images(), vt, cache=tmp_path, progress=False)
+    assert pickle.loads(pickle.dumps(ds))._dir == ds._dir  # a worker reads the folder prepare() wrote
 
 
 def test_directory_cache_reads_one_file_per_sample(tmp_path, vt, monkeypatch):

@@ -1,11 +1,18 @@
 """``VeiledDataset``: veil any dataset on the fly, in batches, each sample once.
 
 Wraps a map-style or iterable dataset whose samples are an image, an
-``(image, label, ...)`` tuple or a dict. Images are veiled in batches of
+``(image, label, ...)`` tuple, a dict or any nesting of these. Every image in a
+sample is veiled, found by :class:`VeilTransform`'s own rule (marked images,
+``tv_tensors.Image`` or PIL, are all veiled; else the one plain tensor or array F
+takes; several unmarked ones are refused, not one handed on unveiled), or the one
+at ``image_key``. Images are veiled in batches of
 ``batch_size`` on the veil's device (one GPU batch rather than 300 passes per
 sample in each worker) and cached, so every sample is veiled once:
 
-- ``cache="memory"`` (default) keeps veiled images in RAM;
+- ``cache="memory"`` (default) keeps veiled images in RAM, per index, with a hash of the image they
+  veil: a wrapped dataset that returns another image for an index (a random transform inside it) gets
+  that image veiled anew, never the old veil beside new targets (one warning: put random
+  augmentations after VeiledDataset);
 - ``cache=<directory>`` stores each one as a ``.npy`` file named by an HMAC of
   its content under the veil's key, in a sub-folder per veil setting (settings,
   key fingerprint and a hash of F's weights), written
@@ -14,7 +21,8 @@ sample in each worker) and cached, so every sample is veiled once:
 
 For DataLoaders with workers over a map-style dataset, call :meth:`prepare`
 first: it veils everything in the main process with a progress bar, and the
-workers then only read the cache.
+workers then only read the cache (a worker that has to veil with the memory cache
+warns once: its veils die with it, so each worker veils them again every epoch).
 """
 
 from __future__ import annotations
@@ -30,15 +38,15 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import functional as F
 from . import keys as _keys
 from .transform import VeilTransform, from_chw, to_chw
 
 log = logging.getLogger(__name__)
-
-IMAGE_KEYS = ("image", "img", "png", "jpg", "jpeg", "x", "input")
+_BY_CONTENT = object()  # memory-cache id of an iterable dataset's images: their content hash
 
 
 class VeiledDataset(Dataset):
@@ -72,13 +80,13 @@ class VeiledDataset(Dataset):
                 raise ValueError("dataset is empty: nothing to veil")
         self.dataset, self.veil, self.batch_size = dataset, veil, batch_size
         self.image_key, self.progress = image_key, progress
-        self._memory: dict[Any, torch.Tensor] | None = {} if cache == "memory" else None
+        self._memory: dict[Any, tuple[tuple, torch.Tensor]] | None = {} if cache == "memory" else None
         self._dir: Path | None = None
         self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
         if cache not in (None, "memory"):
             if not isinstance(cache, (str, os.PathLike)):
                 raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
-            self._dir = Path(cache) / self._settings_id()
+            self._dir = Path(cache).expanduser() / self._settings_id()
             try:
                 self._dir.mkdir(parents=True, exist_ok=True)
                 (self._dir / "settings.json").write_text(json.dumps(veil.settings, indent=1, sort_keys=True))
@@ -92,51 +100,62 @@ class VeiledDataset(Dataset):
         return "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16]
 
     # -- sample structure -------------------------------------------------------
-    def _image_slot(self, sample: Any) -> Any:
+    def _split(self, sample: Any) -> tuple[list[Any], Any]:
+        """The images of ``sample`` to veil, and a function that puts veiled ones back in their places."""
         if self.image_key is not None:
-            return self.image_key
-        if isinstance(sample, (tuple, list)):
-            return 0
-        if isinstance(sample, dict):
-            for k in IMAGE_KEYS:
-                if k in sample:
-                    return k
-            raise TypeError(f"cannot find the image in a dict sample with keys {list(sample)}; pass image_key=")
-        return None  # the sample is the image
+            try:
+                image = sample[self.image_key]
+            except (KeyError, IndexError, TypeError):
+                raise TypeError(f"image_key={self.image_key!r} is not in the sample "
+                                f"({type(sample).__name__})") from None
+            return [image], lambda veiled: _replace(sample, self.image_key, veiled[0])
+        flat, spec = tree_flatten(sample)
+        try:
+            needs = self.veil.image_leaves(flat)
+        except TypeError as e:
+            raise TypeError(f"{e}; or pass VeiledDataset(image_key=...) to veil one of them and hand on the "
+                            "rest as they are") from None
+        where = [i for i, n in enumerate(needs) if n]
 
-    def _get_image(self, sample):
-        slot = self._image_slot(sample)
-        return sample if slot is None else sample[slot]
+        def put(veiled: list[Any]) -> Any:
+            out = list(flat)
+            for i, v in zip(where, veiled):
+                out[i] = v
+            return tree_unflatten(out, spec)
 
-    def _put_image(self, sample, veiled):
-        slot = self._image_slot(sample)
-        if slot is None:
-            return veiled
-        if isinstance(sample, dict):
-            return {**sample, slot: veiled}
-        out = list(sample)
-        out[slot] = veiled
-        if isinstance(sample, list):
-            return out
-        return tuple(out) if type(sample) is tuple else type(sample)(*out)  # namedtuples too
+        return [flat[i] for i in where], put
 
     # -- veiling with the cache ---------------------------------------------------
-    def _veil_images(self, chws: list[torch.Tensor], ids: list[Any]) -> list[torch.Tensor]:
-        """Veiled versions of ``chws``; ``ids`` are memory-cache ids (index or None)."""
+    def _veil_images(self, chws: list[torch.Tensor], ids: list[Any], *, cached_only: bool = False) -> list[Any]:
+        """Veiled versions of ``chws``; ``ids`` are memory-cache ids (``(index, j)``, ``_BY_CONTENT`` or
+        None). ``cached_only``: look up the caches only, None where a veil is not there."""
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
+        hashes: list[tuple | None] = [None] * len(chws)
         for i, (x, ident) in enumerate(zip(chws, ids)):
             F.check_pixels(x, "dataset image")
-            if self._memory is not None and ident is not None and ident in self._memory:
-                out[i] = self._memory[ident]
-                continue
+            if self._memory is not None and ident is not None:
+                hashes[i] = _content_hash(x)
+                if ident is _BY_CONTENT:
+                    ids[i] = ident = hashes[i]
+                held = self._memory.get(ident)
+                if held is not None and held[0] == hashes[i]:
+                    out[i] = held[1]
+                    continue
+                if held is not None:
+                    self._warn_once("changed", "the wrapped dataset returned another image for sample %s than "
+                                    "before (a random transform inside it?): such images are veiled again each "
+                                    "time they change, a full veil each; apply random augmentations to "
+                                    "VeiledDataset's output instead", ident[0])
             if self._dir is not None:
                 digests[i] = self._digest(x)
                 out[i] = self._from_dir(digests[i], x)
                 if out[i] is not None:
                     continue
             todo[(tuple(x.shape), x.dtype)].append(i)
+        if cached_only:
+            return out
         for (shape, _), idx in todo.items():
             self.veil.check_shape(shape)
             for s in range(0, len(idx), self.batch_size):
@@ -149,8 +168,8 @@ class VeiledDataset(Dataset):
         if self._memory is not None:
             for i, ident in enumerate(ids):
                 if ident is not None:
-                    self._memory[ident] = out[i]
-        return out  # type: ignore[return-value]
+                    self._memory[ident] = (hashes[i], out[i])
+        return out
 
     def _digest(self, x: torch.Tensor) -> str:
         return _keys.sample_digest(self.veil.key, F.normalize(x)).hex()
@@ -188,11 +207,15 @@ class VeiledDataset(Dataset):
             self._warned.add(what)
             log.warning(msg, *args)
 
-    def _veil_samples(self, samples: list[Any], ids: list[Any]) -> list[Any]:
-        images = [self._get_image(s) for s in samples]
-        veiled = self._veil_images([to_chw(im) for im in images], ids)
+    def _veil_samples(self, samples: list[Any], indices: list[int] | None) -> list[Any]:
+        """``samples`` with every image veiled; ``indices``: theirs in the dataset (None: an iterable's)."""
+        split = [self._split(s) for s in samples]
+        images = [im for ims, _ in split for im in ims]
+        ids = [(k, j) if indices is not None else _BY_CONTENT
+               for k, (ims, _) in zip(indices or [None] * len(samples), split) for j in range(len(ims))]
+        veiled = iter(self._veil_images([to_chw(im) for im in images], ids))
         # copies: an in-place change downstream (an augmentation) must not reach the memory cache
-        return [self._put_image(s, from_chw(v.clone(), im)) for s, v, im in zip(samples, veiled, images)]
+        return [put([from_chw(next(veiled).clone(), im) for im in ims]) for ims, put in split]
 
     # -- map-style -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -206,23 +229,23 @@ class VeiledDataset(Dataset):
             raise IndexError(f"index {index} out of range for {n} samples")
         index = int(index) % n
         sample = self.dataset[index]
-        if self._memory is not None and index in self._memory:
-            im = self._get_image(sample)
-            return self._put_image(sample, from_chw(self._memory[index].clone(), im))
-        if self._dir is not None:  # this sample's own file: a DataLoader worker after prepare() reads just that
-            im = self._get_image(sample)
-            x = to_chw(im)
-            F.check_pixels(x, "dataset image")
-            hit = self._from_dir(self._digest(x), x)
-            if hit is not None:
-                return self._put_image(sample, from_chw(hit, im))
         if self._memory is None and self._dir is None:  # no cache: a block's other veils would be thrown away
-            return self._veil_samples([sample], [None])[0]
+            return self._veil_samples([sample], None)[0]
+        images, put = self._split(sample)  # this sample's own veils: a DataLoader worker after prepare() reads just those
+        held = self._veil_images([to_chw(im) for im in images], [(index, j) for j in range(len(images))],
+                                 cached_only=True)
+        if all(v is not None for v in held):
+            return put([from_chw(v.clone(), im) for v, im in zip(held, images)])
+        if self._memory is not None and get_worker_info() is not None:
+            self._warn_once("worker", "VeiledDataset(cache='memory') is veiling in a DataLoader worker, which "
+                            "keeps its veils to itself and loses them when it exits (every epoch, unless "
+                            "persistent_workers): call prepare() before making the DataLoader, or use "
+                            "cache=<directory>")
         # veil the whole block this index falls in: one batch instead of one sample
         start = index // self.batch_size * self.batch_size
-        block = range(start, min(start + self.batch_size, n))
+        block = list(range(start, min(start + self.batch_size, n)))
         samples = [sample if i == index else self.dataset[i] for i in block]
-        return self._veil_samples(samples, list(block))[index - start]
+        return self._veil_samples(samples, block)[index - start]
 
     def prepare(self) -> "VeiledDataset":
         """Veil every sample now (in batches, with a progress bar); returns self."""
@@ -236,8 +259,7 @@ class VeiledDataset(Dataset):
         with bar(total=n, desc="veiling", unit="img", disable=not self.progress) as pb:
             for start in range(0, n, self.batch_size):
                 block = list(range(start, min(start + self.batch_size, n)))
-                if self._memory is None or any(i not in self._memory for i in block):
-                    self._veil_samples([self.dataset[i] for i in block], block)
+                self._veil_samples([self.dataset[i] for i in block], block)  # cached samples are not veiled again
                 pb.update(len(block))
         return self
 
@@ -271,11 +293,24 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
             raise ValueError("dataset is empty: nothing to veil")
 
     def _flush(self, buf: list[Any]) -> Iterable[Any]:
-        ids = []
-        for s in buf:  # memory cache by content digest: order may change between epochs
-            x = to_chw(self._get_image(s))
-            ids.append(_keys.sample_digest(self.veil.key, F.normalize(x)) if self._memory is not None else None)
-        return self._veil_samples(buf, ids)
+        return self._veil_samples(buf, None)  # memory cache by content: the order may change between epochs
+
+
+def _content_hash(x: torch.Tensor) -> tuple:
+    """What the memory cache checks an image against (in-process only, so unkeyed)."""
+    x = x.detach().cpu().contiguous()
+    return tuple(x.shape), str(x.dtype), hashlib.blake2b(x.view(torch.uint8).numpy().tobytes(), digest_size=16).digest()
+
+
+def _replace(sample: Any, slot: Any, veiled: Any) -> Any:
+    """``sample`` with ``sample[slot]`` replaced (dicts, lists, tuples and namedtuples)."""
+    if isinstance(sample, dict):
+        return {**sample, slot: veiled}
+    out = list(sample)
+    out[slot] = veiled
+    if isinstance(sample, list):
+        return out
+    return tuple(out) if type(sample) is tuple else type(sample)(*out)  # namedtuples too
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> None:

@@ -70,7 +70,8 @@ def check_pixels(x: torch.Tensor, what: str = "input") -> None:
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(
             f"{what}: float pixels must lie in [0, 1], got [{lo:.3g}, {hi:.3g}] "
-            "(pass uint8 for [0, 255] images)"
+            "(pass uint8 for [0, 255] images; after Normalize they are not pixels: put the veil before "
+            "Normalize, and after ToDtype(torch.float32, scale=True) if any)"
         )
 
 

@@ -167,9 +167,10 @@ class LocalModel(nn.Module):
 
     def _check_input(self, sample_shape: tuple[int, ...]) -> None:
         _not_meta(self)
-        half = sorted({str(p.dtype) for p in self.module.parameters() if p.dtype in (torch.float16, torch.bfloat16)})
-        if half:
-            raise ValueError(f"local model {self.name} has {'/'.join(half)} weights: the veil runs F in float32 "
+        other = sorted({str(p.dtype) for p in self.module.parameters()
+                        if p.dtype in (torch.float16, torch.bfloat16, torch.float64)})
+        if other:
+            raise ValueError(f"local model {self.name} has {'/'.join(other)} weights: the veil runs F in float32 "
                              "(precision='bf16' runs it under autocast); pass model.float()")
         try:
             with torch.inference_mode(False), torch.enable_grad(), frozen(self):  # as the veil runs it
@@ -263,8 +264,7 @@ class LocalModel(nn.Module):
             m._source = ("arch:" + arch, data)
             return m
         try:
-            with warnings.catch_warnings():  # torch 2.10+: "torch.jit.load is deprecated", noise for a user
-                warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+            with _quiet_jit():
                 module = torch.jit.load(io.BytesIO(data), map_location="cpu")
         except Exception as e:
             try:  # what is it then? (tensors only: nothing in the file runs)
@@ -286,9 +286,14 @@ class LocalModel(nn.Module):
 
     # -- pickling (DataLoader workers) -----------------------------------------
     def __reduce__(self):
-        if self._source is None:
-            return (LocalModel, (self.module, self.layer), {"name": self.name})
-        return (_from_source, (self._source, self.layer, self.name, str(self.device)))
+        if self._source is not None:
+            return (_from_source, (self._source, self.layer, self.name, str(self.device)))
+        if isinstance(self.module, torch.jit.ScriptModule):
+            buf = io.BytesIO()  # an in-memory torch.jit.script(m): pickle refuses it, torch.jit.save does not
+            with _quiet_jit():
+                torch.jit.save(self.module, buf)  # (no _source on the copy: the same fingerprint, cache folder)
+            return (_from_source, (("jit", buf.getvalue()), self.layer, self.name, str(self.device), False))
+        return (LocalModel, (self.module, self.layer), {"name": self.name})
 
 
 _ACCEPTED: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()  # module -> shapes it passed
@@ -386,18 +391,28 @@ def describe_error(e: BaseException) -> str:
     return cause if _TYPED.match(cause) else f"{type(e).__name__}: {cause}"
 
 
-def _from_source(source, layer, name, device):
+@contextlib.contextmanager
+def _quiet_jit():
+    """torch 2.10+ warns "torch.jit.load / save is deprecated" on every call: noise for a user (and once
+    per DataLoader worker) about how the library moves a TorchScript F, not about their code."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.* is deprecated", category=FutureWarning)
+        yield
+
+
+def _from_source(source, layer, name, device, keep_source=True):
     kind, data = source
     if kind == "onnx":
         from .onnx_import import load_onnx
 
         module = load_onnx(data, check=False)
     elif kind == "jit":
-        module = torch.jit.load(io.BytesIO(data), map_location="cpu")
+        with _quiet_jit():
+            module = torch.jit.load(io.BytesIO(data), map_location="cpu")
     else:
         module = build_arch(kind.split(":", 1)[1], torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
     m = LocalModel(module.to(device), layer, name=name)
-    m._source = source
+    m._source = source if keep_source else None
     return m
 
 

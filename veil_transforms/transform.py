@@ -196,6 +196,11 @@ class VeilTransform(v2.Transform):
 
     # -- v2.Transform hooks ----------------------------------------------------
     def _needs_transform_list(self, flat_inputs: list[Any]) -> list[bool]:
+        return self.image_leaves(flat_inputs)
+
+    def image_leaves(self, flat_inputs: list[Any]) -> list[bool]:
+        """Which of a sample's leaves (``torch.utils._pytree.tree_flatten``) are images to veil; raises
+        TypeError where it cannot tell. VeiledDataset finds a sample's images by the same rule."""
         # Every image in a sample must come out veiled, so this does not guess. torchvision's rule (the
         # first plain tensor is the image, the others pass through) would hand on the second image of a
         # pair unveiled, and a numpy mask beside a tensor image would be veiled in the image's place.
@@ -281,7 +286,9 @@ def to_chw(inpt: Any) -> torch.Tensor:
         return t[None] if t.ndim == 2 else t.permute(2, 0, 1).contiguous()
     if isinstance(inpt, torch.Tensor):
         if inpt.ndim != 3:
-            raise ValueError(f"expected an image [C, H, W] or a batch [B, C, H, W], got shape {tuple(inpt.shape)}")
+            grey = "; for one grey image [H, W] add a channel axis (x[None])" if inpt.ndim == 2 else ""
+            raise ValueError(f"expected an image [C, H, W] or a batch [B, C, H, W], got shape {tuple(inpt.shape)}"
+                             + grey)
         return inpt.as_subclass(torch.Tensor)
     raise TypeError(f"cannot veil {type(inpt).__name__}: expected a PIL image, numpy array or tensor")
 
