@@ -585,6 +585,8 @@ def test_dataset_keeps_sample_types_copies_and_a_cache_folder_per_setting(lenet,
     ds = VeiledDataset([S(x[0], 1), S(x[1], 0)], VeilTransform(lenet, key=KEY, steps=1, device="cpu"), progress=False)
     first = ds[0]
     assert isinstance(first, S) and ds[1].label == 0
+    keyed = VeiledDataset([S(x[0], 1)], VeilTransform(lenet, key=KEY, steps=1, device="cpu"), image_key=0, progress=False)
+    assert isinstance(keyed[0], S) and torch.equal(keyed[0].img, first.img)  # image_key= keeps the type too
     kept = first.img.clone()
     first.img.zero_()  # an in-place augmentation of the first access must not reach the memory cache
     assert torch.equal(ds[0].img, kept)
