@@ -20,6 +20,15 @@ def _default_threads():
     torch.set_num_threads(THREADS)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): on
+    shared cores two OpenMP threads ran the small models there 3-60x slower than one."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(THREADS)
+
+
 @pytest.fixture(scope="session")
 def faces():
     """scikit-image's real LFW crops (ships with the dependency): uint8 [200, 1, 25, 25], labels."""

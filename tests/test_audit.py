@@ -17,14 +17,7 @@ from veil_transforms.metrics import ssim as sk_ssim
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Scoped to this file: at module level it ran at collection and left the whole suite on one thread
-    # (the MNIST fixture veiled 1.7x slower than on the machine's two cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
 
 
 def rpf(x, seed=0):

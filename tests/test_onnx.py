@@ -126,12 +126,7 @@ def cache(tmp_path_factory):
     return _Cache(tmp_path_factory.mktemp("onnx"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the suite shares two cores; OpenMP spinning under load is slow
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
 
 
 def _ort_session(src):
