@@ -190,6 +190,18 @@ def test_veil_function_checks_the_model_as_the_transform_does(post):
         F.veil(_Lin(post), u8(), steps=2, key=KEY)
 
 
+@pytest.mark.parametrize("post,hint", [(lambda y: (y.sum(1), y), r"a tuple of 2.*return model\(x\)\[0\]"),
+                                       (lambda y: [None, y], r"a list of 2.*return model\(x\)\[1\]"),
+                                       (lambda y: {"loss": None, "logits": y}, r"keys \['loss', 'logits'\].*"
+                                                                               r"return model\(x\)\['logits'\]")],
+                         ids=["tuple", "list", "dict"])
+def test_a_model_returning_a_container_is_told_how_to_pick_its_logits(post, hint):
+    """A model that returns (logits, aux) or a dict (Hugging Face style) got "must return a tensor, got
+    tuple": the message now names what it returned and the line of a wrapper that picks the tensor."""
+    with pytest.raises(ValueError, match=hint):
+        VeilTransform(_Lin(post), steps=2, key=KEY, device="cpu")(u8()[0])
+
+
 class _Dropout(nn.Module):
     def __init__(self):
         super().__init__()
@@ -562,6 +574,19 @@ def test_dataset_bad_arguments(tmp_path, vt):
     ds = VeiledDataset(_Images(), vt, progress=False)
     with pytest.raises(TypeError, match="slices are not supported"):
         ds[0:2]
+    for bad in (torch.tensor(1.0), torch.tensor([1, 2]), True):
+        with pytest.raises(TypeError, match="index must be an integer"):
+            ds[bad]
+
+
+def test_dataset_takes_the_integer_indices_samplers_hand_out(vt):
+    """A 0-d integer tensor (from a tensor of indices, torch.randperm) or a numpy integer was refused
+    as "slices are not supported": every integer-like index now reads the same sample as the int."""
+    ds = VeiledDataset(_Images(), vt, cache="memory", progress=False)
+    x, y = ds[3]
+    for i in (torch.tensor(3), torch.arange(8)[3], np.int64(3), np.int32(-37)):
+        xi, yi = ds[i]
+        assert torch.equal(xi, x) and yi == y == 3 and type(yi) is int
 
 
 def test_iterable_dataset_has_no_indexing(vt):

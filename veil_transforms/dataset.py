@@ -31,6 +31,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import operator
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -222,12 +223,16 @@ class VeiledDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+        if isinstance(index, bool) or not hasattr(index, "__index__"):
             raise TypeError(f"index must be an integer, got {type(index).__name__} (slices are not supported)")
+        try:
+            index = operator.index(index)  # ints, numpy integers, 0-d integer tensors (a Sampler's)
+        except TypeError:
+            raise TypeError(f"index must be an integer, got {index!r}") from None
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} samples")
-        index = int(index) % n
+        index %= n
         sample = self.dataset[index]
         if self._memory is None and self._dir is None:  # no cache: a block's other veils would be thrown away
             return self._veil_samples([sample], None)[0]

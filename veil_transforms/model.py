@@ -183,7 +183,10 @@ class LocalModel(nn.Module):
                 f"(C, H, W): {describe_error(e)}"
             ) from e
         if not isinstance(out, torch.Tensor):
-            raise ValueError(f"local model {self.name} must return a tensor, got {type(out).__name__}")
+            hint = _pick_hint(out)
+            raise ValueError(f"local model {self.name} must return a tensor, got {_what_it_returned(out)}: wrap it "
+                             "in a module whose forward returns the logits tensor"
+                             f"{f' (e.g. {hint})' if hint else ''}, or pick an inner layer with layer=...")
         if not out.is_floating_point() or not out.requires_grad:
             # the veil follows dF/dx; without it the paper mode would be driven by the pixel term alone
             raise ValueError(
@@ -315,6 +318,28 @@ def check_model(model, sample_shape: tuple[int, ...]) -> None:
     LocalModel(model).check_input(shape)
     with _FROZEN_LOCK:
         _ACCEPTED.setdefault(model, set()).add(shape)
+
+
+def _what_it_returned(out) -> str:
+    if isinstance(out, dict):
+        keys = list(out)
+        return f"a {type(out).__name__} with keys {keys[:5]}{' ...' if len(keys) > 5 else ''}"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)}"
+    return type(out).__name__
+
+
+def _pick_hint(out) -> str | None:
+    """The line of a wrapper's forward that picks a tensor out of ``out``: its first tensor entry."""
+    if isinstance(out, dict):
+        key = next((k for k, v in out.items() if isinstance(v, torch.Tensor)), None)
+        if key is not None:
+            return f"return model(x)[{key!r}]"
+    elif isinstance(out, (tuple, list)):
+        i = next((i for i, v in enumerate(out) if isinstance(v, torch.Tensor)), None)
+        if i is not None:
+            return f"return model(x)[{i}]"
+    return None
 
 
 class LayerOutputError(ValueError):
