@@ -622,6 +622,47 @@ def test_iterable_dataset_with_a_worker_whose_share_is_empty(vt):
         list(VeiledDataset(_Stream(0), vt, progress=False))
 
 
+class _Drifting(IterableDataset):
+    """8 images; from the second pass on, a random flip of each (an augmentation upstream)."""
+
+    def __init__(self, drift):
+        self.drift, self.passes = drift, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.passes)
+        self.passes += 1
+        for i in range(8):
+            x = u8(1, seed=i)[0]
+            yield (x.flip(-1) if self.drift and self.passes > 1 and torch.rand(1, generator=g) < 0.5 else x), i
+
+
+@pytest.mark.parametrize("drift", [False, True])
+def test_an_iterable_whose_images_change_between_passes_warns_that_the_cache_grows(vt, caplog, drift):
+    """The iterable flavour's memory cache is keyed by content: a random transform upstream grew it by
+    one veil per new draw, silently and without bound. It now warns once, from the pass where a
+    stream that has been through once yields a new image."""
+    ds = VeiledDataset(_Drifting(drift), vt, batch_size=4, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        first = [x for x, _ in ds]
+        assert caplog.records == [] and len(ds._memory) == 8
+        for _ in range(3):
+            again = [x for x, _ in ds]
+    msgs = [r.getMessage() for r in caplog.records]
+    if drift:
+        assert len(msgs) == 1 and "without bound" in msgs[0] and len(ds._memory) > 8
+    else:
+        assert msgs == [] and len(ds._memory) == 8
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_an_iterable_veiling_into_the_memory_cache_in_a_worker_warns(vt, caplog, monkeypatch):
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: object())
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        list(VeiledDataset(_Stream(3), vt, progress=False))
+        list(VeiledDataset(_Stream(3), vt, cache=None, progress=False))
+    assert [r.getMessage().count("persistent_workers") for r in caplog.records] == [1]
+
+
 def test_key_file_text_as_bytes_is_refused(tmp_path):
     from veil_transforms import keys
 

@@ -12,7 +12,9 @@ sample in each worker) and cached, so every sample is veiled once:
 - ``cache="memory"`` (default) keeps veiled images in RAM, per index, with a hash of the image they
   veil: a wrapped dataset that returns another image for an index (a random transform inside it) gets
   that image veiled anew, never the old veil beside new targets (one warning: put random
-  augmentations after VeiledDataset);
+  augmentations after VeiledDataset); over an iterable dataset it keeps them per image content, so a
+  stream whose images change between passes grows it by one veil per new image (one warning, from
+  the second pass on);
 - ``cache=<directory>`` stores each one as a ``.npy`` file named by an HMAC of
   its content under the veil's key, in a sub-folder per veil setting (settings,
   key fingerprint and a hash of F's weights), written
@@ -282,7 +284,14 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
         raise TypeError("prepare() needs a map-style dataset; an iterable one is veiled as it is iterated "
                         "(with cache='memory' or a directory, each sample only the first time)")
 
+    _passes = 0  # full passes over the stream this object (not a worker's copy) has made
+
     def __iter__(self):
+        if self._memory is not None and get_worker_info() is not None:
+            self._warn_once("worker", "VeiledDataset(cache='memory') over an IterableDataset is veiling in a "
+                            "DataLoader worker, which keeps its veils to itself and loses them when it exits: "
+                            "every epoch veils the stream again unless persistent_workers; use "
+                            "cache=<directory> to keep them")
         buf: list[Any] = []
         count = 0
         for sample in self.dataset:
@@ -294,11 +303,20 @@ class VeiledIterableDataset(VeiledDataset, IterableDataset):
         if buf:
             yield from self._flush(buf)
             count += len(buf)
-        if count == 0 and torch.utils.data.get_worker_info() is None:  # a worker's share may be empty
+        if count == 0 and get_worker_info() is None:  # a worker's share may be empty
             raise ValueError("dataset is empty: nothing to veil")
+        self._passes += 1
 
     def _flush(self, buf: list[Any]) -> Iterable[Any]:
-        return self._veil_samples(buf, None)  # memory cache by content: the order may change between epochs
+        held = None if self._memory is None else len(self._memory)
+        out = self._veil_samples(buf, None)  # memory cache by content: the order may change between epochs
+        if held is not None and self._passes and len(self._memory) > held:
+            self._warn_once("grows", "the stream yielded images it did not yield in an earlier pass (a random "
+                            "transform upstream?): each new image is veiled anew, a full veil each, and "
+                            "cache='memory' keeps every one (now %d veils, without bound); apply random "
+                            "augmentations to VeiledDataset's output instead, or pass cache=None",
+                            len(self._memory))
+        return out
 
 
 def _content_hash(x: torch.Tensor) -> tuple:
