@@ -12,9 +12,9 @@ THREADS = torch.get_num_threads()  # torch's default here, read before any test 
 @pytest.fixture(scope="module", autouse=True)
 def _default_threads():
     """Each test module starts on torch's default thread count. A thread count set at a module's import
-    (collection imports every module first) or by a module-scoped fixture that runs a CLI in-process
-    (veil-shard --threads 1 calls torch.set_num_threads) outlives that module: test_audit's import and
-    test_export's shards once left every later test, the MNIST veil among them, on one of two cores."""
+    (collection imports every module first) or by a module-scoped fixture outlives that module:
+    test_audit's import and test_export's shards (veil-shard --threads 1 in-process, which did not
+    restore it then) once left every later test, the MNIST veil among them, on one of two cores."""
     torch.set_num_threads(THREADS)
     yield
     torch.set_num_threads(THREADS)

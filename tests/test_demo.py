@@ -20,9 +20,11 @@ def _threads():
 
 def test_demo_quick_writes_report_and_grid(tmp_path, capsys):
     out = tmp_path / "demo"
+    torch.set_num_threads(2)
     t0 = time.perf_counter()
-    assert demo.main([str(out), "--quick"]) == 0
+    assert demo.main([str(out), "--quick"]) == 0  # on --threads 1
     seconds = time.perf_counter() - t0
+    assert torch.get_num_threads() == 2  # restored for the caller
     printed = capsys.readouterr().out
     report = (out / "report.md").read_text()
     for row in ("baseline accuracy", "veiled-model accuracy on veiled test images",

@@ -76,6 +76,18 @@ def _argv(data, out) -> list[str]:
     return [b[0], str(out), *b[1:], *COMMON]
 
 
+def test_main_in_process_leaves_the_callers_thread_count(data, tmp_path):
+    """--threads set torch's thread count for the rest of a process that called main() (a notebook, a
+    test): it is now restored when main() returns."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert shard_cli.main(_argv(data, tmp_path / "out")) == 0  # with --threads 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def snapshot(out: Path) -> dict[str, tuple[int, bytes]]:
     """opaque key -> (label, pixel bytes) over every shard in OUT's manifest."""
     got: dict[str, tuple[int, bytes]] = {}

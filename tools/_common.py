@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -25,6 +26,23 @@ def setup_logging(quiet: bool = False, verbose: bool = False) -> None:
     for h in logger.handlers:
         if getattr(h, "_veil_cli", False):
             h.setLevel(level)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` (0: left alone) for the block, and restored after: a
+    tool's ``main()`` called in-process (a notebook, a test) must not leave its caller on ``n`` threads."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def one_line(e: BaseException | str) -> str:

@@ -28,7 +28,7 @@ import numpy as np
 
 from veil_transforms import functional as F
 
-from ._common import debug, fail, setup_logging
+from ._common import debug, fail, setup_logging, torch_threads
 
 PROG = "veil-demo"
 MARKER = ".veil-demo"
@@ -216,11 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     try:
-        if args.threads > 0:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        run_demo(args.out, quick=args.quick, mode=args.mode, steps=args.steps, epochs=args.epochs, seed=args.seed)
+        with torch_threads(max(args.threads, 0)):
+            run_demo(args.out, quick=args.quick, mode=args.mode, steps=args.steps, epochs=args.epochs,
+                     seed=args.seed)
     except (ValueError, OSError) as e:
         if debug():
             raise

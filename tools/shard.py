@@ -22,6 +22,7 @@ Exit codes: 0 done, 1 runtime failure, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from datetime import timedelta
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
-from ._common import debug, fail, int_at_least, setup_logging
+from ._common import debug, fail, int_at_least, setup_logging, torch_threads
 
 PROG = "veil-shard"
 LISTING_NOTICE_AFTER = 3.0  # seconds of listing before veil-shard says it is listing
@@ -289,13 +290,11 @@ def main(argv: list[str] | None = None) -> int:
     problem = _device_problem(args.device)
     if problem:
         return fail(PROG, problem)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     dist = False
     t0 = time.perf_counter()
+    threads = contextlib.ExitStack()
     try:
+        threads.enter_context(torch_threads(args.threads))
         if args.nproc > 1 and world == 1:
             return _spawn(args, argv)
         dist = _init_dist(world)
@@ -320,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return fail(PROG, f"{type(e).__name__}: {e} (rerun the same command to resume)", 1)
     finally:
+        threads.close()
         if dist:
             import torch.distributed as tdist
 
