@@ -404,6 +404,25 @@ def test_private_map_never_replaces_another_file(data, tmp_path, capsys):
     assert "is the map of another export" in capsys.readouterr().err and pm.read_text() == other
 
 
+def test_private_map_is_refused_in_the_folder_that_becomes_dest(data, tmp_path, capsys):
+    """DEST is assembled in .DEST.partial and renamed at the end: a --private-map in there (by its path
+    or through a link to it) was written into it and reached the third party in DEST, every original
+    file name beside its opaque key (found by a helper's review as the third party)."""
+    weak = data["root"] / "weak"
+    dest = tmp_path / "d"
+    (tmp_path / "maps").symlink_to(tmp_path / ".d.partial", target_is_directory=True)  # dangling until staged
+    for pm in (tmp_path / ".d.partial" / "m.csv", tmp_path / "maps" / "m.csv"):
+        assert _export(data, weak, dest, "--force", "--private-map", str(pm)) == 2, pm
+        err = capsys.readouterr().err
+        assert "must not be inside DEST" in err and "becomes DEST" in err, err
+        assert not dest.exists()
+    (tmp_path / ".d.partial").mkdir()  # a staged earlier try: the link now resolves
+    assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "maps" / "m.csv")) == 2
+    assert not dest.exists()
+    assert _export(data, weak, dest, "--force", "--private-map", str(tmp_path / "m.csv")) == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["receipt.json", *(p.name for p in dest.glob("*.tar"))])
+
+
 def test_gate_passes_over_an_empty_shard(data, tmp_path):
     src = tmp_path / "src"
     (src / "c").mkdir(parents=True)

@@ -300,13 +300,22 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
 MAP_HEADER = ["opaque_key", "path", "label", "shard", "copy"]
 
 
+def _staging(dest: Path) -> Path:
+    """The hidden folder beside DEST where the export is assembled before it is renamed to DEST."""
+    return dest.parent / f".{dest.name}.partial"
+
+
 def _private_map_path(arg, shards_dir: Path, dest: Path, gate: bool = True, *, key_file: Path | None = None,
                       originals: str | None = None) -> Path:
     """Where the map goes, checked before any work: it is written before DEST appears (all or nothing).
     It may replace an earlier export's map, never another file (the key, the manifest, an original)."""
     pm = Path(arg).absolute() if arg else default_private_map(shards_dir)
-    if shards.is_inside(pm, dest) or shards.is_inside(pm.parent, dest):
-        raise shards.ShardError(f"the private map {pm} must not be inside DEST {dest}: DEST goes to the third party")
+    # DEST is assembled in a hidden folder beside it, then renamed: a map in there would land in DEST
+    for d in (dest, *dest.parent.glob(f".{dest.name}.partial*"), _staging(dest)):
+        if shards.is_inside(pm, d) or shards.is_inside(pm.parent, d):
+            where = "" if d == dest else f" (its folder {pm.parent} is {d}, which becomes DEST)"
+            raise shards.ShardError(f"the private map {pm} must not be inside DEST {dest}{where}: DEST goes to "
+                                    "the third party")
     if gate:
         if pm.is_dir():
             raise shards.ShardError(f"--private-map {pm} is a folder: give a file name (e.g. {pm / 'private-map.csv'})")
@@ -439,7 +448,7 @@ def export(args) -> int:
     manifest = shards.verify(shards_dir)  # raises VerifyError
     channels = int(manifest["source"]["sample_shape"][0])
 
-    staging = dest.parent / f".{dest.name}.partial"
+    staging = _staging(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         for stale in dest.parent.glob(f".{dest.name}.partial-*"):  # an earlier version's, per process
