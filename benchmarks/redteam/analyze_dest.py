@@ -52,22 +52,23 @@ hits = []
 for i in near:
     tgt = [j for j in range(N) if src[j] == src[i] and kind[j] == "orig" and cp[j] == cp[i]][0]
     hits.append(np.argmax(C[i]) == tgt)
-print("near-dup veil: nearest veil (corr) is its source's veil:", np.mean(hits), "of", len(hits), "chance", 1/N)
-print("corr near-dup vs own source veil:", np.mean([C[i, [j for j in range(N) if src[j]==src[i] and kind[j]=='orig' and cp[j]==cp[i]][0]] for i in near]))
+if near: print("near-dup veil: nearest veil (corr) is its source's veil:", np.mean(hits), "of", len(hits), "chance", 1/N)
+if near: print("corr near-dup vs own source veil:", np.mean([C[i, [j for j in range(N) if src[j]==src[i] and kind[j]=='orig' and cp[j]==cp[i]][0]] for i in near]))
 # copy linkability by content (beyond documented order): nearest-neighbour of each veil among other-copy veils
 Nimg = N // (cp.max() + 1)
-same = []
-for i in range(N):
-    others = [j for j in range(N) if cp[j] != cp[i]]
-    j = others[int(np.argmax(C[i, others]))]
-    same.append(src[j] == src[i] and kind[j] == kind[i])
-print("copy linking by correlation: top-1", np.mean(same), "chance ~", 3 / (N - N // 4))
+if cp.max() > 0:
+    same = []
+    for i in range(N):
+        others = [j for j in range(N) if cp[j] != cp[i]]
+        j = others[int(np.argmax(C[i, others]))]
+        same.append(src[j] == src[i] and kind[j] == kind[i])
+    print("copy linking by correlation: top-1", np.mean(same), "chance ~", cp.max() / (N - Nimg))
 # order: does position within copy block correlate with file order / mtime?
 posn = np.arange(N) % Nimg
 o = [i for i in range(N) if cp[i] == 0]
 mt = np.array([truth[rel[i]]["mtime"] for i in o]); alpha = np.argsort(np.argsort([rel[i] for i in o]))
-print("copy-major order check: copy index by block", [np.unique(cp[b*Nimg:(b+1)*Nimg]).tolist() for b in range(4)])
-print("same keyed order in each copy block:", all(rel[i] == rel[i + b*Nimg] for i in range(Nimg) for b in range(4)))
+print("copy-major order check: copy index by block", [np.unique(cp[b*Nimg:(b+1)*Nimg]).tolist() for b in range(cp.max() + 1)])
+print("same keyed order in each copy block:", all(rel[i] == rel[i + b*Nimg] for i in range(Nimg) for b in range(cp.max() + 1)))
 print("spearman(position, mtime)", spearmanr(posn[o], mt)[0], " (position, alphabetical rank)", spearmanr(posn[o], alpha)[0])
 # ---- pixel statistics of veils vs original content
 def feats_v(v):
@@ -81,6 +82,17 @@ def ent(a):
 fo = dict(brightness=X.reshape(N, -1).mean(1), contrast=X.reshape(N, -1).std(1),
           entropy=np.array([ent(a) for a in X]), tv=np.abs(np.diff(X, axis=1)).mean((1, 2)) + np.abs(np.diff(X, axis=2)).mean((1, 2)))
 fv = feats_v(V)
+# PNG byte size (a deterministic function of the veil's pixels) against the original's compressibility
+size = np.array([r["png_size"] for r in recs], dtype=np.float64)
+def png_bytes(a):
+    b = io.BytesIO(); PIL.Image.fromarray(a.astype(np.uint8)).save(b, "PNG", optimize=True); return len(b.getvalue())
+if size.std() > 0:
+    o_png = np.array([png_bytes(a) for a in X])
+    print("\nveil PNG bytes: min %d max %d; Spearman with the original's PNG bytes %+.3f, total variation %+.3f; "
+          "within class %s" % (size.min(), size.max(), spearmanr(size, o_png)[0], spearmanr(size, fo["tv"])[0],
+                               " ".join("%+.3f" % spearmanr(size[lab == c], o_png[lab == c])[0] for c in np.unique(lab))))
+else:
+    print("\nveil PNG bytes: all %d (one size: nothing to correlate)" % size[0])
 print("\nSpearman(veil feature, original feature) within class (n per class), |rho|>0.2 flagged")
 for c in np.unique(lab):
     m = lab == c

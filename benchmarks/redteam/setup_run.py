@@ -1,7 +1,7 @@
 """Build a realistic owner run: LFW subset as ImageFolder with person-like names, capture mtimes,
 exact duplicates and near-duplicates; train LeNet-5 F; veil-shard hardened 75x4; veil-export.
-Usage: python setup_run.py ROOT [--steps 75] [--copies 4] [--p 0.5] [--dups 10]"""
-import argparse, json, os, shutil, subprocess, time
+Usage: python setup_run.py ROOT [--mode hardened] [--steps 75] [--copies 4] [--p 0.5] [--dups 10]"""
+import argparse, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 import numpy as np, torch, PIL.Image
 from veil_transforms.data import load_lfw_faces
@@ -11,7 +11,7 @@ from veil_transforms.training import fit
 ap = argparse.ArgumentParser()
 ap.add_argument("root"); ap.add_argument("--steps", type=int, default=75); ap.add_argument("--copies", type=int, default=4)
 ap.add_argument("--p", type=float, default=0.5); ap.add_argument("--dups", type=int, default=10)
-ap.add_argument("--extra", nargs="*", default=[])
+ap.add_argument("--extra", nargs="*", default=[]); ap.add_argument("--mode", default="hardened")
 a = ap.parse_args()
 root = Path(a.root); shutil.rmtree(root, ignore_errors=True); root.mkdir(parents=True)
 x, y = load_lfw_faces()
@@ -41,13 +41,15 @@ for j in range(a.dups):
     rel = f"{classes[lab]}/zz_near_{j:03d}.png"; save(img2, rel, base_t + 2 * 10**7 + j)
     rows.append(dict(i=len(rows), rel=rel, label=lab, mtime=base_t + 2 * 10**7 + j, kind="near", src=i))
 json.dump(rows, open(root / "truth.json", "w"))
-bin_ = Path(__file__).resolve().parent / "bin"
+bin_ = Path(__file__).resolve().parent / "bin"  # a folder of links to the CLIs, else the installed ones
+def tool(name):
+    return [str(bin_ / name)] if (bin_ / name).exists() else [shutil.which(name) or sys.exit(f"{name} not installed")]
 t0 = time.time()
-cmd = [str(bin_ / "veil-shard"), str(root / "src"), str(root / "shards"), "--model", str(root / "local.pt"),
-       "--mode", "hardened", "--steps", str(a.steps), "--copies", str(a.copies), "--p", str(a.p),
+cmd = [*tool("veil-shard"), str(root / "src"), str(root / "shards"), "--model", str(root / "local.pt"),
+       "--mode", a.mode, "--steps", str(a.steps), "--copies", str(a.copies), "--p", str(a.p),
        "--device", "cpu", "--quiet", "--shard-size", "100"] + a.extra
 print(" ".join(cmd)); r = subprocess.run(cmd); print("shard rc", r.returncode, time.time() - t0)
-cmd = [str(bin_ / "veil-export"), str(root / "shards"), str(root / "dest"), "--originals", str(root / "src"),
+cmd = [*tool("veil-export"), str(root / "shards"), str(root / "dest"), "--originals", str(root / "src"),
        "--max-ssim", "0.2", "--max-attack-ssim", "0.35", "--quiet"]
 r = subprocess.run(cmd); print("export rc", r.returncode, time.time() - t0)
 if r.returncode == 1:
