@@ -91,6 +91,26 @@ class TestSSIM:
         assert A.ssim_torch(torch.rand(2, 1, 4, 5), torch.rand(2, 1, 4, 5)).shape == (2,)  # window shrinks
 
 
+def test_metrics_psnr_known_values_and_skimage():
+    """metrics.psnr: per image, 10 log10(1 / MSE) on the [0, 1] scale (uint8 divided by 255), inf when equal."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from veil_transforms.metrics import psnr
+
+    a = np.zeros((2, 1, 4, 4), np.uint8)
+    b = a.copy()
+    b[0, 0, 0, 0] = 255  # image 0: one pixel of 16 off by the full range, MSE 1/16
+    b[1] = 10  # image 1: every pixel off by 10 levels, MSE (10 / 255)^2
+    want = [10 * np.log10(16), 20 * np.log10(25.5)]  # 12.04 dB, 28.13 dB
+    assert np.allclose(psnr(a, b), want, rtol=0, atol=1e-9)
+    assert np.allclose(psnr(torch.from_numpy(a).float() / 255, torch.from_numpy(b).float() / 255), want, atol=1e-5)
+    assert psnr(a, a).tolist() == [np.inf, np.inf]
+    g = np.random.default_rng(0)
+    x, y = g.integers(0, 256, (2, 3, 9, 11), dtype=np.uint8), g.integers(0, 256, (2, 3, 9, 11), dtype=np.uint8)
+    ref = [peak_signal_noise_ratio(u / 255.0, w / 255.0, data_range=1.0) for u, w in zip(x, y)]
+    assert np.allclose(psnr(x, y), ref, rtol=0, atol=1e-9)
+
+
 def test_filters_known_answers():
     y = np.full((2, 1, 9, 9), 0.5)
     spike = y.copy()
@@ -451,6 +471,36 @@ def test_cli_matches_shards_through_the_key(faces, tmp_path):
     assert p.returncode == 2 and "key" in p.stderr
     p = cli("--originals", src, "--veiled", out, "--key-file", tmp_path / "nope.key")
     assert p.returncode == 2
+
+
+def test_cli_names_a_key_file_that_is_not_the_shards_key(tmp_path):
+    """The manifest's key fingerprint is checked first: another key is named as such (exit 2), not left
+    to the later 'no sample ... matches an image ... under this key', which reads like wrong originals."""
+    import io
+    import tarfile
+
+    from veil_transforms import keys
+
+    key = keys.new_key()
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    (tmp_path / "shards").mkdir()
+    img = np.full((8, 8), 90, np.uint8)
+    Image.fromarray(img).save(tmp_path / "src" / "c" / "0.png")
+    buf = io.BytesIO()
+    Image.fromarray(255 - img).save(buf, format="PNG")
+    with tarfile.open(tmp_path / "shards" / "veil-000000.tar", "w") as tf:
+        ti = tarfile.TarInfo(f"{keys.opaque_key(key, 'c/0.png')}.png")
+        ti.size = len(buf.getvalue())
+        tf.addfile(ti, io.BytesIO(buf.getvalue()))
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"key_fingerprint": keys.key_fingerprint(key)}))
+    a = ("--originals", tmp_path / "src", "--veiled", tmp_path / "shards", "--attacks", "identity", "--quiet")
+    (tmp_path / "right.key").write_text(key.hex())
+    assert cli(*a, "--key-file", tmp_path / "right.key").returncode in (0, 1)
+    (tmp_path / "other.key").write_text(keys.new_key().hex())
+    p = cli(*a, "--key-file", tmp_path / "other.key")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert (f"key file {tmp_path / 'other.key'} is not the key these shards were made with (fingerprints differ)"
+            in p.stderr), p.stderr
 
 
 def test_cli_names_the_unreadable_original_and_shard_sample(tmp_path):

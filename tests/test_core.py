@@ -575,6 +575,19 @@ def test_model_problems_are_refused_and_the_layer_survives_pickling(lenet):
     assert pickle.loads(pickle.dumps(LocalModel(lenet, layer="fc2"))).layer == "fc2"  # DataLoader workers
 
 
+def test_a_state_dict_model_keeps_its_inner_layer_through_pickling(lenet, tmp_path):
+    """LocalModel.load(state dict, layer, arch=...) pickles by its source file (DataLoader workers
+    rebuild it from the bytes): the rebuilt copy must veil with the same inner layer, not F's output."""
+    torch.save(lenet.state_dict(), tmp_path / "sd.pt")
+    m = LocalModel.load(tmp_path / "sd.pt", "fc2", arch="lenet5")
+    clone = pickle.loads(pickle.dumps(m))
+    xn = F.normalize(_digits())
+    assert clone.layer == "fc2" and clone.name == m.name == "lenet5:sd.pt" and clone.fingerprint() == m.fingerprint()
+    assert clone(xn).shape == (2, 84) and torch.equal(clone(xn), m(xn))  # fc2's 84 features, not 10 logits
+    vt = VeilTransform(m, key=KEY, steps=2, device="cpu")
+    assert torch.equal(pickle.loads(pickle.dumps(vt))(_digits()), vt(_digits()))
+
+
 def test_dataset_keeps_sample_types_copies_and_a_cache_folder_per_setting(lenet, tmp_path):
     import collections
 
@@ -596,3 +609,22 @@ def test_dataset_keeps_sample_types_copies_and_a_cache_folder_per_setting(lenet,
     assert len(dirs) == 3  # another setting never reads the old veils
     with pytest.raises(ValueError):
         ssim(x, x[:1])  # the gate's SSIM never truncates a batch
+
+
+def test_numpy_output_is_c_contiguous_channels_last_like_the_input(rgb_model):
+    """A numpy image comes back as a C-contiguous array in the input's layout (HW, HWC, BHWC): a
+    transposed view of the veil's CHW buffer has the right shape and values but not the memory layout
+    that PIL, cv2 or a raw-buffer consumer read. (Veils of 3+ channels run channels-last and a size-1 axis
+    does not count, so only the 2-channel images show a missing copy.)"""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for model, c in ((LeNet5(2, 2), 2), (rgb_model, 3), (LeNet5(1, 2), 1)):
+        vt = VeilTransform(model, key=KEY, steps=1, device="cpu")
+        bhwc = rng.integers(0, 256, (2, 28, 28, c), dtype=np.uint8)
+        ref = vt(torch.from_numpy(bhwc).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).contiguous().numpy()
+        cases = [(bhwc, ref), (bhwc[1], ref[1])] + ([(bhwc[0, ..., 0].copy(), ref[0, ..., 0])] if c == 1 else [])
+        for a, want in cases:
+            out = vt(a)
+            assert out.shape == a.shape and out.dtype == a.dtype and np.array_equal(out, want)
+            assert out.flags["C_CONTIGUOUS"], (a.shape, out.strides)
+            assert np.array_equal(np.frombuffer(out, np.uint8), want.reshape(-1))  # as PIL.frombuffer reads it

@@ -581,6 +581,41 @@ def test_gate_threads_give_each_sample_the_same_score():
     assert np.allclose(export_cli.attack_ssim(x, flipped, state, 1), 1.0) and state["method"] == "audit"
 
 
+def test_gate_threads_split_into_in_order_parts_of_at_least_min_part():
+    """attack_ssim(threads=N) audits min(N, len // MIN_PART) parts (at least one): contiguous, in sample
+    order, each sample in exactly one part, none smaller than MIN_PART (the fewest samples worth a thread),
+    on counts that do not divide evenly."""
+    import threading
+    from types import SimpleNamespace
+
+    parts, lock = [], threading.Lock()
+
+    def audit(x, v, reid_gallery):  # scores each sample by its index, written in its pixels
+        with lock:
+            parts.append((int(x[0, 0, 0, 0]), len(x)))
+        return SimpleNamespace(per_sample_max=x[:, 0, 0, 0].double().numpy() / 100)
+
+    M = export_cli.MIN_PART
+    for n in (M - 1, 2 * M + 1, 3 * M + 2, 4 * M + 3):
+        x = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, 1, 4, 4)).copy()
+        for threads in (1, 2, 3, 8):
+            parts.clear()
+            state = {"audit": audit}
+            out = export_cli.attack_ssim(x, x, state, threads)
+            assert state["method"] == "audit" and np.array_equal(out, np.arange(n) / 100), (n, threads)
+            parts.sort()
+            want = max(1, min(threads, n // M))
+            assert len(parts) == want and all(size >= min(n, M) for _, size in parts), (n, threads, parts)
+            assert [a for a, _ in parts] == [0, *np.cumsum([size for _, size in parts])[:-1]], parts
+    # the real audit: a sample's score is the same in 1, 2 (24 + 25) or 3 parts (16 + 17 + 16)
+    rng = np.random.default_rng(1)
+    x, v = (rng.integers(0, 256, (49, 1, 16, 16), dtype=np.uint8) for _ in range(2))
+    serial = export_cli.attack_ssim(x, v, {}, 1)
+    for threads in (2, 3):
+        state = {}
+        assert np.array_equal(export_cli.attack_ssim(x, v, state, threads), serial) and state["method"] == "audit"
+
+
 def _count_attacks(monkeypatch, fail_at=None):
     calls = []
     real = export_cli.attack_ssim

@@ -171,3 +171,33 @@ def test_a_p_whose_flip_bits_could_be_guessed_is_refused(tmp_path):
             "--steps", "1", "--quiet", "--key-file", str(tmp_path / "k")]
     assert shard_cli.main([*argv, "--p", "0.001"]) == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "k").exists()
+
+
+# -- contracts a mutation review found no test for ----------------------------------------------
+def test_mid_grey_pixels_carry_no_flip_bit():
+    """``flip_mask`` reads False where ``x == 0`` (mid-grey: a flip changes nothing there), as veil-shard's
+    I/O workers assume when they derive the pad ahead from ``(u < p) & (x != 0)``: a pixel at 0 read as
+    flipped (``<= 0``) gave the hardened veil another pad than the one derived ahead. The faces of the
+    other tests are uint8, which never normalize to exactly 0."""
+    from veil_transforms import keys
+
+    g = torch.Generator().manual_seed(0)
+    xn = torch.rand(3, 1, 12, 12, generator=g) * 2 - 1
+    xn[:, :, ::3] = 0.0  # every third row mid-grey
+    u = VF.keyed_uniforms(KEY, xn)
+    x0 = VF.random_pixel_flip(xn, 0.5, uniform=u)
+    m = H.flip_mask(x0, xn)
+    assert not m[xn == 0].any() and m[xn != 0].any()
+    assert torch.equal(m, (u < 0.5) & (xn != 0))
+    assert np.array_equal(H.pad_uniforms(x0, xn).numpy(), keys.pad_uniforms_np(((u < 0.5) & (xn != 0)).numpy()))
+
+
+def test_a_pad_of_exactly_min_pad_bits_is_accepted():
+    """Refused below MIN_PAD_BITS ("fewer than 80"), so exactly 80 bits (80 pixels at p = 0.5) passes."""
+    x = torch.zeros(2, 1, 10, 10)
+    x[:, 0].view(2, -1)[:, : H.MIN_PAD_BITS] = 0.5
+    assert H.pad_secret_bits(0.5, H.MIN_PAD_BITS) == H.MIN_PAD_BITS
+    H.check_pad_secret(0.5, x)
+    x[1, 0, 0, 0] = 0.0  # 79 values not mid-grey in sample 1
+    with pytest.raises(ValueError, match=r"sample 1 \(79 of its 100 values not exactly mid-grey\) carry 79.0 bits"):
+        H.check_pad_secret(0.5, x)

@@ -1360,3 +1360,84 @@ def test_decode_grey_alpha_and_32_bit_grey_and_bad_channels():  # R18 R19 R21
     assert np.array_equal(shards.decode_image(_enc(deep, "TIFF")), want[None])
     with pytest.raises(ValueError, match="unsupported channel count"):
         shards.decode_image(_enc(la), channels=2)
+
+
+# -- contracts a mutation review found no test for ----------------------------------------------------
+def test_a_rerun_removes_the_tmp_files_a_killed_run_left(data, tmp_path):
+    """A killed run leaves ``.veil-NNNNNN.tar.tmp`` (a shard being written) and ``.manifest.json.*.tmp`` (a
+    manifest write); a rerun removes them, also beside shards that are finished by then (a rewrite of the
+    shard would rename its .tmp away, a finished one is never rewritten)."""
+    out = tmp_path / "out"
+    shutil.copytree(data["ref"], out)
+    stale = [out / f".{shards.shard_name(3)}.tmp", out / f".{shards.MANIFEST}.4242.139872.tmp"]
+    for f in stale:
+        f.write_bytes(b"the first half of a file")
+    assert shard_cli.main(_argv(data, out)) == 0
+    assert [f.name for f in stale if f.exists()] == []
+    assert shas(out) == shas(data["ref"])
+
+
+def test_nproc_rank_killed_by_a_signal_fails_the_run_and_stops_the_others(data, tmp_path, monkeypatch, capsys):
+    """--nproc: a rank killed by a signal (the OOM killer's SIGKILL) has a negative return code; the parent
+    exits 1 (not a negative status, which sys.exit() turns into 247), says to rerun, and stops the other ranks.
+    (Ranks are stand-ins here: nothing is veiled.)"""
+    started = []
+
+    class Rank:
+        def __init__(self, cmd, env):
+            self.rank, self.stopped = int(env["RANK"]), False
+            started.append(self)
+
+        def poll(self):
+            return -signal.SIGKILL if self.rank == 1 else (-signal.SIGTERM if self.stopped else None)
+
+        def terminate(self):
+            self.stopped = True
+
+        def wait(self, timeout=None):
+            return self.poll()
+
+        def kill(self):
+            self.stopped = True
+
+    monkeypatch.setattr(shard_cli.subprocess, "Popen", Rank)
+    assert shard_cli.main([*_argv(data, tmp_path / "out"), "--nproc", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("veil-shard: error: a rank failed") and err.endswith("rerun the same command to resume"), err
+    assert [r.rank for r in started] == [0, 1] and started[0].stopped
+
+
+def test_tar_members_that_are_not_sample_files(tmp_path):
+    """A source .tar is read leniently: members that are not a sample's file (a folder entry, a link, a
+    file without an extension, metadata with no image, a sample's extra .json) are skipped, and the images
+    are listed with their labels. veil-shard's own shards are read strictly (read_tar_samples: "raises on
+    damage"): a folder entry is no member and is passed over, a file that is no sample's is refused."""
+    png = _png(np.full((12, 12), 7, np.uint8))
+    tar_path = tmp_path / "src.tar"
+
+    def add(tf, name, payload=None, kind=tarfile.REGTYPE, link=""):
+        ti = tarfile.TarInfo(name)
+        ti.type, ti.linkname, ti.size = kind, link, len(payload or b"")
+        tf.addfile(ti, io.BytesIO(payload) if payload else None)
+
+    with tarfile.open(tar_path, "w") as tf:
+        add(tf, "v1.0", kind=tarfile.DIRTYPE)
+        add(tf, "README", b"made by hand")
+        add(tf, "__meta__.json", b"{}")
+        for i in range(3):
+            for ext, payload in (("png", png), ("cls", str(i).encode()), ("json", b"{}")):
+                add(tf, f"v1.0/s{i}.{ext}", payload)
+        add(tf, "v1.0/s9.png", kind=tarfile.SYMTYPE, link="s0.png")
+    src = shards.open_source(tar_path)
+    assert [(it.rel, it.label) for it in src.items] == [(f"src.tar/v1.0/s{i}", i) for i in range(3)] and not src.errors
+    okey = "0123456789abcdef0123456789abcdef"
+    shard = tmp_path / "veil-000000.tar"
+    with tarfile.open(shard, "w") as tf:
+        add(tf, "d", kind=tarfile.DIRTYPE)
+        add(tf, f"{okey}.png", png)
+        add(tf, f"{okey}.cls", b"2")
+    assert [(s["__key__"], s["cls"]) for s in shards.read_tar_samples(shard)] == [(okey, b"2")]
+    with tarfile.open(shard, "a") as tf:
+        add(tf, "README", b"made by hand")
+    with pytest.raises(shards.VerifyError, match="veil-000000.tar: unexpected member 'README'"):
+        list(shards.read_tar_samples(shard))
