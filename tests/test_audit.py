@@ -109,6 +109,8 @@ def test_metrics_psnr_known_values_and_skimage():
     x, y = g.integers(0, 256, (2, 3, 9, 11), dtype=np.uint8), g.integers(0, 256, (2, 3, 9, 11), dtype=np.uint8)
     ref = [peak_signal_noise_ratio(u / 255.0, w / 255.0, data_range=1.0) for u, w in zip(x, y)]
     assert np.allclose(psnr(x, y), ref, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="differ in length"):  # as ssim: zip() gave one value for 3 vs 1
+        psnr(x, y[:1])
 
 
 def test_filters_known_answers():

@@ -611,6 +611,19 @@ def test_dataset_keeps_sample_types_copies_and_a_cache_folder_per_setting(lenet,
         ssim(x, x[:1])  # the gate's SSIM never truncates a batch
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_a_tensor_batch_comes_back_in_its_own_memory_layout(rgb_model, dtype):
+    """3+ channels are veiled channels-last: a contiguous [B, 3, H, W] batch came back channels-last, so
+    out.view(B, -1), which worked on the input, raised. The veil now has the input's layout."""
+    x = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = x if dtype == torch.uint8 else x.float() / 255
+    out = F.veil(rgb_model, x, key=KEY, steps=1)
+    assert out.dtype == dtype and out.is_contiguous() and out.view(2, -1).shape == (2, 3 * 28 * 28)
+    assert VeilTransform(rgb_model, key=KEY, steps=1, device="cpu")(x).is_contiguous()
+    cl = F.veil(rgb_model, x.contiguous(memory_format=torch.channels_last), key=KEY, steps=1)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, out)
+
+
 def test_numpy_output_is_c_contiguous_channels_last_like_the_input(rgb_model):
     """A numpy image comes back as a C-contiguous array in the input's layout (HW, HWC, BHWC): a
     transposed view of the veil's CHW buffer has the right shape and values but not the memory layout

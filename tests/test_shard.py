@@ -1403,7 +1403,8 @@ def test_nproc_rank_killed_by_a_signal_fails_the_run_and_stops_the_others(data, 
     monkeypatch.setattr(shard_cli.subprocess, "Popen", Rank)
     assert shard_cli.main([*_argv(data, tmp_path / "out"), "--nproc", "2"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("veil-shard: error: a rank failed") and err.endswith("rerun the same command to resume"), err
+    assert err.startswith("veil-shard: error: a rank failed (killed by SIGKILL)") and "out-of-memory" in err, err
+    assert err.endswith("rerun the same command to resume"), err
     assert [r.rank for r in started] == [0, 1] and started[0].stopped
 
 

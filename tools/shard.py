@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -231,18 +232,20 @@ def _spawn(args, argv: list[str]) -> int:
             for k in ("MASTER_ADDR", "MASTER_PORT"):  # the ranks coordinate through the manifest lock
                 env.pop(k, None)
             procs.append(subprocess.Popen(cmd, env=env))
-        code = 0
+        code, how = 0, ""
         while procs and code == 0:
             for pr in list(procs):
                 rc = pr.poll()
                 if rc is None:
                     continue
                 procs.remove(pr)
-                if rc != 0:
-                    code = rc if rc > 0 else 1
+                if rc != 0:  # a negative rc is a signal's: exit 1, and name the signal
+                    code, how = (rc, f"exit {rc}") if rc > 0 else (1, f"killed by {_signal_name(-rc)}")
             time.sleep(0.05)
         if code != 0:
-            print(f"{PROG}: error: a rank failed (exit {code}); rerun the same command to resume",
+            hint = " (SIGKILL: often the out-of-memory killer; try a smaller --batch-size)" if how.endswith(
+                "SIGKILL") else ""
+            print(f"{PROG}: error: a rank failed ({how}){hint}; rerun the same command to resume",
                   file=sys.stderr, flush=True)
             return code
     finally:
@@ -260,6 +263,13 @@ def _spawn(args, argv: list[str]) -> int:
     if problem:
         return fail(PROG, problem, 1)
     return 0 if shards.read_manifest(plan.out)["complete"] else 1
+
+
+def _signal_name(num: int) -> str:
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return f"signal {num}"
 
 
 def _init_dist(world: int) -> bool:

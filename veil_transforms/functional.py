@@ -817,10 +817,14 @@ def veil(
             "veil: the gradient iteration produced NaN or inf: F's output or its gradient is not finite "
             "on these images (check the model; a smaller lr may help)"
         )
+    # in the input's memory layout (the loop runs 3+ channels channels-last): a contiguous batch in, a
+    # contiguous one out, so that out.view(len(out), -1) works as it did on the input
+    fmt = (torch.channels_last if images.dim() == 4 and not images.is_contiguous()
+           and images.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format)
     if in_dtype == torch.uint8:
-        return denormalize(xt, torch.uint8).to(images.device)
+        return denormalize(xt, torch.uint8).contiguous(memory_format=fmt).to(images.device)
     out = denormalize(xt, torch.uint8).float() / 255.0 if output == "uint8" else denormalize(xt, torch.float32)
-    return out.to(device=images.device, dtype=in_dtype)
+    return out.contiguous(memory_format=fmt).to(device=images.device, dtype=in_dtype)
 
 
 def _check_uniforms(u: torch.Tensor, name: str, what: str) -> None:

@@ -33,6 +33,8 @@ def ssim(a, b) -> np.ndarray:
 
 def psnr(a, b) -> np.ndarray:
     """Per-image PSNR (dB) between two batches, data range 1."""
+    if len(a) != len(b):
+        raise ValueError(f"psnr: batches differ in length ({len(a)} vs {len(b)})")
     out = []
     for x, y in zip(a, b):
         mse = float(np.mean((_hwc(x) - _hwc(y)) ** 2))
