@@ -584,6 +584,31 @@ def test_blank_guess_baseline(faces):
     assert "blank guess" in r.summary() and "blank_ssim" in json.loads(r.to_json(per_sample=False))
 
 
+def test_gain_over_a_flat_image_is_taken_per_reference(faces):
+    """per_sample_gain: per reference, the attacks' best score minus a flat image's (black, grey, white,
+    own mean level), the largest over the references. A veil that is the image itself gains a lot; one
+    of noise or of another image gains nothing. The fold of a black-and-white checkerboard is flat, so a
+    flat image matches fold(x) exactly: taking the best flat score over all references (1.0) away from
+    the best attack score would excuse a perfect copy of x."""
+    x = faces[0][:12]
+    same = audit.run(x, x, reid_gallery=0)
+    noise = torch.randint(0, 256, x.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    other = audit.run(x, x.roll(1, 0), reid_gallery=0)
+    assert same.per_sample_gain.min() > 0.4, same.per_sample_gain
+    assert audit.run(x, noise, reid_gallery=0).per_sample_gain.max() < 0.2  # measured 0.11 (null: up to 0.18)
+    assert other.per_sample_gain.max() < other.per_sample_max.max()
+    for r in (same, other):
+        assert r.per_sample_gain.shape == (12,) and json.loads(r.to_json())["per_sample_gain"][0] is not None
+    assert "Gain over a flat image" in same.summary()
+    yy, xx = np.mgrid[:32, :32]
+    board = torch.from_numpy(np.where((yy + xx) % 2, 242, 13).astype(np.uint8))[None, None]
+    assert audit.flat_ssim(board, ("fold(x)",))[0] == pytest.approx(1.0) and audit.flat_ssim(board, ("x",))[0] < 0.05
+    assert audit.run(board, board, reid_gallery=0).per_sample_gain[0] > 0.9
+    assert audit.flat_ssim(np.full((1, 1, 9, 9), 0.25), ("x",))[0] == pytest.approx(1.0)  # a flat image: its own guess
+    with pytest.raises(ValueError, match="unknown reference"):
+        audit.flat_ssim(x, ("y",))
+
+
 def test_cli_refuses_originals_that_are_not_the_images_veiled(faces, tmp_path):
     """Same file names, other pixels: the audit would score the wrong pairs (and could pass); the
     content tag veil-shard records per shard tells them apart."""

@@ -217,6 +217,9 @@ class AuditReport:
     blank_ssim: float = float("nan")
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    # per sample, the attacks' best SSIM against a reference minus a flat image's best against it, the
+    # largest over the references: <= 0 means no attack showed more of it than its brightness
+    per_sample_gain: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # uint8 [N, C, H, W] each
 
     @property
@@ -267,6 +270,12 @@ class AuditReport:
             "Scores are scikit-image SSIM on [0, 1] images; each sample's score is the max over an attack's "
             "variants and references (x, and x in the attack's domain, e.g. fold(x)).",
         ]
+        if len(self.per_sample_gain):
+            g = np.asarray(self.per_sample_gain)
+            lines.append(
+                f"Gain over a flat image (per sample, the attacks' best score against a reference minus the best of a "
+                f"black, grey, white or own-mean-level image against it; <= 0: nothing shown beyond brightness): "
+                f"median {np.median(g):+.3f}, max {g.max():+.3f}; {int((g > 0.1).sum())} of {len(g)} samples above +0.1.")
         g = self.settings.get("reid_gallery_size")
         if g:
             d = self.settings.get("reid_gallery_distinct") or g
@@ -298,6 +307,7 @@ class AuditReport:
         )
         if per_sample:
             out["per_sample_max"] = [r(v) for v in self.per_sample_max]
+            out["per_sample_gain"] = [r(v) for v in self.per_sample_gain]
             out["per_sample_attack"] = list(self.per_sample_attack)
         return out
 
@@ -381,6 +391,37 @@ def _blank_ssim(x01: np.ndarray) -> float:
     for guess in (np.zeros_like(mean), np.full_like(mean, 0.5), np.ones_like(mean), mean):
         best = np.maximum(best, A.ssim_batch(np.broadcast_to(guess, x01.shape), x01))
     return float(best.mean())
+
+
+# the references the cheap attacks are scored against (see _references and each attack's list)
+FLAT_REFERENCES = ("x", "fold(x)", "1-fold(x)", "fold_mean(x)", "1-fold_mean(x)", "sobel(x)", "sobel(fold(x))")
+
+
+def flat_ssim(originals, references=FLAT_REFERENCES) -> np.ndarray:
+    """Per sample, the best SSIM a flat image gets under the attacks' own scoring: black, mid-grey,
+    white or a flat image of the reference's own mean level (per channel), against each of
+    ``references`` (the original in each attack's domain), the maximum over them.
+
+    The baseline for "says nothing": an attack output that scores no higher on a sample than this has
+    shown nothing of it beyond its brightness. On small images it sits well below the gate's 0.3
+    bar; on large or smooth ones it can reach 0.9 (the 7x7 windows of a smooth image are matched by
+    its brightness alone), where an attack's denoised noise scores high for the same reason
+    (``python benchmarks/gate_calibration.py``). Independent of the other samples in the batch."""
+    x01 = as_images01(originals, "originals")
+    refs = _references(x01)
+    unknown = [r for r in references if r not in refs]
+    if unknown:
+        raise ValueError(f"flat_ssim: unknown reference(s) {unknown}; known: {list(refs)}")
+    return np.max(np.stack([_flat(refs[name]()) for name in references]), 0)
+
+
+def _flat(ref: np.ndarray) -> np.ndarray:
+    """Per sample, the best SSIM of a flat image against ``ref``: black, grey, white or its own mean level."""
+    best = np.full(len(ref), -np.inf)
+    own = ref.mean(axis=(2, 3), keepdims=True)
+    for level in (0.0, 0.5, 1.0, own):
+        best = np.maximum(best, A.ssim_batch(np.broadcast_to(level, ref.shape), ref))
+    return best
 
 
 def _reid(attack: str, pair: str, x01: np.ndarray, v01: np.ndarray, ctx: dict) -> float:
@@ -520,6 +561,7 @@ def run(
     scores = {a: np.full(N, -np.inf) for a in attacks}
     psnrs = {a: np.zeros(N) for a in attacks}
     best_names: dict[str, list] = {a: [None] * N for a in attacks}
+    by_ref: dict[str, np.ndarray] = {}  # per reference, each sample's best score of any attack against it
     variant_scores: dict[str, dict[str, list]] = {a: {} for a in attacks}
     images = {"original": _u8(x01), "veiled": _u8(v01)}
     for a in attacks:
@@ -538,6 +580,8 @@ def run(
                         ref = refs[rname]()[sl]
                         sc = A.ssim_batch(out, ref)
                         variant_scores[a].setdefault(f"{vname} vs {rname}", []).append(sc)
+                        r_best = by_ref.setdefault(rname, np.full(N, -np.inf))
+                        r_best[sl] = np.fmax(r_best[sl], sc)  # NaN (a stretch of a flat output) is no score
                         better = sc > scores[a][sl]
                         if better.any():
                             idx = np.flatnonzero(better)
@@ -574,6 +618,10 @@ def run(
     per_attack = [attacks[i] for i in stacked.argmax(0)]
     reference = float(A.ssim_batch(x01, np.roll(x01, 1, axis=0)).mean()) if N > 1 else float("nan")
     blank = _blank_ssim(x01)
+    # against each reference, how far the attacks' best beats the best flat image; a sample's gain is
+    # the largest of these (a flat image's score against a trivial reference, the edges of a smooth
+    # image, must not excuse a reconstruction of x itself)
+    gain = np.max(np.stack([best - _flat(refs[r]()) for r, best in by_ref.items()]), 0)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
     settings["reid_gallery_size"] = G if distinct else 0
@@ -582,5 +630,5 @@ def run(
     return AuditReport(
         n=N, shape=tuple(x01.shape[1:]), thresholds=thresholds, attacks=results, per_sample_max=per_max,
         per_sample_attack=per_attack, reference_ssim=reference, blank_ssim=blank, notes=sorted(ctx["notes"]), settings=settings,
-        _images=images,
+        per_sample_gain=gain, _images=images,
     )
