@@ -10,11 +10,11 @@
    the attacks beat a flat image of the sample (black, grey, white or its own
    mean level, scored against the same references) by no more than
    --max-attack-gain (large or smooth images: a flat image alone scores over
-   0.3; benchmarks/results/gate_calibration.md). The attacks come from ``veil_transforms.audit.run`` when that exists, else the
-   fold attack ``|2 x~ - 1|``. Shards with several veils per image (veil-shard
-   --copies K) also get the averaging attack: the mean of each image's K veils
-   (which a third party can link by position) must keep the attacks'
-   SSIM <= --max-attack-ssim too. Over-threshold samples are listed by opaque key
+   0.3; benchmarks/results/gate_calibration.md). The attacks come from
+   ``veil_transforms.audit.run`` when that exists, else the fold attack
+   ``|2 x~ - 1|``. Shards with several veils per image (veil-shard --copies K)
+   also get the averaging attack: the mean of each image's K veils (which a
+   third party can link by position) must pass the same attack rule. Over-threshold samples are listed by opaque key
    and nothing is exported (exit 1) unless ``--force``. Before that, each shard's
    originals must give the content tag veil-shard recorded (a keyed hash of the
    pixels it veiled): other images under the same names are refused (exit 2).
