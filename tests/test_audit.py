@@ -600,6 +600,14 @@ def test_gain_over_a_flat_image_is_taken_per_reference(faces):
     for r in (same, other):
         assert r.per_sample_gain.shape == (12,) and json.loads(r.to_json())["per_sample_gain"][0] is not None
     assert "Gain over a flat image" in same.summary()
+    assert "Of the 12 samples at or over the per-sample bar 0.3, 0 show no more than a flat image" in same.summary()
+    yy, xx = np.mgrid[:64, :64]  # smooth 64-px images: noise "veils" score 0.54-0.70, a flat image more
+    smooth = torch.from_numpy(np.stack([(110 + 25 * np.sin(xx / 30 + i) + 25 * np.cos(yy / 33 - i)).astype(np.uint8)
+                                        for i in range(6)])[:, None])
+    r = audit.run(smooth, torch.randint(0, 256, smooth.shape, dtype=torch.uint8,
+                                        generator=torch.Generator().manual_seed(0)), reid_gallery=0)
+    assert not r.passed and r.per_sample_max.min() > 0.3 and r.per_sample_gain.max() <= audit.DEFAULT_MAX_GAIN
+    assert "Of the 6 samples at or over the per-sample bar 0.3, 6 show no more than a flat image" in r.summary()
     yy, xx = np.mgrid[:32, :32]
     board = torch.from_numpy(np.where((yy + xx) % 2, 242, 13).astype(np.uint8))[None, None]
     assert audit.flat_ssim(board, ("fold(x)",))[0] == pytest.approx(1.0) and audit.flat_ssim(board, ("x",))[0] < 0.05

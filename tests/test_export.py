@@ -14,7 +14,7 @@ import PIL.PngImagePlugin
 import pytest
 import torch
 
-from veil_transforms import keys, shards
+from veil_transforms import audit, keys, shards
 from veil_transforms.nets import LeNet5
 from veil_transforms.tools import export as export_cli
 from veil_transforms.tools import shard as shard_cli
@@ -136,6 +136,7 @@ def test_gate_passes_attacks_that_show_no_more_than_a_flat_image(data, tmp_path,
     g = json.loads((tmp_path / "d" / "receipt.json").read_text())["gate"]
     assert g["attack_ssim"]["max"] > 0.3 and g["over_attack_ssim_within_gain"] > 0, g
     assert g["over_threshold"] == 0 and g["attack_gain"]["max"] <= 0.1 and g["max_attack_gain"] == 0.1
+    assert export_cli.MAX_ATTACK_GAIN == audit.DEFAULT_MAX_GAIN  # the audit's report names the gate's default
     capsys.readouterr()
     assert run("absolute", "--max-attack-gain", "-2") == 1  # the bar alone refuses them
     assert f"{g['over_attack_ssim_within_gain']} exceed --max-attack-ssim 0.3" in capsys.readouterr().err

@@ -62,7 +62,7 @@ from ._common import debug, fail, int_at_least, setup_logging, unwritable_folder
 
 PROG = "veil-export"
 EPS = 1e-9  # SSIM of identical images can come out a hair above 1.0
-MAX_ATTACK_GAIN = 0.1  # benchmarks/results/gate_calibration.md
+MAX_ATTACK_GAIN = 0.1  # audit.DEFAULT_MAX_GAIN (benchmarks/results/gate_calibration.md); not imported: see _audit_runner
 log = logging.getLogger("veil_transforms.export")
 
 

@@ -77,6 +77,9 @@ CHEAP = ("identity", "fold", "fold_denoise", "edges", "sign_recovery")
 EXPENSIVE = ("learned", "inversion")
 ALL = CHEAP + EXPENSIVE
 DEFAULT_THRESHOLDS = (0.15, 0.3)
+# veil-export's default --max-attack-gain: a sample over the per-sample bar whose attacks beat a flat
+# image of it by no more than this passes its gate (benchmarks/results/gate_calibration.md)
+DEFAULT_MAX_GAIN = 0.1
 
 # options accepted by run(**options), with defaults
 OPTIONS = dict(
@@ -271,11 +274,18 @@ class AuditReport:
             "variants and references (x, and x in the attack's domain, e.g. fold(x)).",
         ]
         if len(self.per_sample_gain):
-            g = np.asarray(self.per_sample_gain)
+            g, bar = np.asarray(self.per_sample_gain), DEFAULT_MAX_GAIN
+            over = np.asarray(self.per_sample_max) >= t_max
             lines.append(
                 f"Gain over a flat image (per sample, the attacks' best score against a reference minus the best of a "
                 f"black, grey, white or own-mean-level image against it; <= 0: nothing shown beyond brightness): "
-                f"median {np.median(g):+.3f}, max {g.max():+.3f}; {int((g > 0.1).sum())} of {len(g)} samples above +0.1.")
+                f"median {np.median(g):+.3f}, max {g.max():+.3f}; {int((g > bar).sum())} of {len(g)} samples above "
+                f"+{bar:g}.")
+            if over.any():
+                lines.append(
+                    f"Of the {int(over.sum())} samples at or over the per-sample bar {t_max:g}, {int((g[over] <= bar).sum())} "
+                    f"show no more than a flat image does (gain <= +{bar:g}): veil-export's gate passes those "
+                    "(--max-attack-gain); large or smooth images score high against a flat guess alone.")
         g = self.settings.get("reid_gallery_size")
         if g:
             d = self.settings.get("reid_gallery_distinct") or g
