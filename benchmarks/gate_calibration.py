@@ -14,8 +14,9 @@ steps, one copy), runs the gate's attacks (audit.run, cheap attacks) and reports
 - ``attack``: each sample's strongest attack SSIM (what the gate scores);
 - ``flat``: audit.flat_ssim, the best flat image (black, grey, white, its own mean level) against
   any of the same references;
-- ``gain``: AuditReport.per_sample_gain, per reference the attacks' best score minus the best flat
-  image's, the largest over the references (what veil-export's --max-attack-gain bounds);
+- ``gain``: AuditReport.per_sample_gain, per reference the share of what the best flat image leaves
+  unexplained that the attacks recover, (best - flat) / (1 - flat), the largest over the references
+  (what veil-export's --max-attack-gain bounds);
 - ``null``: the same attacks on *another* image's veil (a veil that says nothing about this image),
   and its gain: how high "nothing" scores;
 - how many samples each rule refuses: the absolute bar alone (attack > 0.3), and the bar with a
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
              "", f"`{cmd}` ({time.perf_counter() - t0:.0f} s; LFW crops upscaled to each size, {a.n} veiled per "
              "setting, F = LeNet-5 trained on 140 of them; one key per setting)", "",
              "attack: each sample's strongest key-free attack SSIM (the gate's score); flat: `audit.flat_ssim`; "
-             "gain: `AuditReport.per_sample_gain` (per reference, attacks' best minus a flat image's best; the max); null: the attacks on another image's veil, scored against this image. "
+             "gain: `AuditReport.per_sample_gain` (per reference, (attacks' best - flat) / (1 - flat); the max); null: the attacks on another image's veil, scored against this image. "
              f"Refused: samples over the absolute bar {BAR}, and over it with a gain above g.", "",
              "| size | veil | attack mean / max | flat mean / max | gain median / max | null gain max | refused: absolute | "
              + " | ".join(f"gain > {g:g}" for g in GAINS) + " | null refused: absolute / gain > 0.1 |",

@@ -118,7 +118,7 @@ def test_gate_passes_attacks_that_show_no_more_than_a_flat_image(data, tmp_path,
     """On smooth images a flat image alone scores over the 0.3 bar (SSIM's 7x7 windows are matched by
     brightness), and so does an attack's denoised noise: the gate refused hardened veils that carry
     nothing (LFW at 64 px: 39 of 80; benchmarks/results/gate_calibration.md). A sample over the bar
-    now fails only if the attacks also beat a flat image of it by more than --max-attack-gain."""
+    now fails only if the attacks also recover more than --max-attack-gain of what a flat image misses."""
     src = tmp_path / "smooth" / "c"
     src.mkdir(parents=True)
     yy, xx = np.mgrid[:64, :64]

@@ -7,10 +7,10 @@
 2. With ``--originals`` (the SRC given to veil-shard; the key file maps opaque
    keys back to it) runs the privacy gate on every sample: SSIM(x, x~) must
    be <= --max-ssim and the best attack's SSIM <= --max-attack-ssim, unless
-   the attacks beat a flat image of the sample (black, grey, white or its own
-   mean level, scored against the same references) by no more than
-   --max-attack-gain (large or smooth images: a flat image alone scores over
-   0.3; benchmarks/results/gate_calibration.md). The attacks come from
+   the attacks recover no more than --max-attack-gain of what a flat image of
+   the sample (black, grey, white or its own mean level, scored against the
+   same references) leaves unexplained (large or smooth images: a flat image
+   alone scores over 0.3; benchmarks/results/gate_calibration.md). The attacks come from
    ``veil_transforms.audit.run`` when that exists, else the fold attack
    ``|2 x~ - 1|``. Shards with several veils per image (veil-shard --copies K)
    also get the averaging attack: the mean of each image's K veils (which a
@@ -85,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest SSIM between an attack's reconstruction and x allowed per sample (and per image "
                         "for the mean of its veils, with veil-shard --copies)")
     p.add_argument("--max-attack-gain", type=float, default=MAX_ATTACK_GAIN,
-                   help="a sample over --max-attack-ssim passes if the attacks beat a flat image of it (black, grey, "
-                        "white or its own mean level, scored against the same references) by no more than this: on "
-                        "large or smooth images a flat image scores over 0.3 by itself. -2: the absolute bar alone")
+                   help="a sample over --max-attack-ssim passes if the attacks recover no more than this share of "
+                        "what a flat image of it (black, grey, white or its own mean level, scored against the same "
+                        "references) leaves unexplained, (SSIM - flat) / (1 - flat): on large or smooth images a flat "
+                        "image scores over 0.3 by itself. -2: the absolute bar alone")
     p.add_argument("--force", action="store_true",
                    help="export even if samples fail the gate, or with no gate shards of the paper's veil (recorded in the receipt)")
     p.add_argument("--private-map", default=None,
@@ -126,9 +127,9 @@ MIN_PART = 16  # samples per thread at the least
 
 def attack_ssim(x: np.ndarray, v: np.ndarray, state: dict, threads: int = 1, *, with_gain: bool = False):
     """Per-sample max attack SSIM: the audit's when available, else the fold attack's. With
-    ``with_gain``: ``(scores, gains)``, a sample's gain being how far the attacks beat a flat image of
-    it under the same scoring (``AuditReport.per_sample_gain``; for the fold attack, its score minus
-    a flat image's against fold(x)).
+    ``with_gain``: ``(scores, gains)``, a sample's gain being the share of what a flat image of it
+    leaves unexplained that the attacks recover, under the same scoring (``AuditReport.per_sample_gain``;
+    for the fold attack, ``audit.flat_gain`` against fold(x)).
 
     ``threads`` > 1 splits the samples into that many parts audited in threads: every score is a
     sample's own (the audit's per-sample max depends on nothing else), and the attacks' numpy, scipy
@@ -166,9 +167,9 @@ def attack_ssim(x: np.ndarray, v: np.ndarray, state: dict, threads: int = 1, *, 
     scores = fold_attack_ssim(x, v)
     if not with_gain:
         return scores
-    from veil_transforms.audit import flat_ssim
+    from veil_transforms.audit import flat_gain, flat_ssim
 
-    return scores, scores - flat_ssim(x, ("fold(x)",))
+    return scores, flat_gain(scores, flat_ssim(x, ("fold(x)",)))
 
 
 AVERAGE_CHUNK = 256  # images per batch of the averaging pass
@@ -418,8 +419,9 @@ def _write_shard(path: Path, samples: list[tuple[str, np.ndarray, int]]) -> tupl
 
 
 def attack_fails(a: float, gain: float | None, max_attack_ssim: float, max_attack_gain: float) -> bool:
-    """The gate's attack rule for one sample: over the absolute bar, and beating a flat image of it by
-    more than ``max_attack_gain`` (unknown: a record of an older export, judged by the bar alone)."""
+    """The gate's attack rule for one sample: over the absolute bar, and recovering more than
+    ``max_attack_gain`` of what a flat image of it leaves unexplained (unknown: a record of an older
+    export, judged by the bar alone)."""
     return a > max_attack_ssim + EPS and (gain is None or gain > max_attack_gain + EPS)
 
 
@@ -657,7 +659,7 @@ def export(args) -> int:
                 "attack": state.get("method"),
                 "ssim": _stats(ssims),
                 "attack_ssim": _stats(attacks),
-                # how far the attacks beat a flat image of each sample under the same scoring
+                # per sample, the share of what a flat image leaves unexplained that the attacks recover
                 "attack_gain": _stats([g for g in gains if g is not None]),
                 "over_threshold": len(offenders),
                 "over_attack_ssim_within_gain": int(excused),

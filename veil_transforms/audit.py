@@ -220,8 +220,9 @@ class AuditReport:
     blank_ssim: float = float("nan")
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
-    # per sample, the attacks' best SSIM against a reference minus a flat image's best against it, the
-    # largest over the references: <= 0 means no attack showed more of it than its brightness
+    # per sample, the share of what a flat image leaves unexplained that the attacks recover against a
+    # reference (flat_gain), the largest over the references: <= 0 means no attack showed more of it than
+    # its brightness, 1 a perfect reconstruction
     per_sample_gain: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _images: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # uint8 [N, C, H, W] each
 
@@ -277,8 +278,9 @@ class AuditReport:
             g, bar = np.asarray(self.per_sample_gain), DEFAULT_MAX_GAIN
             over = np.asarray(self.per_sample_max) >= t_max
             lines.append(
-                f"Gain over a flat image (per sample, the attacks' best score against a reference minus the best of a "
-                f"black, grey, white or own-mean-level image against it; <= 0: nothing shown beyond brightness): "
+                f"Gain over a flat image (per sample and reference, how much of what the best black, grey, white or "
+                f"own-mean-level image leaves unexplained the attacks recover, (SSIM - flat) / (1 - flat), the "
+                f"largest; <= 0: nothing shown beyond brightness, 1: a perfect copy): "
                 f"median {np.median(g):+.3f}, max {g.max():+.3f}; {int((g > bar).sum())} of {len(g)} samples above "
                 f"+{bar:g}.")
             if over.any():
@@ -423,6 +425,18 @@ def flat_ssim(originals, references=FLAT_REFERENCES) -> np.ndarray:
     if unknown:
         raise ValueError(f"flat_ssim: unknown reference(s) {unknown}; known: {list(refs)}")
     return np.max(np.stack([_flat(refs[name]()) for name in references]), 0)
+
+
+FLAT_ROOM_MIN = 0.05  # flat_gain's smallest denominator: a near-flat reference does not blow it up
+
+
+def flat_gain(score: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """How much of what a flat image leaves unexplained an attack recovers: ``(score - flat) / (1 -
+    flat)`` (the denominator at least ``FLAT_ROOM_MIN``), clipped to [-1, 1]. 1: a perfect
+    reconstruction; <= 0: no better than a flat image. Relative, because SSIM is a mean over windows: a small face on a large flat
+    background gives a flat image 0.94 (128 px), so a perfect copy of it beats a flat image by 0.06
+    only, and a bar on that difference would pass it."""
+    return np.clip((np.asarray(score) - flat) / np.maximum(1.0 - flat, FLAT_ROOM_MIN), -1.0, 1.0)
 
 
 def _flat(ref: np.ndarray) -> np.ndarray:
@@ -628,10 +642,10 @@ def run(
     per_attack = [attacks[i] for i in stacked.argmax(0)]
     reference = float(A.ssim_batch(x01, np.roll(x01, 1, axis=0)).mean()) if N > 1 else float("nan")
     blank = _blank_ssim(x01)
-    # against each reference, how far the attacks' best beats the best flat image; a sample's gain is
-    # the largest of these (a flat image's score against a trivial reference, the edges of a smooth
-    # image, must not excuse a reconstruction of x itself)
-    gain = np.max(np.stack([best - _flat(refs[r]()) for r, best in by_ref.items()]), 0)
+    # against each reference, the share of what a flat image leaves unexplained that the attacks' best
+    # recovers; a sample's gain is the largest of these (a flat image's score against a trivial
+    # reference, the flat fold of a checkerboard, must not excuse a reconstruction of x itself)
+    gain = np.max(np.stack([flat_gain(best, _flat(refs[r]())) for r, best in by_ref.items()]), 0)
     settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items() if k != "progress"}
     settings["attacks"] = attacks
     settings["reid_gallery_size"] = G if distinct else 0
