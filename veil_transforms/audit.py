@@ -77,8 +77,8 @@ CHEAP = ("identity", "fold", "fold_denoise", "edges", "sign_recovery")
 EXPENSIVE = ("learned", "inversion")
 ALL = CHEAP + EXPENSIVE
 DEFAULT_THRESHOLDS = (0.15, 0.3)
-# veil-export's default --max-attack-gain: a sample over the per-sample bar whose attacks beat a flat
-# image of it by no more than this passes its gate (benchmarks/results/gate_calibration.md)
+# veil-export's default --max-attack-gain: a sample over the per-sample bar whose attacks recover no more
+# than this share of what a flat image of it misses passes its gate (benchmarks/results/gate_calibration.md)
 DEFAULT_MAX_GAIN = 0.1
 
 # options accepted by run(**options), with defaults
@@ -399,10 +399,7 @@ def _u8(y: np.ndarray) -> np.ndarray:
 def _blank_ssim(x01: np.ndarray) -> float:
     """Mean over samples of the best SSIM an uninformed guess gets: black, grey, white or the mean image."""
     mean = x01.mean(0, keepdims=True)
-    best = np.full(len(x01), -np.inf)
-    for guess in (np.zeros_like(mean), np.full_like(mean, 0.5), np.ones_like(mean), mean):
-        best = np.maximum(best, A.ssim_batch(np.broadcast_to(guess, x01.shape), x01))
-    return float(best.mean())
+    return float(_best_guess(x01, (np.zeros_like(mean), np.full_like(mean, 0.5), np.ones_like(mean), mean)).mean())
 
 
 # the references the cheap attacks are scored against (see _references and each attack's list)
@@ -433,18 +430,22 @@ FLAT_ROOM_MIN = 0.05  # flat_gain's smallest denominator: a near-flat reference 
 def flat_gain(score: np.ndarray, flat: np.ndarray) -> np.ndarray:
     """How much of what a flat image leaves unexplained an attack recovers: ``(score - flat) / (1 -
     flat)`` (the denominator at least ``FLAT_ROOM_MIN``), clipped to [-1, 1]. 1: a perfect
-    reconstruction; <= 0: no better than a flat image. Relative, because SSIM is a mean over windows: a small face on a large flat
-    background gives a flat image 0.94 (128 px), so a perfect copy of it beats a flat image by 0.06
-    only, and a bar on that difference would pass it."""
+    reconstruction; <= 0: no better than a flat image. Relative, because SSIM is a mean over windows:
+    a small face on a large flat background gives a flat image 0.94 (128 px), so a perfect copy of it
+    beats a flat image by 0.06 only, and a bar on that difference would pass it."""
     return np.clip((np.asarray(score) - flat) / np.maximum(1.0 - flat, FLAT_ROOM_MIN), -1.0, 1.0)
 
 
 def _flat(ref: np.ndarray) -> np.ndarray:
     """Per sample, the best SSIM of a flat image against ``ref``: black, grey, white or its own mean level."""
+    return _best_guess(ref, (0.0, 0.5, 1.0, ref.mean(axis=(2, 3), keepdims=True)))
+
+
+def _best_guess(ref: np.ndarray, guesses) -> np.ndarray:
+    """Per sample, the best SSIM against ``ref`` of any of ``guesses`` (each broadcast to ``ref``'s shape)."""
     best = np.full(len(ref), -np.inf)
-    own = ref.mean(axis=(2, 3), keepdims=True)
-    for level in (0.0, 0.5, 1.0, own):
-        best = np.maximum(best, A.ssim_batch(np.broadcast_to(level, ref.shape), ref))
+    for g in guesses:
+        best = np.maximum(best, A.ssim_batch(np.broadcast_to(g, ref.shape), ref))
     return best
 
 
