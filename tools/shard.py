@@ -232,22 +232,22 @@ def _spawn(args, argv: list[str]) -> int:
             for k in ("MASTER_ADDR", "MASTER_PORT"):  # the ranks coordinate through the manifest lock
                 env.pop(k, None)
             procs.append(subprocess.Popen(cmd, env=env))
-        code, how = 0, ""
-        while procs and code == 0:
+        failed = 0  # the first failed rank's return code (negative: killed by that signal)
+        while procs and failed == 0:
             for pr in list(procs):
                 rc = pr.poll()
                 if rc is None:
                     continue
                 procs.remove(pr)
-                if rc != 0:  # a negative rc is a signal's: exit 1, and name the signal
-                    code, how = (rc, f"exit {rc}") if rc > 0 else (1, f"killed by {_signal_name(-rc)}")
+                failed = failed or rc
             time.sleep(0.05)
-        if code != 0:
-            hint = " (SIGKILL: often the out-of-memory killer; try a smaller --batch-size)" if how.endswith(
-                "SIGKILL") else ""
+        if failed:
+            how = f"exit {failed}" if failed > 0 else f"killed by {_signal_name(-failed)}"
+            hint = (" (SIGKILL: often the out-of-memory killer; try a smaller --batch-size)"
+                    if failed == -signal.SIGKILL else "")
             print(f"{PROG}: error: a rank failed ({how}){hint}; rerun the same command to resume",
                   file=sys.stderr, flush=True)
-            return code
+            return failed if failed > 0 else 1  # not a negative status (sys.exit would make it 247)
     finally:
         for pr in procs:  # only our own children
             if pr.poll() is None:
