@@ -428,10 +428,17 @@ def test_private_map_never_replaces_another_file(data, tmp_path, capsys):
     for d in ("d1", "d2"):
         assert _export(data, weak, tmp_path / d, "--force", "--private-map", str(pm)) == 0
     assert len(pm.read_text().splitlines()) == 13
+    genuine = pm.read_text()
     other = pm.read_text().replace(pm.read_text().splitlines()[1].split(",")[0], "0" * 32)
     pm.write_text(other)  # the map of another data set (other opaque keys): not replaced
     assert _export(data, weak, tmp_path / "d3", "--force", "--private-map", str(pm)) == 2
     assert "is the map of another export" in capsys.readouterr().err and pm.read_text() == other
+    lines = genuine.splitlines()  # the first rows of this export's map, the last of another's:
+    lines[-1] = lines[-1].replace(lines[-1].split(",")[0], "0" * 32)  # every row is read, not the first alone
+    mixed = "\n".join(lines) + "\n"
+    pm.write_text(mixed)
+    assert _export(data, weak, tmp_path / "d4", "--force", "--private-map", str(pm)) == 2
+    assert "1 of its keys" in capsys.readouterr().err and pm.read_text() == mixed
 
 
 def test_private_map_is_refused_in_the_folder_that_becomes_dest(data, tmp_path, capsys):

@@ -385,17 +385,25 @@ def _original(source, item, channels: int) -> np.ndarray:
 
 
 def _is_private_map(path: Path) -> bool:
-    return _map_head(path)[0] == MAP_HEADER
+    """Whether a file starts with a private map's header (an earlier export's map may be replaced)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), None) == MAP_HEADER
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return False
 
 
-def _map_head(path: Path) -> tuple[list | None, list | None]:
-    """A CSV file's header and first row (None where absent or unreadable)."""
+def _foreign_map_rows(path: Path, items) -> int:
+    """How many rows of an earlier private map name a key that is not one of ``items`` (every row is
+    read: a map of another source under the same key shares its first rows with this one's)."""
     try:
         with open(path, newline="", encoding="utf-8") as f:
             rows = csv.reader(f)
-            return next(rows, None), next(rows, None)
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return None, None
+            next(rows, None)
+            return sum(1 for row in rows if row and row[0] not in items)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise shards.ShardError(f"--private-map {path} exists and cannot be read to the end ({e}): "
+                                "give a new file name") from None
 
 
 def _write_private_map(path: Path, rows: list[tuple[str, str, int, str, int]]) -> None:
@@ -471,10 +479,10 @@ def export(args) -> int:
     items = source = None
     if gate:
         key, items, source = _originals(args, manifest, shards_dir)
-        first = _map_head(pm_path)[1] if pm_path.exists() else None
-        if first and first[0] not in items:  # an earlier map, but of other shards or another key
-            raise shards.ShardError(f"--private-map {pm_path} is the map of another export (its keys are not "
-                                    "these shards'): give a new file name")
+        foreign = _foreign_map_rows(pm_path, items) if pm_path.exists() else 0
+        if foreign:  # an earlier map, but of other shards or another key: replacing it would lose its rows
+            raise shards.ShardError(f"--private-map {pm_path} is the map of another export ({foreign} of its keys "
+                                    "are not these shards'): give a new file name")
     paper_without_gate = not gate and manifest["veil"].get("mode", "paper") == "paper"  # (a gate would measure it)
     if paper_without_gate and not args.force:
         raise shards.VerifyError(
