@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from veil_transforms import VeilTransform  # noqa: E402
 from veil_transforms.data import load_mnist, mnist_path  # noqa: E402
 from veil_transforms.nets import LeNet5  # noqa: E402
-from veil_transforms.training import accuracy, fit  # noqa: E402
+from veil_transforms.training import accuracy, fit, seeded  # noqa: E402
 
 KEY = b"mnist-test-key-0123456789abcdef!"
 
@@ -47,7 +47,7 @@ def main(argv=None):
     x, y = load_mnist()
     xtr, ytr, xte, yte = x[:8000], y[:8000], x[8000:], y[8000:]
     t = time.perf_counter()
-    local = fit(LeNet5(), xtr, ytr, epochs=10, seed=1234)
+    local = fit(seeded(LeNet5, 1234), xtr, ytr, epochs=10, seed=1234)
     xv = VeilTransform(local, key=KEY, device="cpu")(xtr[: args.train])
     xf = VeilTransform(local, key=KEY, device="cpu", compile=True, fold_bn=True)(xtr[: args.fast])
     grey = (xf.float() - xv[: args.fast].float()).abs()
@@ -57,8 +57,8 @@ def main(argv=None):
     mixed = torch.cat([xf, xv[args.fast :]])
     diffs = []
     for s in range(args.seeds):
-        a = accuracy(fit(LeNet5(), xv, ytr[: args.train], epochs=args.epochs, seed=s), xte, yte)
-        b = accuracy(fit(LeNet5(), mixed, ytr[: args.train], epochs=args.epochs, seed=s), xte, yte)
+        a = accuracy(fit(seeded(LeNet5, s), xv, ytr[: args.train], epochs=args.epochs, seed=s), xte, yte)
+        b = accuracy(fit(seeded(LeNet5, s), mixed, ytr[: args.train], epochs=args.epochs, seed=s), xte, yte)
         diffs.append(b - a)
         lines.append(f"seed {s}: fp32 veil {a:.4f}, with the fast path {b:.4f}, paired difference {100 * (b - a):+.2f} points")
         print(lines[-1], flush=True)

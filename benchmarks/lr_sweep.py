@@ -29,9 +29,9 @@ try:
     train, test = mnist_split(args.n_train, args.n_test)
 except FileNotFoundError as e:  # no MNIST here: say so in one line
     raise SystemExit(f"{Path(__file__).name}: {e}") from None
-from veil_transforms.training import fit
+from veil_transforms.training import fit, seeded
 
-F = fit(LeNet5(), *train, epochs=args.epochs, seed=1234, device=args.device)
+F = fit(seeded(LeNet5, 1234), *train, epochs=args.epochs, seed=1234, device=args.device)
 rows = []
 for lr in args.lrs:
     r = utility_experiment(LeNet5, train, test, local_model=F, veil_kwargs={"lr": lr}, epochs=args.epochs, seeds=args.seeds, device=args.device)

@@ -42,7 +42,7 @@ import torch
 from veil_transforms import VeilTransform, audit
 from veil_transforms.data import load_lfw_faces, mnist_path
 from veil_transforms.nets import LeNet5
-from veil_transforms.training import accuracy, fit, predict
+from veil_transforms.training import accuracy, fit, predict, seeded
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -69,7 +69,7 @@ def case(name, owner, victims, public, *, n_classes, epochs, tp_epochs, unet_epo
     xv, yv = xo[victims], yo[victims]
     t = {}
     t0 = time.perf_counter()
-    Fm = fit(LeNet5(xo.shape[1], n_classes), xo, yo, epochs=epochs, seed=1234 + seed, device=device)
+    Fm = fit(seeded(lambda: LeNet5(xo.shape[1], n_classes), 1234 + seed), xo, yo, epochs=epochs, seed=1234 + seed, device=device)
     t["owner_fit"] = time.perf_counter() - t0
     veil = VeilTransform(Fm, key=bytes(range(32)), device=device, **veil_kwargs)
     t0 = time.perf_counter()
@@ -77,7 +77,7 @@ def case(name, owner, victims, public, *, n_classes, epochs, tp_epochs, unet_epo
     t["veil"] = time.perf_counter() - t0
     log(f"[{name}] veiled {len(xv)} images in {t['veil']:.0f} s")
     t0 = time.perf_counter()
-    M = fit(LeNet5(xo.shape[1], n_classes), v, yv, epochs=tp_epochs, seed=seed, device=device)
+    M = fit(seeded(lambda: LeNet5(xo.shape[1], n_classes), seed), v, yv, epochs=tp_epochs, seed=seed, device=device)
     t["third_party_fit"] = time.perf_counter() - t0
     attacker_kwargs = {k: veil.settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode")}
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import torch
 from veil_transforms import VeilTransform
 from veil_transforms.data import mnist_split
 from veil_transforms.nets import LeNet5
-from veil_transforms.training import accuracy, fit
+from veil_transforms.training import accuracy, fit, seeded
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--n-train", type=int, default=3000)
@@ -29,14 +29,14 @@ ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cp
 args = ap.parse_args()
 torch.set_flush_denormal(True)
 (xtr, ytr), (xte, yte) = mnist_split(args.n_train, args.n_test)
-F = fit(LeNet5(), xtr, ytr, epochs=10, seed=1234, device=args.device)
+F = fit(seeded(LeNet5, 1234), xtr, ytr, epochs=10, seed=1234, device=args.device)
 key = bytes(range(32))
 xf = xtr.float() / 255
 res = {}
 for output in ("float", "uint8"):
     v = VeilTransform(F, key=key, output=output, device=args.device)
     xv = torch.cat([v(xf[s : s + 1024]).cpu() for s in range(0, len(xf), 1024)])
-    accs = [accuracy(fit(LeNet5(), xv, ytr, epochs=args.epochs, seed=s, device=args.device), xte, yte, device=args.device) for s in args.seeds]
+    accs = [accuracy(fit(seeded(LeNet5, s), xv, ytr, epochs=args.epochs, seed=s, device=args.device), xte, yte, device=args.device) for s in args.seeds]
     res[output] = (float(np.mean(accs)), float(np.std(accs)))
     print(output, res[output], flush=True)
 cmd = "python benchmarks/uint8_rounding.py " + " ".join(sys.argv[1:])

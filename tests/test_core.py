@@ -641,3 +641,15 @@ def test_numpy_output_is_c_contiguous_channels_last_like_the_input(rgb_model):
             assert out.shape == a.shape and out.dtype == a.dtype and np.array_equal(out, want)
             assert out.flags["C_CONTIGUOUS"], (a.shape, out.strides)
             assert np.array_equal(np.frombuffer(out, np.uint8), want.reshape(-1))  # as PIL.frombuffer reads it
+
+
+def test_seeded_models_repeat_and_leave_the_callers_rng_alone():
+    """training.seeded fixes a model's initial weights (fit seeds only the batch order: benchmarks that
+    built F with a bare LeNet5() moved from run to run) without reseeding the caller's generator."""
+    from veil_transforms.training import seeded
+
+    state = torch.get_rng_state()
+    a, b, c = seeded(LeNet5, 3), seeded(LeNet5, 3), seeded(LeNet5, 4)
+    assert torch.equal(torch.get_rng_state(), state)
+    sd = lambda m: torch.cat([p.flatten() for p in m.state_dict().values()])  # noqa: E731
+    assert torch.equal(sd(a), sd(b)) and not torch.equal(sd(a), sd(c))

@@ -417,9 +417,10 @@ def train_inverter(
     xin, tgt = _as_float01(inputs), _as_float01(targets)
     if xin.shape != tgt.shape or xin.ndim != 4:
         raise ValueError(f"train_inverter: inputs {tuple(xin.shape)} and targets {tuple(tgt.shape)} must be one [N, C, H, W] shape")
+    from .training import seeded
+
     g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = UNet(2 * xin.shape[1], xin.shape[1], width).to(device)
+    net = seeded(lambda: UNet(2 * xin.shape[1], xin.shape[1], width), seed).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     steps = epochs * math.ceil(len(xin) / batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
@@ -480,13 +481,13 @@ def learned_inverter(
     """
     import time
 
-    from .training import fit
+    from .training import fit, seeded
     from .transform import VeilTransform
 
     pub = torch.as_tensor(np.asarray(public_images)) if not isinstance(public_images, torch.Tensor) else public_images
     lab = torch.as_tensor(np.asarray(public_labels)) if not isinstance(public_labels, torch.Tensor) else public_labels
     t0 = time.perf_counter()
-    surrogate = fit(make_model(), pub, lab.long(), epochs=epochs, seed=seed, device=device)
+    surrogate = fit(seeded(make_model, seed), pub, lab.long(), epochs=epochs, seed=seed, device=device)
     t1 = time.perf_counter()
     veil = VeilTransform(surrogate, key=key, device=device, **(veil_kwargs or {}))
     pub_veiled = torch.cat([veil.veil_batch(pub[s : s + 1024]).cpu() for s in range(0, len(pub), 1024)])

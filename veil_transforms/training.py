@@ -8,6 +8,13 @@ from torch import nn
 from .functional import normalize
 
 
+def seeded(make_model, seed: int) -> nn.Module:
+    """``make_model()`` with its initial weights drawn under ``seed``; the caller's RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make_model()
+
+
 def fit(
     model: nn.Module,
     images: torch.Tensor,
@@ -25,7 +32,7 @@ def fit(
 
     ``seed`` fixes the order of the batches (and ``augment``'s draws); the
     initial weights are the model's own, so seed where it is built
-    (``torch.manual_seed(s); LeNet5()``) for a run that repeats.
+    (``seeded(LeNet5, s)``) for a run that repeats.
     """
     g = torch.Generator().manual_seed(seed)
     model.to(device).train()
@@ -159,7 +166,8 @@ def utility_experiment(
 
     1. train the owner's local model F on X (or use ``local_model``);
     2. veil X (and the test set, for the "on X~" column) with F;
-    3. train a fresh third-party model on (X~, Y) per seed, and a baseline on (X, Y);
+    3. train a fresh third-party model on (X~, Y) per seed, and a baseline on (X, Y) from the same
+       initial weights (``seed`` fixes both the weights and the batch order; F uses 1234);
     4. report accuracy on original test images X and veiled test images X~,
        SSIM(X, X~), and how often F's argmax agrees on X~ and X.
     """
@@ -171,7 +179,7 @@ def utility_experiment(
     from .transform import VeilTransform
 
     (xtr, ytr), (xte, yte) = train, test
-    F = local_model if local_model is not None else fit(make_model(), xtr, ytr, epochs=epochs, seed=1234, device=device)
+    F = local_model if local_model is not None else fit(seeded(make_model, 1234), xtr, ytr, epochs=epochs, seed=1234, device=device)
     veil = VeilTransform(F, device=device, **(veil_kwargs or {}))
     t0 = time.perf_counter()
     vtr = torch.cat([veil.veil_batch(xtr[s : s + batch_size]).cpu() for s in range(0, len(xtr), batch_size)])
@@ -180,8 +188,8 @@ def utility_experiment(
     agree = float((predict(F, vtr, device=device) == predict(F, xtr, device=device)).float().mean())
     base, on_x, on_xt = [], [], []
     for seed in seeds:
-        base.append(accuracy(fit(make_model(), xtr, ytr, epochs=epochs, seed=seed, device=device), xte, yte, device=device))
-        m = fit(make_model(), vtr, ytr, epochs=epochs, seed=seed, device=device)
+        base.append(accuracy(fit(seeded(make_model, seed), xtr, ytr, epochs=epochs, seed=seed, device=device), xte, yte, device=device))
+        m = fit(seeded(make_model, seed), vtr, ytr, epochs=epochs, seed=seed, device=device)
         on_x.append(accuracy(m, xte, yte, device=device))
         if vte is not None:
             on_xt.append(accuracy(m, vte, yte, device=device))
