@@ -716,3 +716,19 @@ def test_pixels_that_require_grad_are_checked_without_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         F.check_pixels(x)
+
+
+@pytest.mark.parametrize("first", ["tensor", "numpy"])
+def test_an_image_f_refuses_before_one_it_takes_is_refused_not_passed_on(vt, first):
+    """(RGB image, depth map) with a grey F: the map has F's shape and was veiled, the image handed on
+    as it was (found by a helper's review). torchvision's rule veils the first plain tensor; F's shape
+    picks the second: ambiguous, so refused, in VeilTransform and in VeiledDataset."""
+    rgb = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    image = rgb if first == "tensor" else rgb.permute(1, 2, 0).numpy()
+    depth = torch.rand(1, 28, 28)
+    with pytest.raises(TypeError, match="cannot tell which of these is the image"):
+        vt((image, depth))
+    with pytest.raises(TypeError, match="cannot tell which of these is the image.*image_key="):
+        VeiledDataset([(image, depth)], vt, progress=False)[0]
+    img, d = vt((depth, rgb))  # the image first, F's shape: a target after it passes through
+    assert torch.equal(img, vt(depth)) and torch.equal(d, rgb)

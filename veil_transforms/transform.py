@@ -208,8 +208,9 @@ class VeilTransform(v2.Transform):
         # through (torchvision's rule for samples with marked images). Without marked images, the
         # images among plain uint8/float tensors [C, H, W] / [B, C, H, W] and numpy HW / HWC / BHWC
         # arrays are those F takes: detection targets (masks [N, H, W], keypoints, heatmaps [K, H, W])
-        # pass through; several such are refused; a lone one F refuses is veiled, so that its error
-        # names the shape.
+        # pass through; several such are refused, and so is one F takes after one it does not (torchvision
+        # would veil the first: an RGB image beside a depth map F takes must not be handed on unveiled); a
+        # lone one F refuses is veiled, so that its error names the shape.
         if any(isinstance(x, tv_tensors.Video) for x in flat_inputs):
             raise TypeError("VeilTransform does not veil tv_tensors.Video (handing it on unveiled would leak it): "
                             "veil its frames as a batch [T, C, H, W] tensor")
@@ -226,10 +227,19 @@ class VeilTransform(v2.Transform):
                 "are veiled), masks and maps as tv_tensors.Mask (passed through); or stack the images into "
                 "one batch ([B, C, H, W] tensor, BHWC array)"
             )
+        first = unmarked.index(True) if any(unmarked) else None
+        if any(taken) and not taken[first]:  # e.g. (RGB image, depth map) with a grey F: F takes the map
+            later = taken.index(True)
+            raise TypeError(
+                f"VeilTransform cannot tell which of these is the image ({_describe(flat_inputs[first])}, which F "
+                f"does not take, then {_describe(flat_inputs[later])}, which it does) and does not guess: "
+                "torchvision's rule would veil the first, F's shape the second, and the image handed on unveiled "
+                "would leak it. Mark them: images as tv_tensors.Image or PIL images, masks and maps as "
+                "tv_tensors.Mask (passed through); or give F the image's shape"
+            )
         if any(taken):
             needs = taken
         elif any(unmarked):  # none that F takes: the first, whose veil then fails naming its shape
-            first = unmarked.index(True)
             needs = [i == first for i in range(len(flat_inputs))]
         else:  # a lone plain tensor of another shape: transform() refuses it, naming its shape
             needs = super()._needs_transform_list(flat_inputs)
