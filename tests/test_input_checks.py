@@ -732,3 +732,102 @@ def test_an_image_f_refuses_before_one_it_takes_is_refused_not_passed_on(vt, fir
         VeiledDataset([(image, depth)], vt, progress=False)[0]
     img, d = vt((depth, rgb))  # the image first, F's shape: a target after it passes through
     assert torch.equal(img, vt(depth)) and torch.equal(d, rgb)
+
+
+@pytest.mark.parametrize("cache", ["memory", "dir"])
+def test_caches_follow_weights_loaded_after_the_dataset_was_made(cache, tmp_path):
+    """The directory cache's sub-folder was named from F's weights when VeiledDataset was made: a checkpoint
+    loaded afterwards (build the pipeline, then load_state_dict) got the previous F's veils back, and its
+    own were filed under the old F's name; the memory cache held the old veils too (a helper's review)."""
+    data = _Images(8)
+    torch.manual_seed(1)
+    ck_a = LeNet5().state_dict()
+    torch.manual_seed(2)
+    ck_b = LeNet5().state_dict()
+    where = "memory" if cache == "memory" else tmp_path / "c"
+
+    def fresh(ck):
+        m = LeNet5()
+        m.load_state_dict(ck)
+        return VeilTransform(m, **kw)(data.x)
+
+    kw = dict(steps=3, key=KEY, device="cpu", threshold=-float("inf"))  # every step runs: the veil depends on F
+    assert not torch.equal(fresh(ck_a), fresh(ck_b))
+    model = LeNet5()
+    ds = VeiledDataset(data, VeilTransform(model, **kw), batch_size=8, cache=where, progress=False)
+    for ck in (ck_a, ck_b, ck_a):  # with the dir cache, the third reads the first's files
+        model.load_state_dict(ck)
+        got = torch.stack([ds[i][0] for i in range(len(data))])
+        assert torch.equal(got, fresh(ck))
+    if cache == "dir":
+        assert len([d for d in (tmp_path / "c").iterdir() if d.is_dir()]) == 3  # the made-with F's, A's, B's
+
+
+def test_local_model_fingerprint_is_kept_until_a_weight_changes():
+    lm = LocalModel(LeNet5())
+    first = lm.fingerprint()
+    assert lm.fingerprint() == first and lm._fingerprint[1] == first
+    with torch.no_grad():
+        next(lm.module.parameters())[0].add_(1.0)  # in place: its version counter moves
+    assert lm.fingerprint() != first
+
+
+class _Counting(VeilTransform):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.sizes = []
+
+    def veil_batch(self, x, *a, **kw):
+        self.sizes.append(len(x))
+        return super().veil_batch(x, *a, **kw)
+
+
+@pytest.mark.parametrize("cache", ["memory", "dir"])
+def test_a_random_transform_in_the_dataset_costs_one_veil_per_access_not_a_block(lenet, cache, tmp_path, caplog):
+    """A random transform inside the wrapped dataset makes every access after the first a miss: each
+    veiled its whole block (batch_size images) to use one, 285 veils for 32 samples, and the directory
+    cache did not warn (a helper's review). Now a miss in a block veiled before veils that sample alone,
+    with one warning, for either cache."""
+    data = _Flipping()
+    veil = _Counting(lenet, steps=2, key=KEY, device="cpu")
+    ds = VeiledDataset(data, veil, batch_size=4, cache="memory" if cache == "memory" else tmp_path, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        for _ in range(5):
+            for i in range(len(data)):
+                got, target = ds[i]
+                assert torch.equal(got, vt_of(veil, data.x[i].flip(-1) if target["flipped"] else data.x[i]))
+    assert veil.sizes[0] == 4 and set(veil.sizes[1:]) <= {1}, veil.sizes
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "another image" in msgs[0] and "not of its batch of 4" in msgs[0], msgs
+    assert (str(tmp_path) in msgs[0]) == (cache == "dir")
+
+
+def vt_of(veil, x):
+    return VeilTransform.veil_batch(veil, x[None])[0]
+
+
+def test_a_batch_of_mixed_shapes_warns_once(vt, caplog):
+    class Sizes(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return u8(1, s=28 + 2 * (i % 3), seed=i)[0], i
+
+    ds = VeiledDataset(Sizes(), vt, batch_size=6, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        ds.prepare()
+        ds.prepare()
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "3 different shapes" in msgs[0] and "1x28x28" in msgs[0], msgs
+
+
+def test_a_weak_hardened_pad_names_the_dataset_sample(lenet):
+    """The hardened veil's refusal of a (nearly) blank mid-grey image named its place in the batch
+    ('sample 3'), not its index in the dataset (7)."""
+    data = _Images(10)
+    data.x = data.x.float() / 255
+    data.x[7] = 0.5  # exactly mid-grey: 0 after normalization, no flip bit
+    veil = VeilTransform(lenet, steps=2, key=KEY, device="cpu", mode="hardened")
+    with pytest.raises(ValueError, match=r"the flip bits of sample 7 \("):
+        VeiledDataset(data, veil, batch_size=4, progress=False).prepare()

@@ -11,13 +11,14 @@ sample in each worker) and cached, so every sample is veiled once:
 
 - ``cache="memory"`` (default) keeps veiled images in RAM, per index, with a hash of the image they
   veil: a wrapped dataset that returns another image for an index (a random transform inside it) gets
-  that image veiled anew, never the old veil beside new targets (one warning: put random
-  augmentations after VeiledDataset); over an iterable dataset it keeps them per image content, so a
+  that image veiled anew, alone, never the old veil beside new targets (one warning, for either cache:
+  put random augmentations after VeiledDataset); over an iterable dataset it keeps them per image content, so a
   stream whose images change between passes grows it by one veil per new image (one warning, from
   the second pass on);
 - ``cache=<directory>`` stores each one as a ``.npy`` file named by an HMAC of
   its content under the veil's key, in a sub-folder per veil setting (settings,
-  key fingerprint and a hash of F's weights), written
+  key fingerprint and a hash of F's weights as they are when each sample is looked up: a
+  checkpoint loaded after the dataset was made gets its own), written
   atomically; a later run, another process or a DataLoader worker reuses it;
 - ``cache=None`` veils every time (each access costs a full veil of that one sample).
 
@@ -46,6 +47,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from . import functional as F
 from . import keys as _keys
+from .hardened import WeakPadError
 from .transform import VeilTransform, from_chw, to_chw
 
 log = logging.getLogger(__name__)
@@ -84,17 +86,38 @@ class VeiledDataset(Dataset):
         self.dataset, self.veil, self.batch_size = dataset, veil, batch_size
         self.image_key, self.progress = image_key, progress
         self._memory: dict[Any, tuple[tuple, torch.Tensor]] | None = {} if cache == "memory" else None
+        self._root: Path | None = None  # cache=<directory>; self._dir: its sub-folder for this veil
         self._dir: Path | None = None
+        self._id: str | None = None  # what the caches hold veils of (_settings_id)
         self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
+        self._blocks: set[int] = set()  # map-style blocks veiled whole (a later miss in one: not deterministic)
         if cache not in (None, "memory"):
             if not isinstance(cache, (str, os.PathLike)):
                 raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
-            self._dir = Path(cache).expanduser() / self._settings_id()
+            self._root = Path(cache).expanduser()
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """Point the caches at this veil's settings, key and F's weights as they are now: F's weights
+        loaded after the dataset was made (``F.load_state_dict(...)``) or changed in place must not get
+        the veils of the F it was made with (the fingerprint is recomputed only when a weight changes)."""
+        sid = self._settings_id()
+        if sid == self._id:
+            return
+        if self._id is not None:
+            log.info("VeiledDataset: F's weights or the veil's settings changed; caching under %s", sid)
+            if self._memory:
+                self._memory.clear()
+            self._blocks.clear()
+        if self._root is not None:
+            d = self._root / sid
             try:
-                self._dir.mkdir(parents=True, exist_ok=True)
-                (self._dir / "settings.json").write_text(json.dumps(veil.settings, indent=1, sort_keys=True))
+                d.mkdir(parents=True, exist_ok=True)
+                (d / "settings.json").write_text(json.dumps(self.veil.settings, indent=1, sort_keys=True))
             except OSError as e:
-                raise ValueError(f"cache directory {cache} cannot be used: {e.strerror or e}") from None
+                raise ValueError(f"cache directory {self._root} cannot be used: {e.strerror or e}") from None
+            self._dir = d
+        self._id = sid
 
     def _settings_id(self) -> str:
         # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
@@ -132,6 +155,7 @@ class VeiledDataset(Dataset):
     def _veil_images(self, chws: list[torch.Tensor], ids: list[Any], *, cached_only: bool = False) -> list[Any]:
         """Veiled versions of ``chws``; ``ids`` are memory-cache ids (``(index, j)``, ``_BY_CONTENT`` or
         None). ``cached_only``: look up the caches only, None where a veil is not there."""
+        self._check_settings()
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
@@ -145,12 +169,7 @@ class VeiledDataset(Dataset):
                 held = self._memory.get(ident)
                 if held is not None and held[0] == hashes[i]:
                     out[i] = held[1]
-                    continue
-                if held is not None:
-                    self._warn_once("changed", "the wrapped dataset returned another image for sample %s than "
-                                    "before (a random transform inside it?): such images are veiled again each "
-                                    "time they change, a full veil each; apply random augmentations to "
-                                    "VeiledDataset's output instead", ident[0])
+                    continue  # (another image than the one held: __getitem__ warns and veils it alone)
             if self._dir is not None:
                 digests[i] = self._digest(x)
                 out[i] = self._from_dir(digests[i], x)
@@ -159,11 +178,23 @@ class VeiledDataset(Dataset):
             todo[(tuple(x.shape), x.dtype)].append(i)
         if cached_only:
             return out
+        if len(todo) > 1:
+            self._warn_once("shapes", "VeiledDataset: the images of one batch have %d different shapes, veiled as "
+                            "%d separate batches (%s); resize them to one shape before VeiledDataset to veil "
+                            "them %d at a time", len(todo), len(todo),
+                            ", ".join("x".join(map(str, s)) for s, _ in list(todo)[:3]) + (", ..." if len(todo) > 3 else ""),
+                            self.batch_size)
         for (shape, _), idx in todo.items():
             self.veil.check_shape(shape)
             for s in range(0, len(idx), self.batch_size):
                 part = idx[s : s + self.batch_size]
-                veiled = self.veil.veil_batch(torch.stack([chws[i] for i in part])).cpu()
+                try:
+                    veiled = self.veil.veil_batch(torch.stack([chws[i] for i in part])).cpu()
+                except WeakPadError as e:  # name the dataset's sample, not its place in this batch
+                    ident = ids[part[e.sample]]
+                    which = f"sample {ident[0]}" if isinstance(ident, tuple) and len(ident) == 2 and \
+                        isinstance(ident[0], int) else "a sample of the stream"
+                    raise WeakPadError(str(e).replace(f"sample {e.sample} ", f"{which} ", 1), e.sample) from None
                 for i, v in zip(part, veiled):
                     out[i] = v
                     if self._dir is not None:
@@ -248,8 +279,16 @@ class VeiledDataset(Dataset):
                             "keeps its veils to itself and loses them when it exits (every epoch, unless "
                             "persistent_workers): call prepare() before making the DataLoader, or use "
                             "cache=<directory>")
-        # veil the whole block this index falls in: one batch instead of one sample
         start = index // self.batch_size * self.batch_size
+        if start in self._blocks:  # veiled whole before, yet a miss: the wrapped dataset is not deterministic
+            self._warn_once("random", "the wrapped dataset returned another image for sample %s than when it "
+                            "was veiled (a random transform inside it?): every such access is veiled again, "
+                            "a full veil of that sample alone (not of its batch of %d)%s; apply random "
+                            "augmentations to VeiledDataset's output instead", index, self.batch_size,
+                            f", and stored in {self._dir}, which grows each epoch" if self._dir is not None else "")
+            return self._veil_samples([sample], [index])[0]
+        # veil the whole block this index falls in: one batch instead of one sample
+        self._blocks.add(start)
         block = list(range(start, min(start + self.batch_size, n)))
         samples = [sample if i == index else self.dataset[i] for i in block]
         return self._veil_samples(samples, block)[index - start]
@@ -267,6 +306,7 @@ class VeiledDataset(Dataset):
             for start in range(0, n, self.batch_size):
                 block = list(range(start, min(start + self.batch_size, n)))
                 self._veil_samples([self.dataset[i] for i in block], block)  # cached samples are not veiled again
+                self._blocks.add(start)
                 pb.update(len(block))
         return self
 

@@ -83,6 +83,14 @@ def pad_secret_bits(p: float, pixels: int) -> float:
     return pixels * -math.log2(max(p, 1.0 - p))
 
 
+class WeakPadError(ValueError):
+    """A hardened veil refused because sample ``sample`` of its batch carries too few flip bits."""
+
+    def __init__(self, message: str, sample: int):
+        super().__init__(message)
+        self.sample = sample
+
+
 def check_pad_secret(p: float, x: torch.Tensor) -> None:
     """Refuse a hardened veil whose pad a third party could guess: fewer than :data:`MIN_PAD_BITS`
     bits of secret in some sample's flip bits (``x`` normalized, pixels at 0 carry no bit)."""
@@ -93,11 +101,11 @@ def check_pad_secret(p: float, x: torch.Tensor) -> None:
     pixels = int(counts[i])
     bits = pad_secret_bits(p, pixels)
     if bits < MIN_PAD_BITS:
-        raise ValueError(
+        raise WeakPadError(
             f"mode='hardened': with p={p:g} the flip bits of sample {i} ({pixels} of its "
             f"{x[i].numel()} values not exactly mid-grey) carry {bits:.1f} bits of secret, fewer than "
             f"{MIN_PAD_BITS}, and its one-time pad is derived from them: a third party could guess the pad and "
-            "undo it; use p near 0.5 (the default), and images of more than 80 values that are not blank mid-grey")
+            "undo it; use p near 0.5 (the default), and images of more than 80 values that are not blank mid-grey", i)
 
 
 def flip_mask(x_start: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -214,17 +214,26 @@ class LocalModel(nn.Module):
     def fingerprint(self) -> str:
         """sha256 of what F computes besides the veil's settings: its file (when loaded from one) or its
         weights (parameters and buffers, with names, dtypes and shapes), and the layer. A retrained F
-        has another fingerprint, so a cache keyed by it does not hand back the old F's veils."""
+        has another fingerprint, so a cache keyed by it does not hand back the old F's veils. Kept until
+        a weight changes (tensor version counters: ``load_state_dict``, an optimizer step, in-place ops;
+        not edits through ``.data``, which autograd does not see either)."""
+        tensors = list(itertools.chain(self.module.named_parameters(), self.module.named_buffers()))
+        sig = (self.name, self.layer, id(self.module),
+               tuple((n, id(t), t._version, t.data_ptr(), t.dtype, t.device) for n, t in tensors))
+        held = getattr(self, "_fingerprint", None)
+        if held is not None and held[0] == sig:
+            return held[1]
         h = hashlib.sha256(repr((self.name, self.layer)).encode())
         if self._source is not None:
             h.update(self._source[0].encode() + self._source[1])
         else:  # an in-memory module: its structure and code too (same weights, a Tanh for a ReLU)
             h.update(_code_of(self.module).encode())
-        for name, t in itertools.chain(self.module.named_parameters(), self.module.named_buffers()):
+        for name, t in tensors:
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        self._fingerprint = (sig, h.hexdigest())
+        return self._fingerprint[1]
 
     # -- loading ---------------------------------------------------------------
     @classmethod
