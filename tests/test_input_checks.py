@@ -831,3 +831,40 @@ def test_a_weak_hardened_pad_names_the_dataset_sample(lenet):
     veil = VeilTransform(lenet, steps=2, key=KEY, device="cpu", mode="hardened")
     with pytest.raises(ValueError, match=r"the flip bits of sample 7 \("):
         VeiledDataset(data, veil, batch_size=4, progress=False).prepare()
+
+
+class _FunctionalBN(nn.Module):
+    """BatchNorm written functionally, `training=self.training`: torch.fx inlines the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc1, self.fc2 = nn.Conv2d(1, 8, 3), nn.Linear(8, 16), nn.Linear(16, 10)
+        self.register_buffer("rm", torch.zeros(8))
+        self.register_buffer("rv", torch.ones(8))
+
+    def forward(self, x):
+        x = torch.relu(nn.functional.batch_norm(self.c(x), self.rm, self.rv, training=self.training)).mean((2, 3))
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_layer_of_a_model_in_train_mode_runs_its_eval_graph():
+    """layer= builds a torch.fx extractor, which has its own train/eval flag: made from a model in train
+    mode, the veil ran its train graph (running statistics updated, each veil depending on the rest of
+    its batch; a helper's review)."""
+    torch.manual_seed(0)
+    m = _FunctionalBN().train()
+    v = VeilTransform(m, key=KEY, steps=5, device="cpu", layer="fc1", threshold=-float("inf"))
+    x = u8(4, seed=3)
+    rm = m.rm.clone()
+    batch = v(x)
+    assert torch.equal(m.rm, rm) and m.training
+    assert torch.equal(batch, torch.cat([v(x[i : i + 1]) for i in range(4)]))
+
+
+def test_a_refusal_does_not_outlive_the_fix():
+    m = LeNet5().double()
+    v = VeilTransform(m, key=KEY, steps=2, device="cpu")
+    with pytest.raises(ValueError, match="float64 weights"):
+        v(u8(1)[0])
+    m.float()  # the fix the message asks for, on the same module
+    assert v(u8(1)[0]).shape == (1, 28, 28)

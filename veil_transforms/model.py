@@ -53,6 +53,12 @@ def frozen(model):
     (which then updated BatchNorm's running statistics and changed its veil). Each submodule's own
     mode is restored: a model in train mode with a frozen BatchNorm (``m.train(); m.bn.eval()``)
     gets its BatchNorm back in eval mode."""
+    if isinstance(model, LocalModel) and model._extractor is not None:
+        # layer=: the torch.fx extractor has its own train/eval flag, and its train graph inlines every
+        # `self.training` branch (BatchNorm statistics updated, dropout on): freeze it too, after F
+        with frozen(model.module), frozen(model._extractor):
+            yield
+        return
     module = model.module if isinstance(model, LocalModel) else model
     if not isinstance(module, nn.Module):
         yield
@@ -146,6 +152,9 @@ class LocalModel(nn.Module):
         Runs F once on a batch of two zero images (cached per shape).
         """
         sample_shape = tuple(int(s) for s in sample_shape)
+        sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
+        if sig != getattr(self, "_checked_for", None):  # F changed since (model.float(), .to(), a new layer):
+            self._checked, self._refused, self._checked_for = set(), {}, sig  # a refusal must not outlive a fix
         if sample_shape in self._checked:
             return
         if sample_shape in self._refused:
