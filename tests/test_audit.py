@@ -715,3 +715,31 @@ def test_report_passes_only_below_both_bars():
     assert report(0.1, 0.29).passed
     assert not report(0.1, 0.9).passed  # one sample recovered, on a low mean
     assert not report(0.2, 0.25).passed and not report(0.1, 0.3).passed  # at a bar is not below it
+
+
+def test_cli_refuses_an_incomplete_out_and_skips_unlisted_tars(faces, tmp_path):
+    """veil-audit passed a veil-shard OUT that was stopped (or still running) half-way, and read a .tar
+    its manifest did not list (never checked against a sha256) as if it were a finished shard (found by
+    a helper's review of the tools)."""
+    from veil_transforms import shards
+    from veil_transforms.nets import LeNet5
+
+    x, _ = faces
+    src, out = tmp_path / "src", tmp_path / "shards"
+    (src / "a").mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(x[i, 0].numpy()).save(src / "a" / f"p{i}.png")
+    torch.manual_seed(0)
+    shards.write_shards(src, out, LeNet5(1, 2), steps=2, shard_size=2, progress=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert len(m["shards"]) == 3 and m["complete"]
+    args = ("--originals", src, "--veiled", out, "--attacks", "fold")
+    m["shards"], m["complete"] = m["shards"][:2], False  # as a run stopped while writing its third shard
+    (out / "manifest.json").write_text(json.dumps(m))
+    p = cli(*args)
+    assert p.returncode == 2 and "is not complete: 2 of 3 shards are finished" in p.stderr, p.stdout + p.stderr
+    p = cli(*args, "--incomplete")
+    assert p.returncode == 1 and "over 4 samples" in p.stdout, p.stdout + p.stderr  # (a 2-step paper veil fails)
+    assert "skipping 1 .tar file(s) manifest.json does not list" in p.stderr, p.stderr
+    p = cli(*args[:3], out / "veil-000002.tar", *args[4:], "--incomplete")
+    assert p.returncode == 2 and "is not among the finished shards" in p.stderr, p.stdout + p.stderr

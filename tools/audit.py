@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[0], help="fail if any attack's mean SSIM reaches this; in [-1, 1)")
     p.add_argument("--max-threshold", type=float, default=audit.DEFAULT_THRESHOLDS[1], help="fail if any sample's SSIM reaches this; in [-1, 1)")
     p.add_argument("--limit", type=int, default=None, help="audit only the first N matched samples, sorted by key (default: all)")
+    p.add_argument("--incomplete", action="store_true",
+                   help="audit the finished shards of a veil-shard OUT that is not complete (stopped, or still "
+                        "running); without it such an OUT is refused: its audit is not of what will be exported")
     p.add_argument("--learned-public", nargs="+", default=None, metavar="DIR",
                    help="public images (ImageFolder folders, or a .pt holding (images, labels)) for the learned inverter")
     p.add_argument("--learned-arch", default="lenet5", help="surrogate local model architecture for the learned inverter")
@@ -161,11 +164,17 @@ class _Veiled(dict):
             raise InputError(f"shard {self.where[key]}: sample {key} is not a readable image ({_why(e)})") from None
 
 
-def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[str]]]:
+def read_shards(path: str, incomplete: bool = False) -> tuple[dict[str, np.ndarray], dict, dict[str, list[str]]]:
     """Veiled samples ``{opaque key: uint8 [C, H, W]}`` (decoded when read) of a shard folder or .tar,
-    its manifest (or {}), and each shard's keys in shard order ``{shard file name: [key, ...]}``."""
+    its manifest (or {}), and each shard's keys in shard order ``{shard file name: [key, ...]}``.
+
+    With a manifest.json (veil-shard's OUT) or receipt.json (veil-export's DEST), only the shards it
+    lists are read: a .tar beside them that it does not list (being written, or stray) was never
+    checked against a sha256 and will not be exported. An OUT that is not complete is refused unless
+    ``incomplete``."""
     p = Path(path)
     manifest, recorded = {}, {}  # recorded: each listed shard's sha256 (an audit of changed shards says so)
+    lists = False  # whether the manifest / receipt lists its shards (a hand-made partial one may not)
     home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
     # veil-shard's OUT has a manifest; veil-export's DEST a receipt (its copies and key fingerprint, no tags)
     meta = next((home / n for n in ("manifest.json", "receipt.json") if (home / n).is_file()), None)
@@ -178,9 +187,18 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
                 raise ValueError("not a JSON object")
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read {meta}: {e}") from None
-        listed = manifest.get("shards") if isinstance(manifest.get("shards"), list) else []
+        lists = isinstance(manifest.get("shards"), list)
+        listed = manifest.get("shards") if lists else []
         recorded = {s["name"]: s["sha256"] for s in listed
                     if isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("sha256"), str)}
+        if meta.name == "manifest.json" and manifest.get("complete") is False:
+            done, total = len(recorded), manifest.get("num_shards", "?")
+            if not incomplete:
+                raise InputError(f"{home} is not complete: {done} of {total} shards are finished (veil-shard stopped "
+                                 "or still running), so this would audit part of what will be exported; rerun "
+                                 "veil-shard to finish it, or pass --incomplete to audit the finished shards")
+            print(f"{PROG}: warning: --incomplete: auditing the {done} finished shards of {total}",
+                  file=sys.stderr, flush=True)
         if meta.name == "receipt.json":
             manifest = {k: manifest[k] for k in ("copies", "key_fingerprint") if k in manifest}
         try:  # what this tool reads of it: the rest may be a partial manifest of hand-made shards
@@ -196,6 +214,18 @@ def read_shards(path: str) -> tuple[dict[str, np.ndarray], dict, dict[str, list[
         tars = [p]
     else:
         raise InputError(f"veiled shards not found: {path}")
+    if lists:
+        unlisted = [t for t in tars if t.name not in recorded]
+        if p.is_file() and unlisted:
+            raise InputError(f"{p.name} is not among the finished shards {meta} lists (being written, or not "
+                             "veil-shard's): audit the folder, or a listed shard")
+        if unlisted:
+            print(f"{PROG}: note: skipping {len(unlisted)} .tar file(s) {meta.name} does not list (e.g. "
+                  f"{unlisted[0].name}: a shard being written, or stray; never checked, never exported)",
+                  file=sys.stderr, flush=True)
+            tars = [t for t in tars if t.name in recorded]
+            if not tars:
+                raise InputError(f"no finished shards in {path}: {meta.name} lists none")
     out = _Veiled()
     order: dict[str, list[str]] = {}
     for t in tars:
@@ -294,7 +324,7 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
         return x, v, {}, []
     from veil_transforms import keys as _keys
 
-    veiled, manifest, order = read_shards(args.veiled)
+    veiled, manifest, order = read_shards(args.veiled, incomplete=args.incomplete)
     key_file = Path(args.key_file) if args.key_file else Path(args.veiled.rstrip("/")).absolute().parent / f"{Path(args.veiled.rstrip('/')).name}.key"
     try:
         key = _keys.read_key_file(key_file)
