@@ -83,18 +83,19 @@ def test_fast_path_keeps_the_veil_and_its_utility(veiled_mnist, veiled_model_acc
     # what the veil must keep, measured without training's chaos: F sees the same classes
     agree = float((predict(local, xf) == predict(local, xv[:n])).float().mean())
     assert agree >= 0.99, agree
-    # Utility. Training is chaotic: the same seed on the fp32 veil and on this one (rounding apart) lands
-    # points apart (benchmarks/fastpath_training_noise.py, results/fastpath_training_noise_*.md: paired
-    # differences SD 10 points with 1,000 training images, SD 4.3 and -7.1 to +6.2 with 3,000). So a
-    # same-seed pair cannot show "within 0.5 points" (the GPU benchmark does, over 40 keys x 3 seeds); the
-    # closeness and agreement above carry "the same veil". This asserts the bar the fp32 veil's own test
-    # asserts (>= 0.80 on the originals; measured 0.866-0.96 here) for a training set with the fast veil in
-    # it, and a paired difference under 15 points (~3.5 SD): a utility collapse, not a subtle loss.
+    # Utility. Training is chaotic: the same seed and initial weights on the fp32 veil and on this one
+    # (rounding apart) land points apart (benchmarks/fastpath_training_noise.py,
+    # results/fastpath_training_noise_*.md: paired differences SD 1.3 points with 1,000 training images,
+    # SD 2.0 and -2.5 to +2.9 with 3,000; 10 and 4.3 when that benchmark's pairs started from different
+    # weights). So a same-seed pair cannot show "within 0.5 points" (the GPU benchmark does, over 40 keys x
+    # 3 seeds); the closeness and agreement above carry "the same veil". This asserts the bar the fp32
+    # veil's own test asserts (>= 0.80 on the originals; measured 0.866-0.96 here) for a training set with
+    # the fast veil in it, and a paired difference under 8 points (~4 SD): a utility loss, not rounding.
     mixed = torch.cat([xf, xv[n:]])
     ref = veiled_model_accuracy
     got = accuracy(fit(lenet(0), mixed, y, epochs=EPOCHS, seed=0), xte, yte)
     print(f"\nMNIST {len(xv)} veiled ({n} by the fast path), same seed: fp32 veil {ref:.4f}, with the fast path {got:.4f}")
-    assert got >= 0.80 and abs(got - ref) <= 0.15, (got, ref)
+    assert got >= 0.80 and abs(got - ref) <= 0.08, (got, ref)
 
 
 def test_mnist_split_takes_the_last_images_for_testing():  # D1 D2
