@@ -519,7 +519,7 @@ MUTANTS = [
      '            yb = y[idx] if y.ndim == 1 else y[rows, idx]',
      '            yb = y[idx] if y.ndim == 1 else y[0][idx]',
      ['tests/test_fastpath.py', '-k', 'per_model_labels']),
-    ('T4', 'fit_many accepts a wrong number of label sets', 'veil_transforms/training.py',
+    ('T6', 'fit_many accepts a wrong number of label sets', 'veil_transforms/training.py',
      '    if y.shape[-1] != n or (y.ndim == 2 and y.shape[0] != M):',
      '    if y.shape[-1] != n:',
      ['tests/test_fastpath.py', '-k', 'per_model_labels']),
@@ -622,6 +622,12 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="mutant ids to run (default: all)")
     ap.add_argument("--out", default=None, help="write the table here too (markdown)")
     args = ap.parse_args(argv)
+    ids = [m[0] for m in MUTANTS]
+    if len(set(ids)) != len(ids):  # --only T4 ran two mutants once
+        sys.exit(f"mutant ids used twice: {sorted({i for i in ids if ids.count(i) > 1})}")
+    unknown = sorted(set(args.only or ()) - set(ids))
+    if unknown:
+        sys.exit(f"--only: no mutant {unknown}")
     todo = [m for m in MUTANTS if args.only is None or m[0] in args.only]
     with tempfile.TemporaryDirectory(prefix="veil-mutants-") as tmp:
         clone = Path(tmp) / "repo"
