@@ -270,6 +270,12 @@ def _imagefolder_source(root: Path) -> Source:
                 if fn.startswith(".") or _ext(fn) not in IMAGE_EXTS:
                     continue
                 items.append(SourceItem(rel + fn, ci, os.path.join(dirpath, fn)))
+    empty = sorted(set(range(len(classes))) - {it.label for it in items})
+    if empty:  # torchvision's ImageFolder refuses them too; kept, they would shift every later class's index
+        names = ", ".join(repr(classes[i]) for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        raise ShardError(f"{len(empty)} class folder(s) of {root} hold no images ({names}): a class without "
+                         "images still takes a label index, so the labels would not be torchvision ImageFolder's "
+                         "(which refuses such a folder); remove the empty folder(s) or put their images in")
     return Source("imagefolder", str(root.resolve()), items, classes=classes)
 
 
@@ -330,7 +336,27 @@ def _labels_csv_source(root: Path, labels: Path) -> Source:
         else:
             raise ShardError(f"labels file {labels} names a file outside {root}: {fn}")
         items.append(SourceItem(rel, y, full))
+    _warn_unlisted(root_r, {it.rel for it in items} | {Path(os.path.normpath(fn)).as_posix() for fn, _ in raw}, labels)
     return Source("labels-csv", root_r, items, classes=classes, labels_file=str(labels.resolve()))
+
+
+def _warn_unlisted(root: str, listed: set[str], labels: Path) -> None:
+    """Warn about images in a --labels folder that the labels file does not name: they are not veiled,
+    and saying nothing would make that a silent loss (the labels file may be meant as a selection)."""
+    unlisted, example = 0, None
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        for fn in sorted(filenames):
+            if fn.startswith(".") or _ext(fn) not in IMAGE_EXTS:
+                continue
+            r = fn if rel == "." else f"{rel}/{fn}"
+            if r not in listed:
+                unlisted += 1
+                example = example or r
+    if unlisted:
+        log.warning("%d image file(s) in %s are not in the labels file %s (e.g. %s): they are not veiled",
+                    unlisted, root, labels.name, example)
 
 
 _TAR_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key up to the first dot of the basename
