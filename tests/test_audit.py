@@ -743,3 +743,23 @@ def test_cli_refuses_an_incomplete_out_and_skips_unlisted_tars(faces, tmp_path):
     assert "skipping 1 .tar file(s) manifest.json does not list" in p.stderr, p.stderr
     p = cli(*args[:3], out / "veil-000002.tar", *args[4:], "--incomplete")
     assert p.returncode == 2 and "is not among the finished shards" in p.stderr, p.stdout + p.stderr
+
+
+def test_cli_refuses_out_inside_the_inputs(faces, tmp_path):
+    """--out inside --originals wrote worst.png (original faces) and report files into the source: the
+    next export's listing no longer matched and veil-shard took audit/ for a class (a helper's review)."""
+    from veil_transforms import shards
+    from veil_transforms.nets import LeNet5
+
+    x, _ = faces
+    src, out = tmp_path / "src", tmp_path / "shards"
+    (src / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(x[i, 0].numpy()).save(src / "a" / f"p{i}.png")
+    torch.manual_seed(0)
+    shards.write_shards(src, out, LeNet5(1, 2), steps=2, progress=False)
+    before = sorted(p.name for p in src.rglob("*"))
+    for where, flag in ((src / "audit", "--originals"), (src, "--originals"), (out / "r", "--veiled")):
+        p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--out", where)
+        assert p.returncode == 2 and f"is inside {flag}" in p.stderr, p.stdout + p.stderr
+    assert sorted(p.name for p in src.rglob("*")) == before and not (out / "r").exists()

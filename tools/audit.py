@@ -125,11 +125,19 @@ def _why(e: BaseException) -> str:
     return describe_error(e)
 
 
-def check_out(out: str) -> None:
-    """Refuse, before any work, an --out that is a file or lies where it cannot be created or written."""
+def check_out(out: str, inputs: dict[str, str] = {}) -> None:  # noqa: B006 - read only
+    """Refuse, before any work, an --out that is a file, lies inside an input folder (the report's images
+    of original faces would join the originals, or the shards; the next veil-shard or export would
+    list them), or lies where it cannot be created or written."""
+    from veil_transforms.shards import is_inside
+
     p = Path(out)
     if p.exists() and not p.is_dir():
         raise InputError(f"--out {out} is a file; it must be a folder (created if missing)")
+    for flag, where in inputs.items():
+        if where and Path(where).is_dir() and is_inside(p, where):
+            raise InputError(f"--out {out} is inside {flag} {where}: the report (images of originals among them) "
+                             f"would become part of {flag}; write it elsewhere")
     why = unwritable_folder(p)
     if why:
         raise InputError(f"--out {out}: cannot write there ({why})")
@@ -449,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             raise InputError(f"--device {args.device}: {why}")
         if args.out:
-            check_out(args.out)
+            check_out(args.out, {"--originals": args.originals, "--veiled": args.veiled})
         kw = dict(attacks=args.attacks, thresholds=(args.mean_threshold, args.max_threshold), device=args.device,
                   worst=args.worst, inversion_steps=args.inversion_steps, progress=not args.quiet)
         try:  # before any work: settings audit.run would refuse
