@@ -638,8 +638,14 @@ def export(args) -> int:
                 lines += [f"  {k} (and its other copies)  average_of_{copies}_attack_ssim={a:.4f}" for k, a in avg_offenders[:50]]
                 if len(avg_offenders) > 50:
                     lines.append(f"  ... and {len(avg_offenders) - 50} more")
-            print(f"{PROG}: refused: {what}: {reasons}; nothing exported (veil again with more --steps in veil-shard, "
-                  f"or raise the flag named if its bar is too strict; --force exports anyway; the gate's scores are "
+            if manifest["veil"].get("mode", "paper") == "paper":  # no bar or step count fixes the paper's veil
+                advice = ("these shards hold the paper's veil (veil-shard --mode paper), which a key-free fold attack "
+                          "reads back: veil again with veil-shard --mode hardened (README \"Which mode to use\"); "
+                          "--force exports anyway")
+            else:
+                advice = ("veil again with more --steps in veil-shard, or raise the flag named if its bar "
+                          "is too strict; --force exports anyway")
+            print(f"{PROG}: refused: {what}: {reasons}; nothing exported ({advice}; the gate's scores are "
                   f"kept in {staging}, so a rerun on the same shards does not compute them again):\n"
                   + "\n".join(lines), file=sys.stderr, flush=True)
             return 1
