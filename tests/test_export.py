@@ -395,7 +395,7 @@ def test_unwritable_dest_parent_exit_2(data, tmp_path, capsys, monkeypatch):
         monkeypatch.setattr(export_cli.os, "access", lambda p, mode: str(p) != str(ro))  # as without root's override
         assert _export(data, weak, ro / "d", "--force") == 2
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and "cannot create DEST" in err and "not writable" in err, err
+        assert len(err.splitlines()) == 1 and "cannot create DEST" in err and "must be writable" in err, err
         monkeypatch.undo()
         if not os.access(ro, os.W_OK):  # really read-only (not root with CAP_DAC_OVERRIDE): the same
             assert _export(data, weak, ro / "d", "--force") == 2
@@ -753,3 +753,23 @@ def test_export_warns_of_identical_veils(data, tmp_path, capsys):
     assert code == 0 and "warning: 1 veils are byte-identical to another" in err, err
     assert _export(data, data["root"] / "weak", tmp_path / "d2", "--force") == 0
     assert "byte-identical" not in capsys.readouterr().err
+
+
+def test_dest_that_is_a_mount_point_or_cannot_be_replaced_is_refused_first(data, tmp_path, capsys, monkeypatch):
+    """An empty DEST that is a mount point (a USB drive, a share) failed only after the whole gate, with
+    'OSError: [Errno 16] Device or resource busy' from the final rename, the private map already
+    written; an existing DEST in a read-only folder was 'cannot create' (a helper's review)."""
+    weak = data["root"] / "weak"
+    mnt = tmp_path / "usb"
+    mnt.mkdir()
+    pm = tmp_path / "map.csv"
+    real = os.path.ismount
+    monkeypatch.setattr(export_cli.os.path, "ismount", lambda p: str(p) == str(mnt) or real(p))
+    assert _export(data, weak, mnt, "--force", "--private-map", str(pm)) == 2
+    err = capsys.readouterr().err
+    assert "is a mount point" in err and str(mnt / "export") in err and not pm.exists(), err
+    monkeypatch.undo()
+    monkeypatch.setattr(export_cli.os, "access", lambda p, mode: str(p) != str(tmp_path))
+    assert _export(data, weak, mnt, "--force") == 2
+    err = capsys.readouterr().err
+    assert f"cannot replace DEST {mnt}: its folder {tmp_path} must be writable" in err, err

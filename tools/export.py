@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("shards", metavar="SHARDS", help="a veil-shard output folder (with manifest.json)")
-    p.add_argument("dest", metavar="DEST", help="new (or empty) folder for the third party")
+    p.add_argument("dest", metavar="DEST", help="new (or empty) folder for the third party: assembled beside it in .DEST.partial, then renamed into place (so not a mount point; its folder must be writable)")
     p.add_argument("--originals", default=None,
                    help="the SRC given to veil-shard: enables the privacy gate and the private map")
     p.add_argument("--labels", default=None, help="labels CSV of a flat SRC; None: the one veil-shard used")
@@ -315,9 +315,17 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"DEST {dest} exists and is not an empty folder")
     if shards.is_inside(dest, shards_dir) or shards.is_inside(shards_dir, dest):
         raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
-    why = unwritable_folder(dest.parent)  # DEST is assembled beside it, then renamed
+    # DEST is assembled beside it (.DEST.partial) and renamed into place at the end: checked now, not
+    # after the gate has run (a mount point cannot be replaced by a rename: EBUSY at the very end)
+    if dest.is_dir() and os.path.ismount(dest):
+        raise shards.ShardError(f"DEST {dest} is a mount point, which the finished export cannot be renamed onto "
+                                f"(it is assembled beside DEST, then renamed): give a new folder inside it, "
+                                f"e.g. {dest / 'export'}")
+    why = unwritable_folder(dest.parent)
     if why:
-        raise shards.ShardError(f"cannot create DEST {dest}: {why}")
+        verb = "replace" if dest.exists() else "create"
+        raise shards.ShardError(f"cannot {verb} DEST {dest}: its folder {dest.parent} must be writable (the export "
+                                f"is assembled there, beside DEST, then renamed into place): {why}")
 
 
 MAP_HEADER = ["opaque_key", "path", "label", "shard", "copy"]
