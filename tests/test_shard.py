@@ -1477,3 +1477,33 @@ def test_images_the_labels_file_leaves_out_are_reported(data, tmp_path, caplog):
     assert len(src.items) == 3
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "2 image file(s)" in msgs[0] and "e.g. f2.png" in msgs[0], msgs
+
+
+@pytest.mark.parametrize("copies", ["1", "2"])
+def test_recheck_source_veils_again_the_shards_of_edited_images(data, tmp_path, caplog, copies):
+    """An image edited in SRC under the same name: a rerun checks the listing only, said all was done
+    and kept the old veils; export then refused, naming no fix (a helper's review). --recheck-source
+    decodes the finished shards' images and writes again those whose content tag changed (for every copy)."""
+    src = tmp_path / "src"
+    shutil.copytree(data["src"], src)
+    out = tmp_path / "o"
+    argv = [str(src), str(out), *data["base"][1:], *[a for a in COMMON if a != "--quiet"], "--copies", copies]
+    assert shard_cli.main(argv) == 0
+    before = {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]}
+    victim = src / "class1" / "img004.png"
+    a = np.asarray(PIL.Image.open(victim))
+    victim.write_bytes(_png(255 - a))
+    assert shard_cli.main(argv) == 0  # the listing is the same: nothing to do
+    assert {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]} == before
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([*argv, "--recheck-source"]) == 0
+    after = {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]}
+    redone = sorted(n for n in before if after[n] != before[n])
+    assert len(redone) == int(copies), redone  # the shard holding the image, once per copy
+    assert sum("changed in SRC since" in r.getMessage() for r in caplog.records) == int(copies)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([*argv, "--recheck-source"]) == 0  # now all match
+    assert not any("changed in SRC" in r.getMessage() for r in caplog.records)
+    assert {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]} == after
+    shards.verify(out)

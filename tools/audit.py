@@ -284,7 +284,8 @@ def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, o
         ks = [sample_keys.get(k, key) for k in order[s["name"]]] if sample_keys else None
         if shards.source_tag(key, x, ks) != s["source_tag"]:
             raise InputError(f"originals of {s['name']} are not the images veil-shard veiled (content tag "
-                             "differs): wrong --originals?")
+                             "differs): wrong --originals, or images of it changed in SRC since they were veiled "
+                             "(then rerun veil-shard with --recheck-source, which veils them again)")
     return len(covered)
 
 

@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Default: up to 8 when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
                         "lift the one-process GIL cap (~2.5-4.5k small images/s, by CPU) when the GPU veils faster")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--recheck-source", action="store_true",
+                   help="on a rerun, also decode the images of the finished shards and veil again those whose "
+                        "images changed in SRC under the same names (a rerun checks the file listing only; "
+                        "costs one decode of every finished image)")
     p.add_argument("--nproc", type=int, default=1, help="processes to split the shards over (or use torchrun)")
     p.add_argument("--quiet", action="store_true",
                    help="no progress bar and no notices, except that a new key was created; errors and the "
@@ -314,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             _mode_notice(args)
             _key_notice(plan, args.quiet)
         shards.run(plan, rank=rank, world_size=world, batch_size=args.batch_size,
-                             io_workers=args.io_workers, io_procs=args.io_procs, progress=not args.quiet)
+                             io_workers=args.io_workers, io_procs=args.io_procs, progress=not args.quiet,
+                             recheck_source=args.recheck_source)
         if dist:
             import torch.distributed as tdist
 

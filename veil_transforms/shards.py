@@ -1295,16 +1295,33 @@ class ManifestRecorder:
 CHECK_BAR_BYTES = 256 << 20
 
 
-def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool = False) -> set[int]:
+def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool = False,
+                recheck_source: bool = False) -> set[int]:
     """Shards recorded in the manifest whose files are still there, whole and unchanged (sha256):
     this rank's are checked (the others' are their ranks' to check) and any other is written again.
     The files are hashed by up to 8 threads (hashlib releases the GIL; benchmarks/resume_check.py),
-    with a progress bar from ``CHECK_BAR_BYTES`` on."""
+    with a progress bar from ``CHECK_BAR_BYTES`` on. ``recheck_source``: also decode each finished
+    shard's source images and write again a shard whose content tag they no longer give (an image
+    edited in SRC under the same name; the listing alone does not show it)."""
     from .progress import bar
 
     m = read_manifest(plan.out)
     done = {s["index"] for s in m["shards"] if s["index"] % world_size != rank}
     mine = [s for s in m["shards"] if s["index"] % world_size == rank]
+    owned = opaque_keys(plan.veil.key, plan.copies, plan.source.items) if recheck_source else {}
+    channels = int(plan.header["source"]["sample_shape"][0])
+
+    def source_changed(f: Path, s: dict) -> bool:
+        if s.get("source_tag") is None:
+            return False  # made before tags were recorded: nothing to compare
+        try:
+            keys = [smp["__key__"] for smp in read_tar_samples(f)]
+            if not keys:
+                return False
+            x = np.stack([decode_image(plan.source.read_bytes(owned[k].item), channels=channels) for k in keys])
+        except Exception:  # noqa: BLE001 - unreadable or reshaped now: veil it again (it is skipped then)
+            return True
+        return source_tag(plan.veil.key, x, [owned[k].key for k in keys]) != s["source_tag"]
 
     def check(s: dict) -> str | None:  # why the shard must be written again, or None
         f = plan.out / s["name"]
@@ -1312,12 +1329,14 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
             return "is listed in the manifest but missing or damaged"
         if file_sha256(f) != s["sha256"]:
             return "differs from its sha256 in the manifest (changed since it was written)"
+        if recheck_source and source_changed(f, s):
+            return "was veiled from images that have changed in SRC since (content tag differs)"
         return None
 
     total = sum(s["bytes"] for s in mine)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="veil-check") as pool, \
-            bar(total=total, desc="checking finished shards", unit="B", unit_scale=True,
-                disable=not progress or total < CHECK_BAR_BYTES) as pb:
+            bar(total=total, desc="checking finished shards" + (" and their sources" if recheck_source else ""),
+                unit="B", unit_scale=True, disable=not progress or (total < CHECK_BAR_BYTES and not recheck_source)) as pb:
         for s, why in zip(mine, pool.map(check, mine)):
             if why is None:
                 done.add(s["index"])
@@ -1337,7 +1356,8 @@ def run(plan: Plan, **kw) -> dict:
 
 
 def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-         io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True) -> dict:
+         io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True,
+         recheck_source: bool = False) -> dict:
     """Veil and write this rank's unfinished shards. Returns a summary dict.
 
     ``io_workers`` decoding threads (None or 0: min(8, CPUs)); ``io_procs`` processes for
@@ -1357,7 +1377,7 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
         raise ShardError(f"--io-workers must be an integer >= 0 (0: automatic), got {io_workers!r}")
     out, veil = plan.out, plan.veil
     shape = tuple(plan.header["source"]["sample_shape"])
-    done = done_shards(plan, rank, world_size, progress=progress and rank == 0)
+    done = done_shards(plan, rank, world_size, progress=progress and rank == 0, recheck_source=recheck_source)
     mine = [i for i in range(plan.num_shards) if i % world_size == rank and i not in done]
     for i in range(plan.num_shards):  # leftovers of killed runs (only this rank's shards)
         if i % world_size == rank:
@@ -1585,14 +1605,15 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
 
 
 def write_shards(src, out, model, *, rank: int = 0, world_size: int = 1, batch_size: int = 256,
-                 io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True, **kw) -> dict:
+                 io_workers: int | None = None, io_procs: int | None = 0, progress: bool = True,
+                 recheck_source: bool = False, **kw) -> dict:
     """:func:`prepare` then :func:`run`: veil SRC into WebDataset shards in OUT (see the module docstring)."""
     t = time.perf_counter()
     kw.setdefault("lock", "shared" if world_size > 1 else "exclusive")
     plan = prepare(src, out, model, create_key=rank == 0, rank=rank, **kw)
     t = time.perf_counter() - t
     summary = run(plan, rank=rank, world_size=world_size, batch_size=batch_size, io_workers=io_workers,
-                  io_procs=io_procs, progress=progress)
+                  io_procs=io_procs, progress=progress, recheck_source=recheck_source)
     summary["timings"]["prepare_s"] = t  # listing the source, the key, the manifest, F on the device
     return summary
 
