@@ -48,3 +48,11 @@ def test_demo_help_lists_modes(capsys):
         demo.main(["--help"])
     out = capsys.readouterr().out
     assert "--quick" in out and "paper" in out
+
+
+@pytest.mark.parametrize("flag", ["--steps", "--epochs"])
+def test_demo_refuses_zero_steps_and_epochs(flag, capsys):
+    """--steps 0 / --epochs 0 silently became the defaults (a helper's review)."""
+    with pytest.raises(SystemExit) as e:
+        demo.main([flag, "0"])
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err

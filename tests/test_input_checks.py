@@ -868,3 +868,18 @@ def test_a_refusal_does_not_outlive_the_fix():
         v(u8(1)[0])
     m.float()  # the fix the message asks for, on the same module
     assert v(u8(1)[0]).shape == (1, 28, 28)
+
+
+def test_a_key_given_as_a_file_name_or_path_points_to_read_key_file(lenet, tmp_path):
+    from pathlib import Path
+
+    with pytest.raises(ValueError, match=r"looks like a file name: pass keys.read_key_file\('owner.key'\)"):
+        VeilTransform(lenet, key="owner.key", device="cpu")
+    with pytest.raises(TypeError, match="got a path .*pass keys.read_key_file"):
+        VeilTransform(lenet, key=Path(tmp_path / "owner.key"), device="cpu")
+
+
+def test_dataset_repr_names_what_it_wraps(vt, tmp_path):
+    r = repr(VeiledDataset(_Images(4), vt, batch_size=2, cache=tmp_path / "c", progress=False))
+    assert r.startswith("VeiledDataset(_Images, 4 samples, veil=VeilTransform(") and "batch_size=2" in r
+    assert f"cache='{tmp_path / 'c'}'" in r and "object at" not in r

@@ -1507,3 +1507,16 @@ def test_recheck_source_veils_again_the_shards_of_edited_images(data, tmp_path, 
     assert not any("changed in SRC" in r.getMessage() for r in caplog.records)
     assert {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]} == after
     shards.verify(out)
+
+
+def test_a_labels_file_naming_a_file_twice_names_it(data, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(2):
+        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\nf1.png,1\nf1.png,0\n")
+    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert shard_cli.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "lists the same sample twice: f1.png" in err, err

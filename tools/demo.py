@@ -28,7 +28,7 @@ import numpy as np
 
 from veil_transforms import functional as F
 
-from ._common import debug, fail, setup_logging, torch_threads
+from ._common import debug, fail, int_at_least, setup_logging, torch_threads
 
 PROG = "veil-demo"
 MARKER = ".veil-demo"
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT", nargs="?", default="veil-demo-out", help="output folder")
     p.add_argument("--quick", action="store_true", help="fewer veil steps and epochs (for tests)")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
-    p.add_argument("--steps", type=int, default=None, help="veil steps; None: 300, or 40 with --quick")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs; None: 40, or 15 with --quick")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="veil steps; None: 300, or 40 with --quick")
+    p.add_argument("--epochs", type=int_at_least(1), default=None, help="training epochs; None: 40, or 15 with --quick")
     p.add_argument("--seed", type=int, default=0, help="split and training seed")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (LeNet-sized work runs fastest on one, and a busy machine makes more much slower)")
@@ -113,8 +113,8 @@ def run_demo(out: str | Path = "veil-demo-out", *, quick: bool = False, mode: st
 
     t0 = time.perf_counter()
     out = Path(out).absolute()
-    steps = steps or (40 if quick else F.PAPER["steps"])
-    epochs = epochs or (15 if quick else 40)
+    steps = (40 if quick else F.PAPER["steps"]) if steps is None else steps
+    epochs = (15 if quick else 40) if epochs is None else epochs
     say = print if verbose else (lambda *a, **k: None)
     _prepare_out(out)
 

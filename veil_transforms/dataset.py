@@ -119,6 +119,17 @@ class VeiledDataset(Dataset):
             self._dir = d
         self._id = sid
 
+    def __repr__(self) -> str:
+        cache = "None" if self._memory is None and self._root is None else \
+            "'memory'" if self._memory is not None else repr(str(self._root))
+        try:
+            n = f"{len(self.dataset)} samples"
+        except TypeError:
+            n = "iterable"
+        key = "" if self.image_key is None else f", image_key={self.image_key!r}"
+        return (f"{type(self).__name__}({type(self.dataset).__name__}, {n}, veil={self.veil!r}, "
+                f"batch_size={self.batch_size}, cache={cache}{key})")
+
     def _settings_id(self) -> str:
         # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
         s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key) \

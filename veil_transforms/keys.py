@@ -60,7 +60,11 @@ def as_key(key: bytes | str | os.PathLike | None) -> bytes:
         try:
             key = bytes.fromhex(key.strip())
         except ValueError:
-            raise ValueError("key: a str key must be hex (e.g. from new_key().hex())") from None
+            hint = (f"; {key!r} looks like a file name: pass keys.read_key_file({key!r})"
+                    if os.path.sep in key or "." in key else "")
+            raise ValueError(f"key: a str key must be hex (e.g. from new_key().hex()){hint}") from None
+    elif isinstance(key, os.PathLike):
+        raise TypeError(f"key: got a path ({os.fspath(key)!r}); pass keys.read_key_file(path), the key it holds")
     else:
         raise TypeError(f"key: expected bytes, a hex str or None, got {type(key).__name__}")
     if len(key) < 16:

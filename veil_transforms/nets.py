@@ -10,7 +10,7 @@ class LeNet5(nn.Module):
     """LeNet-5 for any input size: conv1 -> conv2 -> fc1 -> fc2 -> fc3.
 
     Node names match the paper's layer ablation (Conv, Fc1, Fc2, Fc3 = logits).
-    An adaptive pool before fc1 makes it accept any H, W >= 8 (28x28 MNIST,
+    An adaptive pool before fc1 makes it accept any H, W >= 10 (28x28 MNIST,
     25x25 LFW crops, 112x92 ORL faces).
     """
 

@@ -198,7 +198,8 @@ def open_source(src: str | os.PathLike, labels: str | os.PathLike | None = None)
         raise ShardError(f"{len(bad)} file name(s) in {src} are not valid UTF-8, e.g. {bad[0]!r} "
                          "(\\udcXX: the undecodable bytes); rename them")
     if len(set(rels)) != len(rels):
-        raise ShardError(f"source {src} lists the same sample twice")
+        twice = next(a for a, b in zip(rels, rels[1:]) if a == b)  # sorted: a repeat is next to itself
+        raise ShardError(f"source {src} lists the same sample twice: {twice} (a labels file naming it on two rows?)")
     return source
 
 
