@@ -77,6 +77,22 @@ def test_detection_and_segmentation_targets_pass_through(vt):
     assert torch.equal(plain, u8(1, seed=2)[0])
 
 
+def test_a_plain_image_beside_a_marked_one_passes_with_one_warning(lenet, caplog):
+    """torchvision's rule hands a plain tensor beside a tv_tensors.Image on as it is: a pair dataset that
+    marks only its first image leaks the second; one warning when that tensor has F's image shape (a
+    helper's review). A target of another shape says nothing."""
+    v = VeilTransform(lenet, steps=2, key=KEY, device="cpu")
+    a, b = u8(1, seed=1)[0], u8(1, seed=2)[0]
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        v((tv_tensors.Image(a), torch.zeros(2, 28, 28)))  # a mask-like target of another shape
+        assert not caplog.records
+        for _ in range(3):
+            _, plain = v((tv_tensors.Image(a), b))
+            assert torch.equal(plain, b)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "passes through unveiled" in msgs[0], msgs
+
+
 def test_every_marked_image_of_a_sample_is_veiled(vt):
     a, b = u8(1, seed=1)[0], u8(1, seed=2)[0]
     va, vb, mask, label = vt((tv_tensors.Image(a), tv_tensors.Image(b), tv_tensors.Mask(b), 7))

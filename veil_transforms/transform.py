@@ -10,6 +10,7 @@ or PIL); several plain tensors / arrays that F takes as images are refused.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,8 @@ from torchvision.transforms import v2
 from . import functional as F
 from . import keys as _keys
 from .model import LocalModel, local_model_on
+
+log = logging.getLogger(__name__)
 
 
 def _is_image_array(x: Any) -> bool:
@@ -216,6 +219,14 @@ class VeilTransform(v2.Transform):
                             "veil its frames as a batch [T, C, H, W] tensor")
         marked = [isinstance(x, (tv_tensors.Image, PIL.Image.Image)) for x in flat_inputs]
         if any(marked):
+            if not getattr(self, "_warned_plain", False) and any(
+                    not m and _is_unmarked_image(x) and self.local_model.accepts(_sample_shape(x))
+                    for x, m in zip(flat_inputs, marked)):
+                self._warned_plain = True  # once: a pair dataset would say it every sample
+                log.warning("VeilTransform: a plain tensor or array of the shape F takes passes through unveiled "
+                            "beside marked images (torchvision's rule: plain tensors beside a tv_tensors.Image or "
+                            "PIL image are not images); if it is an image, mark it as tv_tensors.Image (or stack "
+                            "the images into one batch), or a mask as tv_tensors.Mask")
             return marked
         unmarked = [_is_unmarked_image(x) for x in flat_inputs]
         taken = [u and self.local_model.accepts(_sample_shape(x)) for x, u in zip(flat_inputs, unmarked)]
