@@ -899,3 +899,18 @@ def test_dataset_repr_names_what_it_wraps(vt, tmp_path):
     r = repr(VeiledDataset(_Images(4), vt, batch_size=2, cache=tmp_path / "c", progress=False))
     assert r.startswith("VeiledDataset(_Images, 4 samples, veil=VeilTransform(") and "batch_size=2" in r
     assert f"cache='{tmp_path / 'c'}'" in r and "object at" not in r
+
+
+def test_a_key_file_others_can_read_warns_once(tmp_path, caplog):
+    from veil_transforms import keys
+
+    f = tmp_path / "owner.key"
+    keys.read_key_file(f, create=True)
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        keys.read_key_file(f)
+        assert not caplog.records  # created 0600
+        f.chmod(0o644)
+        keys.read_key_file(f)
+        keys.read_key_file(f)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "mode 0644" in msgs[0] and "chmod 600" in msgs[0], msgs

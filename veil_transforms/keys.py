@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -28,6 +29,9 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
+_WARNED_MODES: set[str] = set()  # key files already reported as readable by others
 
 KEY_BYTES = 32
 
@@ -83,7 +87,13 @@ def read_key_file(path: str | os.PathLike, *, create: bool = False) -> bytes:
         with os.fdopen(fd, "w") as f:
             f.write(key.hex() + "\n")
         return key
-    return as_key(path.read_text().strip())
+    key = as_key(path.read_text().strip())
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & 0o077 and str(path.resolve()) not in _WARNED_MODES:
+        _WARNED_MODES.add(str(path.resolve()))  # once per file and process
+        log.warning("key file %s can be read by other users (mode %04o): whoever reads it can undo the hardened "
+                    "veil's pad and link samples to file names; chmod 600 %s", path, mode & 0o777, path)
+    return key
 
 
 def key_fingerprint(key: bytes) -> str:
