@@ -1520,3 +1520,14 @@ def test_a_labels_file_naming_a_file_twice_names_it(data, tmp_path, capsys):
     assert shard_cli.main(argv) == 2
     err = _one_line_error(capsys)
     assert "lists the same sample twice: f1.png" in err, err
+
+
+def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplog):
+    argv = [*_argv(data, tmp_path / "o"), "--copies", "3"]
+    argv.remove("--quiet")
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main(argv) == 0
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(msgs) == 3 and len(set(msgs)) == 3, msgs  # the corrupt, truncated and other-size files
+    m = shards.read_manifest(tmp_path / "o")
+    assert sum(len(s["skipped"]) for s in m["shards"]) == 9  # still recorded for every copy

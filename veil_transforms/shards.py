@@ -1524,6 +1524,7 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                     msgs.clear()
                     drain(1, pb)  # at most one batch waiting behind the one on the GPU
 
+                warned_skip: set[str] = set()
                 for i in mine:
                     msgs.append(("begin", i))
                     skipped: list[dict] = []
@@ -1532,7 +1533,9 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                         arr, why, uni, digest, pad = next(decoded)
                         if arr is None:
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
-                            log.warning("skipping %s: %s", it.rel, why)
+                            if it.rel not in warned_skip:  # once per file, not once per copy
+                                warned_skip.add(it.rel)
+                                log.warning("skipping %s: %s", it.rel, why)
                             stats["skipped"] += 1
                             pb.update(1)
                             continue
