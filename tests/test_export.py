@@ -683,7 +683,9 @@ def test_a_stopped_export_resumes_and_a_refused_one_keeps_its_scores(data, tmp_p
     assert _export(data, weak, ref, "--force", "--private-map", str(tmp_path / "ref.csv")) == 0
     dest, pm = tmp_path / "dest", str(tmp_path / "dest.csv")
     calls = _count_attacks(monkeypatch, fail_at=2)
+    capsys.readouterr()
     assert _export(data, weak, dest, "--force", "--private-map", pm) == 130  # stopped in the second shard
+    assert "interrupted; nothing exported yet: rerun the same command to resume" in capsys.readouterr().err
     assert not dest.exists() and (tmp_path / ".dest.partial").is_dir()
     monkeypatch.undo()
     calls = _count_attacks(monkeypatch)

@@ -735,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     except shards.VerifyError as e:
         return fail(PROG, e, 1)
     except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing exported yet: rerun the same command to resume (the shards gated "
+              "so far are kept beside DEST)", file=sys.stderr)
         return 130
     except OSError as e:  # reading or writing files (a full disk, permissions): bad input/IO, not a refusal
         if debug():
