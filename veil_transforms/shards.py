@@ -1629,7 +1629,8 @@ def verify(out: str | os.PathLike, *, require_complete: bool = True) -> dict:
     m = read_manifest(out)
     problems = []
     if require_complete and not m.get("complete"):
-        problems.append(f"only {len(m['shards'])} of {m['num_shards']} shards are finished (rerun veil-shard)")
+        problems.append(f"only {len(m['shards'])} of {m['num_shards']} shards are finished (veil-shard is still "
+                        "running, or was stopped: rerun it to finish)")
     seen: set[str] = set()
     for s in m["shards"]:
         f = out / s["name"]
@@ -1637,7 +1638,8 @@ def verify(out: str | os.PathLike, *, require_complete: bool = True) -> dict:
             problems.append(f"{s['name']}: missing")
             continue
         if file_sha256(f) != s["sha256"]:
-            problems.append(f"{s['name']}: sha256 differs from the manifest")
+            problems.append(f"{s['name']}: sha256 differs from the manifest (changed or damaged since written; "
+                            "rerunning veil-shard writes it again)")
             continue
         try:
             n = 0
