@@ -431,7 +431,7 @@ def test_bad_images(face_model):
         t(torch.zeros(1, 25, 25, dtype=torch.int32))
     with pytest.raises(ValueError, match="empty batch"):
         t(torch.zeros(0, 1, 25, 25, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="mode 'L' or 'RGB'"):
+    with pytest.raises(ValueError, match="mode 'L', 'RGB' or 'RGBA'"):
         t(PIL.Image.new("CMYK", (25, 25)))
 
 

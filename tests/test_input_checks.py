@@ -914,3 +914,15 @@ def test_a_key_file_others_can_read_warns_once(tmp_path, caplog):
         keys.read_key_file(f)
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "mode 0644" in msgs[0] and "chmod 600" in msgs[0], msgs
+
+
+def test_rgba_pil_images_go_to_a_four_channel_f_and_p_mode_says_mask():
+    """An RGBA PIL image was refused even for an F of 4 channels (the same pixels as a 4-channel array
+    were veiled); a mode-P image's hint now names the mask case (a helper's review)."""
+    torch.manual_seed(0)
+    v = VeilTransform(LeNet5(4, 2), steps=2, key=KEY, device="cpu")
+    a = torch.randint(0, 256, (28, 28, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy()
+    out = v(PIL.Image.fromarray(a, mode="RGBA"))
+    assert out.mode == "RGBA" and np.array_equal(np.asarray(out), v(a))
+    with pytest.raises(ValueError, match="mode P is not an image: pass it as tv_tensors.Mask"):
+        v(PIL.Image.new("P", (28, 28)))

@@ -295,8 +295,11 @@ def _describe(x: Any) -> str:
 def to_chw(inpt: Any) -> torch.Tensor:
     """One image (PIL, numpy HW/HWC, tensor CHW, tv_tensors.Image) as a plain ``[C, H, W]`` tensor."""
     if isinstance(inpt, PIL.Image.Image):
-        if inpt.mode not in ("L", "RGB"):
-            raise ValueError(f"PIL images must be mode 'L' or 'RGB', got {inpt.mode!r}; convert() first")
+        if inpt.mode not in ("L", "RGB", "RGBA"):
+            mask = (" (a segmentation mask in mode P is not an image: pass it as tv_tensors.Mask, or give "
+                    "VeiledDataset image_key=)") if inpt.mode == "P" else ""
+            raise ValueError(f"PIL images must be mode 'L', 'RGB' or 'RGBA' (for an F of 4 channels), got "
+                             f"{inpt.mode!r}: convert('L') or convert('RGB') first{mask}")
         inpt = np.asarray(inpt)
     if isinstance(inpt, np.ndarray):
         if inpt.dtype != np.uint8 and not np.issubdtype(inpt.dtype, np.floating):
