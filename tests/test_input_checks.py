@@ -926,3 +926,19 @@ def test_rgba_pil_images_go_to_a_four_channel_f_and_p_mode_says_mask():
     assert out.mode == "RGBA" and np.array_equal(np.asarray(out), v(a))
     with pytest.raises(ValueError, match="mode P is not an image: pass it as tv_tensors.Mask"):
         v(PIL.Image.new("P", (28, 28)))
+
+
+def test_a_cache_that_cannot_be_written_warns_once_and_blames_no_transform(vt, tmp_path, caplog, monkeypatch):
+    """A directory cache that cannot be written (disk full, read-only): one warning, right veils; a later
+    miss in a veiled block is then not blamed on a random transform in the dataset."""
+    def full(path, array):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dataset_mod, "_atomic_save", full)
+    data = _Images(8)
+    ds = VeiledDataset(data, vt, batch_size=4, cache=tmp_path, progress=False)
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        for i in (0, 1, 2, 5):
+            assert torch.equal(ds[i][0], vt(data.x[i]))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "cannot write the veil cache" in msgs[0] and "No space left" in msgs[0], msgs

@@ -292,11 +292,12 @@ class VeiledDataset(Dataset):
                             "cache=<directory>")
         start = index // self.batch_size * self.batch_size
         if start in self._blocks:  # veiled whole before, yet a miss: the wrapped dataset is not deterministic
-            self._warn_once("random", "the wrapped dataset returned another image for sample %s than when it "
-                            "was veiled (a random transform inside it?): every such access is veiled again, "
-                            "a full veil of that sample alone (not of its batch of %d)%s; apply random "
-                            "augmentations to VeiledDataset's output instead", index, self.batch_size,
-                            f", and stored in {self._dir}, which grows each epoch" if self._dir is not None else "")
+            if "write" not in self._warned:  # (or the directory cache could not keep the block: said already)
+                self._warn_once("random", "the wrapped dataset returned another image for sample %s than when it "
+                                "was veiled (a random transform inside it?): every such access is veiled again, "
+                                "a full veil of that sample alone (not of its batch of %d)%s; apply random "
+                                "augmentations to VeiledDataset's output instead", index, self.batch_size,
+                                f", and stored in {self._dir}, which grows each epoch" if self._dir is not None else "")
             return self._veil_samples([sample], [index])[0]
         # veil the whole block this index falls in: one batch instead of one sample
         self._blocks.add(start)
