@@ -847,6 +847,8 @@ def test_a_weak_hardened_pad_names_the_dataset_sample(lenet):
     veil = VeilTransform(lenet, steps=2, key=KEY, device="cpu", mode="hardened")
     with pytest.raises(ValueError, match=r"the flip bits of sample 7 \("):
         VeiledDataset(data, veil, batch_size=4, progress=False).prepare()
+    with pytest.raises(ValueError, match=r"the flip bits of sample 7 \("):  # uncached: veiled alone
+        VeiledDataset(data, veil, batch_size=4, cache=None, progress=False)[7]
 
 
 class _FunctionalBN(nn.Module):

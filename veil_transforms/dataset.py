@@ -279,7 +279,7 @@ class VeiledDataset(Dataset):
         index %= n
         sample = self.dataset[index]
         if self._memory is None and self._dir is None:  # no cache: a block's other veils would be thrown away
-            return self._veil_samples([sample], None)[0]
+            return self._veil_samples([sample], [index])[0]
         images, put = self._split(sample)  # this sample's own veils: a DataLoader worker after prepare() reads just those
         held = self._veil_images([to_chw(im) for im in images], [(index, j) for j in range(len(images))],
                                  cached_only=True)
