@@ -1507,6 +1507,12 @@ def test_recheck_source_veils_again_the_shards_of_edited_images(data, tmp_path, 
     assert not any("changed in SRC" in r.getMessage() for r in caplog.records)
     assert {s["name"]: s["sha256"] for s in shards.read_manifest(out)["shards"]} == after
     shards.verify(out)
+    n = sum(s["count"] for s in shards.read_manifest(out)["shards"])
+    (src / "class0" / "img007b.png").write_bytes(_png(a))  # the corrupt file, mended: veiled now
+    assert shard_cli.main([*argv, "--recheck-source"]) == 0
+    m = shards.read_manifest(out)
+    assert not any(sk["path"] == "class0/img007b.png" for s in m["shards"] for sk in s["skipped"])
+    assert sum(s["count"] for s in m["shards"]) == n + int(copies)
 
 
 def test_a_labels_file_naming_a_file_twice_names_it(data, tmp_path, capsys):

@@ -1310,11 +1310,17 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
     done = {s["index"] for s in m["shards"] if s["index"] % world_size != rank}
     mine = [s for s in m["shards"] if s["index"] % world_size == rank]
     owned = opaque_keys(plan.veil.key, plan.copies, plan.source.items) if recheck_source else {}
-    channels = int(plan.header["source"]["sample_shape"][0])
+    shape = tuple(plan.header["source"]["sample_shape"])
+    channels = int(shape[0])
 
     def source_changed(f: Path, s: dict) -> bool:
         if s.get("source_tag") is None:
             return False  # made before tags were recorded: nothing to compare
+        for sk in s.get("skipped") or []:  # a file skipped then (corrupt, another size) that is fine now
+            it = owned.get(sk.get("key"))
+            with contextlib.suppress(Exception):
+                if it is not None and decode_image(plan.source.read_bytes(it.item), channels=channels).shape == shape:
+                    return True
         try:
             keys = [smp["__key__"] for smp in read_tar_samples(f)]
             if not keys:
