@@ -944,3 +944,26 @@ def test_a_cache_that_cannot_be_written_warns_once_and_blames_no_transform(vt, t
             assert torch.equal(ds[i][0], vt(data.x[i]))
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "cannot write the veil cache" in msgs[0] and "No space left" in msgs[0], msgs
+
+
+class _ViewFlatten(nn.Module):
+    """x.view(x.size(0), -1) on a 4-d activation: needs contiguous memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).view(x.size(0), -1))
+
+
+def test_a_model_that_flattens_with_view_is_veiled_contiguous():
+    """The veil runs 3+ channels channels-last; an F flattening with .view failed inside the loop with
+    torch's raw 'view size is not compatible' (the up-front check ran it contiguous; a helper's review)."""
+    torch.manual_seed(0)
+    m = _ViewFlatten().eval()
+    x = u8(2, c=3, s=32)
+    kw = dict(key=KEY, device="cpu", steps=3, threshold=-float("inf"))
+    got = VeilTransform(m, **kw).veil_batch(x)
+    ref = F.veil(m, x, key=KEY, steps=3, threshold=-float("inf"), lr=F.DEFAULT_LR, device="cpu", channels_last=False)
+    assert torch.equal(got, ref)

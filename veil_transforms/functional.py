@@ -25,7 +25,7 @@ import torch
 
 from . import keys as _keys
 from .allocator import tune_for_cpu_veil
-from .model import LocalModel, check_model, frozen, modes_of, restore_modes
+from .model import LocalModel, check_model, frozen, modes_of, restore_modes, takes_channels_last
 
 # Chosen from benchmarks/lr_sweep.py on MNIST 8k/2k / LeNet-5 (benchmarks/results/lr_sweep.md,
 # H200): 0.03, 0.1 and 0.3 all leave the veiled model 4.6-5.5 points below the baseline on
@@ -787,8 +787,8 @@ def veil(
             if not torch.equal(torch.from_numpy(_keys.pad_uniforms_np(bits)), pad_uniforms[i : i + 1].cpu()):
                 raise ValueError(f"veil: pad_uniforms= is not the pad of these images' flip bits (sample {i}: "
                                  "keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0)))")
-    if channels_last is None:
-        channels_last = xn.shape[1] >= 3
+    if channels_last is None:  # (after check_model below would be too late: F runs on this layout)
+        channels_last = xn.shape[1] >= 3 and takes_channels_last(model, tuple(xn.shape[1:]))
     xn = xn.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x0 = random_pixel_flip(xn, p, generator, uniform=None if u is None else u.to(device))
     if chunk is None:

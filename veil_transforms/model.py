@@ -18,6 +18,7 @@ import hashlib
 import inspect
 import io
 import itertools
+import logging
 import os
 import pickle
 import re
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 
+log = logging.getLogger(__name__)
 _FROZEN_LOCK = threading.Lock()
 _FROZEN: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()  # module -> [depth, modes, flags]
 
@@ -336,6 +338,38 @@ def check_model(model, sample_shape: tuple[int, ...]) -> None:
     LocalModel(model).check_input(shape)
     with _FROZEN_LOCK:
         _ACCEPTED.setdefault(model, set()).add(shape)
+
+
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # module -> {shape: bool}
+
+
+def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
+    """Whether F runs on a channels-last batch of ``sample_shape``, the veil's layout for 3+ channels
+    (faster convolutions). A forward that flattens with ``x.view(x.size(0), -1)`` fails on one (the view
+    needs contiguous memory), and that F gets the contiguous layout instead. One forward of two zero
+    images per model and shape (a pass is remembered, a failure is not: the model may be mended in
+    place); other callables: True."""
+    if not isinstance(model, nn.Module):
+        return True
+    shape = tuple(int(s) for s in sample_shape)
+    with _FROZEN_LOCK:
+        hit = _LAYOUT.get(model, {}).get(shape)
+    if hit is not None:
+        return hit
+    dev = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    x = torch.zeros((2, *shape), device=dev).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), frozen(model):
+            model(x)
+        ok = True
+    except Exception:  # noqa: BLE001 - any failure: run it contiguous (its errors, if any, are check_model's)
+        ok = False
+        log.info("local model %s does not run on channels-last input: veiling in the contiguous layout",
+                 type(model).__name__)
+    if ok:
+        with _FROZEN_LOCK:
+            _LAYOUT.setdefault(model, {})[shape] = True
+    return ok
 
 
 def _what_it_returned(out) -> str:
