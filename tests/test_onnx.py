@@ -624,3 +624,74 @@ def test_batch1_export_with_a_constant_token_runs_batched():  # O29
         m = load_onnx(model.SerializeToString())
     x = _randn(3, 3, 4)
     assert torch.allclose(m(x), torch.cat([m(x[i:i + 1]) for i in range(3)]))
+
+
+class _TiedMax(nn.Module):
+    """Global max pooling written as x.max(dim): PyTorch routes its gradient to the first maximum."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 16, 3, padding=1), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.c(x)).flatten(2).max(dim=2)[0])
+
+
+class _AdaptiveMax(_TiedMax):
+    def forward(self, x):
+        return self.fc(nn.functional.adaptive_max_pool2d(torch.relu(self.c(x)), 1).flatten(1))
+
+
+class _ClipByInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(1, 4, 3, padding=1), nn.Linear(4 * 28 * 28, 10)
+
+    def forward(self, x):
+        h = self.c(x)
+        return self.fc(torch.clamp(h, max=h.amax() * 0.5).flatten(1))
+
+
+@pytest.mark.parametrize("net, exporter, batch", [(_TiedMax, "torchscript17", 2), (_AdaptiveMax, "dynamo", 2),
+                                                  (_ClipByInput, "torchscript17", 1)])
+def test_gradient_of_max_and_input_bounds_follows_pytorch(tmp_path, net, exporter, batch):
+    """ReduceMax split its gradient evenly over tied maxima (amax), where PyTorch's max(dim) and
+    adaptive_max_pool2d give it to the first; images with flat regions tie, and the veil moved by up to
+    20 grey levels in 50 steps. A Clip bound computed from the input passed no gradient (a helper's
+    review of ONNX files)."""
+    torch.manual_seed(0)
+    m = net().eval()
+    x = torch.randn(batch, 1, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            pytest.importorskip("onnxscript")
+            torch.onnx.export(m, (x,), str(tmp_path / "f.onnx"), dynamo=True, verbose=False)
+        else:
+            torch.onnx.export(m, (x,), str(tmp_path / "f.onnx"), dynamo=False, opset_version=17)
+        f = load_onnx(tmp_path / "f.onnx")
+    imgs = torch.full((batch, 1, 28, 28), -1.0)
+    imgs[:, :, 8:18, 10:14] = 1.0  # flat regions: ties in every channel's max
+    if net is _ClipByInput:  # its bound is an amax (ties split in PyTorch too): no ties
+        imgs = torch.rand((batch, 1, 28, 28), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    ga, gb = (torch.autograd.grad(g(xx).abs().sum(), xx)[0]
+              for g, xx in ((f, imgs.clone().requires_grad_()), (m, imgs.clone().requires_grad_())))
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-6), float((ga - gb).abs().max() / gb.abs().max())
+
+
+def test_a_file_with_several_outputs_says_which_is_f(tmp_path):
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(1, 8, 3), nn.Linear(8, 10)
+
+        def forward(self, x):
+            feat = torch.relu(self.c(x)).mean((2, 3))
+            return feat, self.fc(feat)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Two().eval(), (torch.randn(2, 1, 28, 28),), str(tmp_path / "f.onnx"), dynamo=False,
+                          opset_version=17, output_names=["feat", "logits"])
+    with pytest.warns(UserWarning, match=r"has 2 outputs \('feat', 'logits'\): F is the first, 'feat'"):
+        load_onnx(tmp_path / "f.onnx")

@@ -286,7 +286,10 @@ def _clip(ctx, node, v):
         lo, hi = None, None
         for i in (1, 2):
             if len(v) > i and v[i] is not None:
-                bound = _host_scalar(ctx, node, i, v)
+                if isinstance(v[i], torch.Tensor) and v[i].requires_grad and v[i].numel() == 1:
+                    bound = v[i].reshape(())  # computed from the input: the gradient flows through it too
+                else:
+                    bound = _host_scalar(ctx, node, i, v)
                 if i == 1:
                     lo = bound
                 else:
@@ -296,6 +299,9 @@ def _clip(ctx, node, v):
         hi = None if hi is None else int(hi)
     if lo is None and hi is None:
         return x
+    if isinstance(lo, torch.Tensor) or isinstance(hi, torch.Tensor):  # clamp takes both as tensors or neither
+        lo, hi = (b if b is None or isinstance(b, torch.Tensor) else torch.tensor(b, dtype=x.dtype, device=x.device)
+                  for b in (lo, hi))
     return torch.clamp(x, min=lo, max=hi)
 
 
@@ -504,10 +510,24 @@ def _gap(ctx, node, v):
     return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
 
 
+def _extreme(x: torch.Tensor, dims, keepdim: bool, largest: bool = True) -> torch.Tensor:
+    """max (min) over ``dims`` whose gradient goes to the first extreme element in row-major order, as
+    PyTorch's ``x.max(dim)``, ``adaptive_max_pool2d`` and ``max_pool2d`` route it (which export to
+    ReduceMax / GlobalMaxPool), not split evenly over ties as ``amax`` does: images with flat regions
+    tie often, and the split gradient moved the veil by up to 20 grey levels in 50 steps."""
+    dims = sorted(d % x.ndim for d in dims)
+    rest = [d for d in range(x.ndim) if d not in dims]
+    y = x.permute(*rest, *dims).reshape(*[x.shape[d] for d in rest], -1)
+    out = (y.max(dim=-1) if largest else y.min(dim=-1)).values
+    if keepdim:
+        out = out.reshape([1 if d in dims else x.shape[d] for d in range(x.ndim)])
+    return out
+
+
 @_op("GlobalMaxPool")
 def _gmp(ctx, node, v):
     x = v[0]
-    return x.amax(dim=tuple(range(2, x.ndim)), keepdim=True)
+    return _extreme(x, range(2, x.ndim), True)
 
 
 @_op("BatchNormalization")
@@ -909,8 +929,8 @@ def _prod(x, dim, keepdim):
 _REDUCE = {
     "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
     "ReduceSum": lambda x, d, k: x.sum(dim=d, keepdim=k),
-    "ReduceMax": lambda x, d, k: x.amax(dim=d, keepdim=k),
-    "ReduceMin": lambda x, d, k: x.amin(dim=d, keepdim=k),
+    "ReduceMax": lambda x, d, k: _extreme(x, d, k) if x.numel() else x.amax(dim=d, keepdim=k),
+    "ReduceMin": lambda x, d, k: _extreme(x, d, k, largest=False) if x.numel() else x.amin(dim=d, keepdim=k),
     "ReduceProd": _prod,
     "ReduceL1": lambda x, d, k: x.abs().sum(dim=d, keepdim=k),
     "ReduceL2": lambda x, d, k: torch.linalg.vector_norm(x, 2, dim=d, keepdim=k),
@@ -1316,6 +1336,11 @@ def load_onnx(src: bytes | str | os.PathLike, *, check: bool = True) -> torch.nn
     except (ValueError, NotImplementedError) as e:
         raise ValueError(f"cannot build the graph: {e}") from None
     m.eval()
+    if len(model.graph.output) > 1:  # an nn.Module returning a tuple is refused; a file's first output is used
+        names = ", ".join(repr(o.name) for o in model.graph.output[:5]) + (", ..." if len(model.graph.output) > 5 else "")
+        warnings.warn(f"the ONNX model has {len(model.graph.output)} outputs ({names}): F is the first, "
+                      f"{model.graph.output[0].name!r}; if the veil should match another (the logits), export F "
+                      "with that one output", stacklevel=3)
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
     static = shape is not None and len(shape) > 0 and all(d is not None for d in shape[1:])
     if check and not static:
