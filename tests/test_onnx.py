@@ -695,3 +695,26 @@ def test_a_file_with_several_outputs_says_which_is_f(tmp_path):
                           opset_version=17, output_names=["feat", "logits"])
     with pytest.warns(UserWarning, match=r"has 2 outputs \('feat', 'logits'\): F is the first, 'feat'"):
         load_onnx(tmp_path / "f.onnx")
+
+
+def test_a_model_onnxruntime_cannot_run_loads_with_a_warning(tmp_path):
+    """Conv2d(padding='same', dilation=2) exports as auto_pad=SAME_UPPER with dilations, which
+    onnxruntime refuses to run; the parity check refused the file though the interpreter is exact (a
+    helper's review)."""
+    class Same(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.fc = nn.Conv2d(1, 4, 3, padding="same", dilation=2), nn.Linear(4 * 28 * 28, 10)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x)).flatten(1))
+
+    torch.manual_seed(0)
+    m = Same().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (torch.randn(2, 1, 28, 28),), str(tmp_path / "f.onnx"), dynamo=False, opset_version=17)
+    with pytest.warns(UserWarning, match="onnxruntime cannot run the model"):
+        f = load_onnx(tmp_path / "f.onnx")
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(f(x), m(x), atol=1e-5)

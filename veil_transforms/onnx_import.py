@@ -1385,8 +1385,11 @@ def _check_parity(src, name, elem, x, y, tol) -> None:
         sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
         feed = x.numpy().astype(np.dtype(_FLOAT_CODES[elem]) if elem != 16 else np.float32)
         ref = torch.from_numpy(np.asarray(sess.run(None, {name: feed})[0], dtype=np.float32))
-    except Exception as e:
-        raise ValueError(f"onnxruntime cannot run the model: {str(e).strip().splitlines()[0][:300]}") from None
+    except Exception as e:  # noqa: BLE001 - the reference cannot run it (e.g. dilated SAME_UPPER convs,
+        # float64 convs): the file may still be valid, and the library's interpreter exact; say so, go on
+        warnings.warn(f"onnxruntime cannot run the model ({str(e).strip().splitlines()[0][:200]}), so the library's "
+                      "interpreter is not compared with it; the gradient checks still run", stacklevel=3)
+        return
     if tuple(ref.shape) != tuple(y.shape):
         raise ValueError(f"output shape {tuple(y.shape)} differs from onnxruntime's {tuple(ref.shape)}")
     err = _rel_err(y.float(), ref)
