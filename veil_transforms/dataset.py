@@ -97,11 +97,12 @@ class VeiledDataset(Dataset):
             self._root = Path(cache).expanduser()
         self._check_settings()
 
-    def _check_settings(self) -> None:
+    def _check_settings(self, fast: bool = False) -> None:
         """Point the caches at this veil's settings, key and F's weights as they are now: F's weights
         loaded after the dataset was made (``F.load_state_dict(...)``) or changed in place must not get
-        the veils of the F it was made with (the fingerprint is recomputed only when a weight changes)."""
-        sid = self._settings_id()
+        the veils of the F it was made with (the fingerprint is recomputed only when a weight changes).
+        ``fast`` (a cache hit): F's weights are checked for in-place changes only (LocalModel.fingerprint)."""
+        sid = self._settings_id(fast)
         if sid == self._id:
             return
         if self._id is not None:
@@ -130,10 +131,10 @@ class VeiledDataset(Dataset):
         return (f"{type(self).__name__}({type(self.dataset).__name__}, {n}, veil={self.veil!r}, "
                 f"batch_size={self.batch_size}, cache={cache}{key})")
 
-    def _settings_id(self) -> str:
+    def _settings_id(self, fast: bool = False) -> str:
         # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
         s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key) \
-            + self.veil.local_model.fingerprint()
+            + self.veil.local_model.fingerprint(fast)
         return "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16]
 
     # -- sample structure -------------------------------------------------------
@@ -166,7 +167,7 @@ class VeiledDataset(Dataset):
     def _veil_images(self, chws: list[torch.Tensor], ids: list[Any], *, cached_only: bool = False) -> list[Any]:
         """Veiled versions of ``chws``; ``ids`` are memory-cache ids (``(index, j)``, ``_BY_CONTENT`` or
         None). ``cached_only``: look up the caches only, None where a veil is not there."""
-        self._check_settings()
+        self._check_settings(fast=cached_only)
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
@@ -300,10 +301,11 @@ class VeiledDataset(Dataset):
                                 f", and stored in {self._dir}, which grows each epoch" if self._dir is not None else "")
             return self._veil_samples([sample], [index])[0]
         # veil the whole block this index falls in: one batch instead of one sample
-        self._blocks.add(start)
         block = list(range(start, min(start + self.batch_size, n)))
         samples = [sample if i == index else self.dataset[i] for i in block]
-        return self._veil_samples(samples, block)[index - start]
+        out = self._veil_samples(samples, block)[index - start]
+        self._blocks.add(start)  # only once veiled: a read error or Ctrl-C half-way is not "not deterministic"
+        return out
 
     def prepare(self) -> "VeiledDataset":
         """Veil every sample now (in batches, with a progress bar); returns self."""

@@ -102,7 +102,7 @@ class LocalModel(nn.Module):
         self._source: tuple[str, bytes] | None = None  # (kind, bytes) for non-picklable modules
         self._extractor = self._make_extractor(module, layer) if layer is not None else None
         self._checked: set[tuple[int, ...]] = set()
-        self._refused: dict[tuple[int, ...], str] = {}  # shapes F refused, with why (asked again per sample)
+        self._refused: dict[tuple[int, ...], tuple[str, tuple]] = {}  # shapes F refused: why, and F's parameters then
 
     @staticmethod
     def _make_extractor(module, layer):
@@ -154,18 +154,19 @@ class LocalModel(nn.Module):
         Runs F once on a batch of two zero images (cached per shape).
         """
         sample_shape = tuple(int(s) for s in sample_shape)
-        sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
-        if sig != getattr(self, "_checked_for", None):  # F changed since (model.float(), .to(), a new layer):
-            self._checked, self._refused, self._checked_for = set(), {}, sig  # a refusal must not outlive a fix
-        if sample_shape in self._checked:
+        if sample_shape in self._checked:  # (asked per sample: nothing else on this path)
             return
-        if sample_shape in self._refused:
-            raise ValueError(self._refused[sample_shape])
+        if sample_shape in self._refused:  # unless F changed since (model.float(), .to(), a new layer): a
+            sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
+            if sig == self._refused[sample_shape][1]:  # refusal must not outlive the fix
+                raise ValueError(self._refused[sample_shape][0])
         try:
             self._check_input(sample_shape)
         except ValueError as e:
-            self._refused[sample_shape] = str(e)
+            sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
+            self._refused[sample_shape] = (str(e), sig)
             raise
+        self._refused.pop(sample_shape, None)
         self._checked.add(sample_shape)
 
     def accepts(self, sample_shape: tuple[int, ...]) -> bool:
@@ -222,18 +223,22 @@ class LocalModel(nn.Module):
                 "TorchScript traced in train mode keeps it), so one key would give a new veil each time; "
                 "export F in eval mode")
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, fast: bool = False) -> str:
         """sha256 of what F computes besides the veil's settings: its file (when loaded from one) or its
         weights (parameters and buffers, with names, dtypes and shapes), and the layer. A retrained F
         has another fingerprint, so a cache keyed by it does not hand back the old F's veils. Kept until
-        a weight changes (tensor version counters: ``load_state_dict``, an optimizer step, in-place ops;
-        not edits through ``.data``, which autograd does not see either)."""
-        tensors = list(itertools.chain(self.module.named_parameters(), self.module.named_buffers()))
-        sig = (self.name, self.layer, id(self.module),
-               tuple((n, id(t), t._version, t.data_ptr(), t.dtype, t.device) for n, t in tensors))
+        a weight or a submodule changes (tensor version counters and storage: ``load_state_dict``, an
+        optimizer step, in-place ops, ``.float()``; not edits through ``.data``, which autograd does not
+        see either). ``fast``: only in-place changes of the tensors hashed last are looked for (a summed
+        version counter, no walk of the modules): a cache hit's check."""
         held = getattr(self, "_fingerprint", None)
-        if held is not None and held[0] == sig:
+        if fast and held is not None and held[2] == self._version_token(held[3]):
             return held[1]
+        sig = self._weights_sig()
+        if held is not None and held[0] == sig:
+            self._fingerprint = (*held[:2], self._version_token(held[3]), held[3])
+            return held[1]
+        tensors = list(itertools.chain(self.module.named_parameters(), self.module.named_buffers()))
         h = hashlib.sha256(repr((self.name, self.layer)).encode())
         if self._source is not None:
             h.update(self._source[0].encode() + self._source[1])
@@ -243,8 +248,26 @@ class LocalModel(nn.Module):
             t = t.detach()
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        self._fingerprint = (sig, h.hexdigest())
+        held_tensors = [t for _, t in tensors]
+        self._fingerprint = (sig, h.hexdigest(), self._version_token(held_tensors), held_tensors)
         return self._fingerprint[1]
+
+    def _version_token(self, tensors: list) -> tuple:
+        """Cheap (no walk of the modules): F's identity and the summed version counters of the tensors
+        hashed last (they only grow, so any in-place change, load_state_dict's included, moves it)."""
+        return id(self.module), sum(t._version for t in tensors)
+
+    def _weights_sig(self) -> tuple:
+        """What fingerprint() is kept for: each submodule's identity, each tensor's identity, version
+        counter and storage. A flat walk of the modules' own dicts (named_parameters() builds every
+        name: most of a cache hit's time in VeiledDataset with a ResNet)."""
+        sig: list = [self.name, self.layer]
+        for m in self.module.modules():
+            sig.append(id(m))
+            for t in itertools.chain(m._parameters.values(), m._buffers.values()):
+                if t is not None:
+                    sig += (id(t), t._version, t.data_ptr())
+        return tuple(sig)
 
     # -- loading ---------------------------------------------------------------
     @classmethod
@@ -347,15 +370,16 @@ def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
     """Whether F runs on a channels-last batch of ``sample_shape``, the veil's layout for 3+ channels
     (faster convolutions). A forward that flattens with ``x.view(x.size(0), -1)`` fails on one (the view
     needs contiguous memory), and that F gets the contiguous layout instead. One forward of two zero
-    images per model and shape (a pass is remembered, a failure is not: the model may be mended in
-    place); other callables: True."""
+    images per model and shape (a failure is remembered until F's parameters change dtype, device or
+    identity: the model may be mended in place); other callables: True."""
     if not isinstance(model, nn.Module):
         return True
     shape = tuple(int(s) for s in sample_shape)
+    sig = tuple((id(t), t.dtype, t.device) for t in model.parameters())  # what a mend would change
     with _FROZEN_LOCK:
         hit = _LAYOUT.get(model, {}).get(shape)
-    if hit is not None:
-        return hit
+    if hit is not None and (hit[0] or hit[1] == sig):
+        return hit[0]
     dev = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     x = torch.zeros((2, *shape), device=dev).contiguous(memory_format=torch.channels_last)
     try:
@@ -366,9 +390,8 @@ def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
         ok = False
         log.info("local model %s does not run on channels-last input: veiling in the contiguous layout",
                  type(model).__name__)
-    if ok:
-        with _FROZEN_LOCK:
-            _LAYOUT.setdefault(model, {})[shape] = True
+    with _FROZEN_LOCK:
+        _LAYOUT.setdefault(model, {})[shape] = (ok, sig)
     return ok
 
 
