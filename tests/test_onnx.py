@@ -718,3 +718,15 @@ def test_a_model_onnxruntime_cannot_run_loads_with_a_warning(tmp_path):
         f = load_onnx(tmp_path / "f.onnx")
     x = torch.randn(2, 1, 28, 28)
     assert torch.allclose(f(x), m(x), atol=1e-5)
+
+
+def test_a_file_with_mismatched_types_is_still_refused(tmp_path):
+    """Only a kernel onnxruntime lacks is let through with a warning; a graph whose types do not fit
+    (float32 + float64) is refused as before (a helper's review of the change above)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    b = helper.make_tensor("b", TensorProto.DOUBLE, [3], [1.0, 2.0, 3.0])
+    g = helper.make_graph([helper.make_node("Add", ["x", "b"], ["y"])], "g", [x], [y], [b])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(ValueError):
+        load_onnx(m.SerializeToString())

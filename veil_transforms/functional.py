@@ -551,22 +551,27 @@ def auto_batch_size(
     precision: str = "fp32",
     limit: int = 1 << 16,
     cpu_default: int = 512,
+    channels_last: bool | None = None,
 ) -> int:
     """The largest power-of-two batch (<= ``limit``) for which one veil step fits in memory.
 
     On CUDA: a step on 8 samples gives the memory per sample, the first guess
     is the power of two that fills 80% of free memory, and the guess is halved
     on out-of-memory errors. On other devices returns ``cpu_default`` (on the
-    CPU cache-sized batches are fastest, see :func:`veil`).
+    CPU cache-sized batches are fastest, see :func:`veil`). The steps run in the layout
+    :func:`veil` uses (``channels_last``; None: as veil() decides, channels-last for 3+
+    channels unless F cannot run on it).
     """
     device = torch.device(device)
     if device.type != "cuda":
         return cpu_default
     sample_shape = tuple(int(s) for s in sample_shape)
+    layout_cl = (len(sample_shape) == 3 and sample_shape[0] >= 3 and takes_channels_last(model, sample_shape)
+                 if channels_last is None else channels_last)
 
     def try_batch(b):
         z = torch.zeros((b, *sample_shape), device=device)
-        if z.ndim == 4:
+        if z.ndim == 4 and layout_cl:  # the layout veil() runs in (not for an F that needs contiguous input)
             z = z.contiguous(memory_format=torch.channels_last)
         gradient_iteration(model, z, z, steps=1, threshold=-math.inf, precision=precision)
 
@@ -794,7 +799,7 @@ def veil(
     if chunk is None:
         chunk = len(xn) if device.type == "cuda" else 512
     elif chunk == "auto":
-        chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision)
+        chunk = auto_batch_size(model, xn.shape[1:], device, precision=precision, channels_last=channels_last)
     # F must take these images, give [B, n] that follows the image differentiably, the same for the
     # same image (else the paper mode runs on its pixel term alone, or a key gives a new veil each
     # time, without an error); once per model and shape

@@ -89,7 +89,7 @@ def read_key_file(path: str | os.PathLike, *, create: bool = False) -> bytes:
         return key
     key = as_key(path.read_text().strip())
     mode = path.stat().st_mode
-    if os.name == "posix" and mode & 0o077 and str(path.resolve()) not in _WARNED_MODES:
+    if os.name == "posix" and mode & 0o044 and str(path.resolve()) not in _WARNED_MODES:  # read bits
         _WARNED_MODES.add(str(path.resolve()))  # once per file and process
         log.warning("key file %s can be read by other users (mode %04o): whoever reads it can undo the hardened "
                     "veil's pad and link samples to file names; chmod 600 %s", path, mode & 0o777, path)

@@ -272,11 +272,13 @@ def _imagefolder_source(root: Path) -> Source:
                     continue
                 items.append(SourceItem(rel + fn, ci, os.path.join(dirpath, fn)))
     empty = sorted(set(range(len(classes))) - {it.label for it in items})
-    if empty:  # torchvision's ImageFolder refuses them too; kept, they would shift every later class's index
-        names = ", ".join(repr(classes[i]) for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
-        raise ShardError(f"{len(empty)} class folder(s) of {root} hold no images ({names}): a class without "
-                         "images still takes a label index, so the labels would not be torchvision ImageFolder's "
-                         "(which refuses such a folder); remove the empty folder(s) or put their images in")
+    if empty:  # said, not refused: a validation split may lack a class and must keep the train split's indices
+        names = ", ".join(repr(classes[i]) + (" (a link to a folder listed elsewhere, not followed)"
+                                              if (root / classes[i]).is_symlink() else "")
+                          for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
+        log.warning("%d class folder(s) of %s hold no images (%s): each keeps its label index, as "
+                    "ImageFolder(allow_empty=True) numbers them (torchvision's default refuses such a folder); "
+                    "removing one would renumber every later class", len(empty), root, names)
     return Source("imagefolder", str(root.resolve()), items, classes=classes)
 
 
@@ -1318,9 +1320,8 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
             return False  # made before tags were recorded: nothing to compare
         for sk in s.get("skipped") or []:  # a file skipped then (corrupt, another size) that is fine now
             it = owned.get(sk.get("key"))
-            with contextlib.suppress(Exception):
-                if it is not None and decode_image(plan.source.read_bytes(it.item), channels=channels).shape == shape:
-                    return True
+            if it is not None and _decode_job(it.item, shape)[0] is not None:  # (as the writer decides)
+                return True
         try:
             keys = [smp["__key__"] for smp in read_tar_samples(f)]
             if not keys:

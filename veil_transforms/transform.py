@@ -211,9 +211,9 @@ class VeilTransform(v2.Transform):
         # through (torchvision's rule for samples with marked images). Without marked images, the
         # images among plain uint8/float tensors [C, H, W] / [B, C, H, W] and numpy HW / HWC / BHWC
         # arrays are those F takes: detection targets (masks [N, H, W], keypoints, heatmaps [K, H, W])
-        # pass through; several such are refused, and so is one F takes after one it does not (torchvision
-        # would veil the first: an RGB image beside a depth map F takes must not be handed on unveiled); a
-        # lone one F refuses is veiled, so that its error names the shape.
+        # pass through; several such are refused, and so is one F takes after one of its H x W that it
+        # does not take (torchvision would veil the first: an RGB image beside a depth map F takes must not
+        # be handed on unveiled); a lone one F refuses is veiled, so that its error names the shape.
         if any(isinstance(x, tv_tensors.Video) for x in flat_inputs):
             raise TypeError("VeilTransform does not veil tv_tensors.Video (handing it on unveiled would leak it): "
                             "veil its frames as a batch [T, C, H, W] tensor")
@@ -239,8 +239,11 @@ class VeilTransform(v2.Transform):
                 "one batch ([B, C, H, W] tensor, BHWC array)"
             )
         first = unmarked.index(True) if any(unmarked) else None
-        if any(taken) and not taken[first]:  # e.g. (RGB image, depth map) with a grey F: F takes the map
-            later = taken.index(True)
+        later = taken.index(True) if any(taken) else None
+        if later is not None and not taken[first] and \
+                _sample_shape(flat_inputs[first])[1:] == _sample_shape(flat_inputs[later])[1:]:
+            # e.g. (RGB image, depth map) with a grey F, which takes the map: the same H x W in another
+            # channel count reads as the image (boxes [N, 4] or a map of another size before it do not)
             raise TypeError(
                 f"VeilTransform cannot tell which of these is the image ({_describe(flat_inputs[first])}, which F "
                 f"does not take, then {_describe(flat_inputs[later])}, which it does) and does not guess: "
@@ -266,6 +269,9 @@ class VeilTransform(v2.Transform):
         try:
             return self._transform(inpt)
         except ValueError as e:  # F refusing a numpy array's shape: often CHW or BHW read as channels last
+            if isinstance(inpt, PIL.Image.Image) and inpt.mode == "RGBA" and "does not accept images" in str(e):
+                raise ValueError(f"{e}. This PIL image is RGBA (4 channels): convert('RGB') first, unless F "
+                                 "takes 4 channels") from None
             if not isinstance(inpt, np.ndarray) or "does not accept images" not in str(e):
                 raise
             layout = "B, H, W, C" if inpt.ndim == 4 else "H, W, C" if inpt.ndim == 3 else "H, W"
