@@ -982,8 +982,9 @@ def test_a_model_that_flattens_with_view_is_veiled_contiguous():
 
 
 def test_a_block_that_failed_half_way_is_veiled_whole_next_time(vt, caplog):
-    """The block was marked veiled before it was: a read error in it (caught by the caller) made every
-    later miss a lone veil with a false 'random transform' warning (a helper's review)."""
+    """The block was marked veiled before it was: an error while reading or veiling it (caught by the
+    caller, or Ctrl-C) made every later miss a lone veil with a false 'random transform' warning (a
+    helper's review)."""
     class Flaky(_Images):
         failed = False
 
@@ -993,10 +994,21 @@ def test_a_block_that_failed_half_way_is_veiled_whole_next_time(vt, caplog):
                 raise OSError("transient read error")
             return super().__getitem__(i)
 
-    veil = _Counting(vt.local_model.module, steps=2, key=KEY, device="cpu")
-    ds = VeiledDataset(Flaky(4), veil, batch_size=4, progress=False)
-    with pytest.raises(OSError):
-        ds[0]
-    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
-        assert all(torch.equal(ds[i][0], vt(ds.dataset.x[i])) for i in range(4))
-    assert veil.sizes == [4] and not caplog.records, (veil.sizes, caplog.records)
+    class FlakyVeil(_Counting):
+        failed = False
+
+        def veil_batch(self, x, *a, **kw):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("interrupted")
+            return super().veil_batch(x, *a, **kw)
+
+    for data, veil, error in ((Flaky(4), _Counting(vt.local_model.module, steps=2, key=KEY, device="cpu"), OSError),
+                              (_Images(4), FlakyVeil(vt.local_model.module, steps=2, key=KEY, device="cpu"), RuntimeError)):
+        ds = VeiledDataset(data, veil, batch_size=4, progress=False)
+        with pytest.raises(error):
+            ds[0]
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+            assert all(torch.equal(ds[i][0], vt(data.x[i])) for i in range(4))
+        assert veil.sizes == [4] and not caplog.records, (veil.sizes, caplog.records)
