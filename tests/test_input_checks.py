@@ -1012,3 +1012,17 @@ def test_a_block_that_failed_half_way_is_veiled_whole_next_time(vt, caplog):
         with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
             assert all(torch.equal(ds[i][0], vt(data.x[i])) for i in range(4))
         assert veil.sizes == [4] and not caplog.records, (veil.sizes, caplog.records)
+
+
+def test_a_workers_cache_hits_do_not_look_at_the_weights(vt, monkeypatch):
+    """In a DataLoader worker F is a copy that the main process's changes never reach: its cache hits skip
+    the weights check (the main process's hits make it, test_caches_follow_weights...)."""
+    ds = VeiledDataset(_Images(4), vt, batch_size=4, progress=False).prepare()
+    calls = []
+    real = LocalModel.fingerprint
+    monkeypatch.setattr(LocalModel, "fingerprint", lambda self, fast=False: calls.append(fast) or real(self, fast))
+    ds[0]
+    assert calls == [True]
+    monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: object())
+    ds[1], ds[2]
+    assert calls == [True]

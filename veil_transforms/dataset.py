@@ -167,7 +167,8 @@ class VeiledDataset(Dataset):
     def _veil_images(self, chws: list[torch.Tensor], ids: list[Any], *, cached_only: bool = False) -> list[Any]:
         """Veiled versions of ``chws``; ``ids`` are memory-cache ids (``(index, j)``, ``_BY_CONTENT`` or
         None). ``cached_only``: look up the caches only, None where a veil is not there."""
-        self._check_settings(fast=cached_only)
+        if not (cached_only and get_worker_info() is not None):  # a worker's F is a copy the main process's
+            self._check_settings(fast=cached_only)  # changes never reach: its hits need no check
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
