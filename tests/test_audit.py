@@ -717,20 +717,25 @@ def test_report_passes_only_below_both_bars():
     assert not report(0.2, 0.25).passed and not report(0.1, 0.3).passed  # at a bar is not below it
 
 
+def _faces_shards(faces, root, n, **kw):
+    """``n`` LFW crops as PNGs in ``root/src/a`` and their veil-shard OUT ``root/shards`` (2 steps)."""
+    from veil_transforms import shards
+    from veil_transforms.nets import LeNet5
+
+    src, out = root / "src", root / "shards"
+    (src / "a").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(faces[0][i, 0].numpy()).save(src / "a" / f"p{i}.png")
+    torch.manual_seed(0)
+    shards.write_shards(src, out, LeNet5(1, 2), steps=2, progress=False, **kw)
+    return src, out
+
+
 def test_cli_refuses_an_incomplete_out_and_skips_unlisted_tars(faces, tmp_path):
     """veil-audit passed a veil-shard OUT that was stopped (or still running) half-way, and read a .tar
     its manifest did not list (never checked against a sha256) as if it were a finished shard (found by
     a helper's review of the tools)."""
-    from veil_transforms import shards
-    from veil_transforms.nets import LeNet5
-
-    x, _ = faces
-    src, out = tmp_path / "src", tmp_path / "shards"
-    (src / "a").mkdir(parents=True)
-    for i in range(6):
-        Image.fromarray(x[i, 0].numpy()).save(src / "a" / f"p{i}.png")
-    torch.manual_seed(0)
-    shards.write_shards(src, out, LeNet5(1, 2), steps=2, shard_size=2, progress=False)
+    src, out = _faces_shards(faces, tmp_path, 6, shard_size=2)
     m = json.loads((out / "manifest.json").read_text())
     assert len(m["shards"]) == 3 and m["complete"]
     args = ("--originals", src, "--veiled", out, "--attacks", "fold")
@@ -748,16 +753,7 @@ def test_cli_refuses_an_incomplete_out_and_skips_unlisted_tars(faces, tmp_path):
 def test_cli_refuses_out_inside_the_inputs(faces, tmp_path):
     """--out inside --originals wrote worst.png (original faces) and report files into the source: the
     next export's listing no longer matched and veil-shard took audit/ for a class (a helper's review)."""
-    from veil_transforms import shards
-    from veil_transforms.nets import LeNet5
-
-    x, _ = faces
-    src, out = tmp_path / "src", tmp_path / "shards"
-    (src / "a").mkdir(parents=True)
-    for i in range(3):
-        Image.fromarray(x[i, 0].numpy()).save(src / "a" / f"p{i}.png")
-    torch.manual_seed(0)
-    shards.write_shards(src, out, LeNet5(1, 2), steps=2, progress=False)
+    src, out = _faces_shards(faces, tmp_path, 3)
     before = sorted(p.name for p in src.rglob("*"))
     for where, flag in ((src / "audit", "--originals"), (src, "--originals"), (out / "r", "--veiled")):
         p = cli("--originals", src, "--veiled", out, "--attacks", "fold", "--out", where)
