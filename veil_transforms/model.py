@@ -157,14 +157,12 @@ class LocalModel(nn.Module):
         if sample_shape in self._checked:  # (asked per sample: nothing else on this path)
             return
         if sample_shape in self._refused:  # unless F changed since (model.float(), .to(), a new layer): a
-            sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
-            if sig == self._refused[sample_shape][1]:  # refusal must not outlive the fix
+            if _param_sig(self.module) == self._refused[sample_shape][1]:  # refusal must not outlive the fix
                 raise ValueError(self._refused[sample_shape][0])
         try:
             self._check_input(sample_shape)
         except ValueError as e:
-            sig = (id(self.module), tuple((id(t), t.dtype, t.device) for t in self.module.parameters()))
-            self._refused[sample_shape] = (str(e), sig)
+            self._refused[sample_shape] = (str(e), _param_sig(self.module))
             raise
         self._refused.pop(sample_shape, None)
         self._checked.add(sample_shape)
@@ -363,7 +361,12 @@ def check_model(model, sample_shape: tuple[int, ...]) -> None:
         _ACCEPTED.setdefault(model, set()).add(shape)
 
 
-_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # module -> {shape: bool}
+_LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # module -> {shape: (ok, sig)}
+
+
+def _param_sig(module: nn.Module) -> tuple:
+    """What mending a refused F in place changes: its parameters' identity, dtype and device."""
+    return id(module), tuple((id(t), t.dtype, t.device) for t in module.parameters())
 
 
 def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
@@ -375,10 +378,9 @@ def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
     if not isinstance(model, nn.Module):
         return True
     shape = tuple(int(s) for s in sample_shape)
-    sig = tuple((id(t), t.dtype, t.device) for t in model.parameters())  # what a mend would change
     with _FROZEN_LOCK:
         hit = _LAYOUT.get(model, {}).get(shape)
-    if hit is not None and (hit[0] or hit[1] == sig):
+    if hit is not None and (hit[0] or hit[1] == _param_sig(model)):
         return hit[0]
     dev = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     x = torch.zeros((2, *shape), device=dev).contiguous(memory_format=torch.channels_last)
@@ -391,7 +393,7 @@ def takes_channels_last(model, sample_shape: tuple[int, ...]) -> bool:
         log.info("local model %s does not run on channels-last input: veiling in the contiguous layout",
                  type(model).__name__)
     with _FROZEN_LOCK:
-        _LAYOUT.setdefault(model, {})[shape] = (ok, sig)
+        _LAYOUT.setdefault(model, {})[shape] = (ok, _param_sig(model))
     return ok
 
 
