@@ -1014,9 +1014,10 @@ def test_a_block_that_failed_half_way_is_veiled_whole_next_time(vt, caplog):
         assert veil.sizes == [4] and not caplog.records, (veil.sizes, caplog.records)
 
 
-def test_a_workers_cache_hits_do_not_look_at_the_weights(vt, monkeypatch):
-    """In a DataLoader worker F is a copy that the main process's changes never reach: its cache hits skip
-    the weights check (the main process's hits make it, test_caches_follow_weights...)."""
+def test_a_workers_cache_hits_look_at_the_weights_once(vt, monkeypatch):
+    """In a DataLoader worker F is a copy made when the worker started, which the main process's later
+    changes never reach: its cache hits check the weights once, not per hit (the main process's hits
+    check each time; test_dataloader_workers_follow_weights_changed_between_epochs)."""
     ds = VeiledDataset(_Images(4), vt, batch_size=4, progress=False).prepare()
     calls = []
     real = LocalModel.fingerprint
@@ -1024,5 +1025,76 @@ def test_a_workers_cache_hits_do_not_look_at_the_weights(vt, monkeypatch):
     ds[0]
     assert calls == [True]
     monkeypatch.setattr(dataset_mod, "get_worker_info", lambda: object())
-    ds[1], ds[2]
-    assert calls == [True]
+    ds[1], ds[2], ds[3]
+    assert calls == [True, True]
+
+
+def _noisy_lenet(seed):
+    torch.manual_seed(seed)
+    return LeNet5()
+
+
+@pytest.mark.parametrize("cache", ["memory", "dir"])
+def test_dataloader_workers_follow_weights_changed_between_epochs(cache, tmp_path):
+    """Non-persistent workers start each epoch with a copy of the F of that moment: after F changed, they
+    handed out the old F's veils from the caches (a regression of the worker fast path, found by a
+    helper's review)."""
+    data = _Images(4)
+    kw = dict(steps=3, key=KEY, device="cpu", threshold=-float("inf"))
+    model = _noisy_lenet(1)
+    ds = VeiledDataset(data, VeilTransform(model, **kw), batch_size=4, progress=False,
+                       cache="memory" if cache == "memory" else tmp_path).prepare()
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)
+    first = next(iter(loader))[0]
+    model.load_state_dict(_noisy_lenet(2).state_dict())
+    second = next(iter(loader))[0]
+    assert torch.equal(first, VeilTransform(_noisy_lenet(1), **kw)(data.x))
+    assert torch.equal(second, VeilTransform(_noisy_lenet(2), **kw)(data.x))
+
+
+def test_fast_fingerprint_sees_replaced_parameters_submodules_and_dtypes():
+    """The cache hit's check summed version counters only: a swapped layer, load_state_dict(assign=True),
+    a new Parameter or .half().float() kept the old fingerprint (a helper's review)."""
+    import copy
+
+    lm = LocalModel(_noisy_lenet(1))
+    other = _noisy_lenet(2)
+    changes = [lambda m: setattr(m, "fc3", copy.deepcopy(other.fc3)),
+               lambda m: m.load_state_dict(other.state_dict(), assign=True),
+               lambda m: setattr(m.fc2, "weight", nn.Parameter(m.fc2.weight.detach() + 1)),
+               lambda m: m.half().float()]
+    for change in changes:
+        before = lm.fingerprint()
+        change(lm.module)
+        assert lm.fingerprint(fast=True) != before
+
+
+def test_a_cache_folder_unwritable_when_f_changes_goes_on_uncached(vt, tmp_path, caplog, monkeypatch):
+    model = _noisy_lenet(1)
+    kw = dict(steps=2, key=KEY, device="cpu", threshold=-float("inf"))
+    data = _Images(4)
+    ds = VeiledDataset(data, VeilTransform(model, **kw), batch_size=4, cache=tmp_path, progress=False).prepare()
+    real = type(tmp_path).mkdir
+
+    def full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", full)
+    model.load_state_dict(_noisy_lenet(2).state_dict())
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        got = torch.stack([ds[i][0] for i in range(4)])
+    monkeypatch.setattr(type(tmp_path), "mkdir", real)
+    assert torch.equal(got, VeilTransform(_noisy_lenet(2), **kw)(data.x))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "cannot write the veil cache" in msgs[0], msgs
+
+
+def test_a_damaged_cache_file_is_not_blamed_on_a_random_transform(vt, tmp_path, caplog):
+    data = _Images(4)
+    ds = VeiledDataset(data, vt, batch_size=4, cache=tmp_path, progress=False).prepare()
+    victim = next(ds._dir.glob("*.npy"))
+    victim.write_bytes(b"damaged")
+    with caplog.at_level("WARNING", logger="veil_transforms.dataset"):
+        assert all(torch.equal(ds[i][0], vt(data.x[i])) for i in range(4))
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 1 and "is unusable" in msgs[0], msgs

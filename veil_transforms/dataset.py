@@ -22,6 +22,11 @@ sample in each worker) and cached, so every sample is veiled once:
   atomically; a later run, another process or a DataLoader worker reuses it;
 - ``cache=None`` veils every time (each access costs a full veil of that one sample).
 
+The caches follow F's weights (a checkpoint loaded, an optimizer step, a layer replaced) in the main
+process at every look-up, and in a DataLoader worker once, when it starts: a worker's F is a copy
+made then, so with ``persistent_workers=True`` the workers keep the F they started with (make a new
+DataLoader after changing F).
+
 For DataLoaders with workers over a map-style dataset, call :meth:`prepare`
 first: it veils everything in the main process with a progress bar, and the
 workers then only read the cache (a worker that has to veil with the memory cache
@@ -91,6 +96,8 @@ class VeiledDataset(Dataset):
         self._id: str | None = None  # what the caches hold veils of (_settings_id)
         self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
         self._blocks: set[int] = set()  # map-style blocks veiled whole (a later miss in one: not deterministic)
+        self._unusable: set[str] = set()  # digests of directory-cache files found unusable (a miss they explain)
+        self._checked_pid: int | None = None  # the worker process whose F the caches were last checked against
         if cache not in (None, "memory"):
             if not isinstance(cache, (str, os.PathLike)):
                 raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
@@ -116,7 +123,13 @@ class VeiledDataset(Dataset):
                 d.mkdir(parents=True, exist_ok=True)
                 (d / "settings.json").write_text(json.dumps(self.veil.settings, indent=1, sort_keys=True))
             except OSError as e:
-                raise ValueError(f"cache directory {self._root} cannot be used: {e.strerror or e}") from None
+                if self._id is None:  # at construction: the cache cannot be used at all
+                    raise ValueError(f"cache directory {self._root} cannot be used: {e.strerror or e}") from None
+                # mid-run (F changed, the folder made read-only or full since): go on uncached, as a
+                # failed write does (_from_dir and _to_dir take a missing folder)
+                self._warn_once("write", "cannot write the veil cache in %s (%s: %s): veiled samples are not "
+                                "being cached, so each is veiled again next time", d, type(e).__name__,
+                                e.strerror or e)
             self._dir = d
         self._id = sid
 
@@ -167,8 +180,11 @@ class VeiledDataset(Dataset):
     def _veil_images(self, chws: list[torch.Tensor], ids: list[Any], *, cached_only: bool = False) -> list[Any]:
         """Veiled versions of ``chws``; ``ids`` are memory-cache ids (``(index, j)``, ``_BY_CONTENT`` or
         None). ``cached_only``: look up the caches only, None where a veil is not there."""
-        if not (cached_only and get_worker_info() is not None):  # a worker's F is a copy the main process's
-            self._check_settings(fast=cached_only)  # changes never reach: its hits need no check
+        # A worker's F is a copy made when the worker started (each epoch, unless persistent_workers), which
+        # the main process's later changes never reach: checked once per worker process, not per hit
+        if not (cached_only and get_worker_info() is not None and self._checked_pid == os.getpid()):
+            self._check_settings(fast=cached_only)
+            self._checked_pid = os.getpid() if get_worker_info() is not None else None
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
@@ -192,11 +208,11 @@ class VeiledDataset(Dataset):
         if cached_only:
             return out
         if len(todo) > 1:
-            self._warn_once("shapes", "VeiledDataset: the images of one batch have %d different shapes, veiled as "
-                            "%d separate batches (%s); resize them to one shape before VeiledDataset to veil "
-                            "them %d at a time", len(todo), len(todo),
-                            ", ".join("x".join(map(str, s)) for s, _ in list(todo)[:3]) + (", ..." if len(todo) > 3 else ""),
-                            self.batch_size)
+            self._warn_once("shapes", "VeiledDataset: the images of one batch have %d different shapes or dtypes, "
+                            "veiled as %d separate batches (%s); resize and convert them to one before "
+                            "VeiledDataset to veil them %d at a time", len(todo), len(todo),
+                            ", ".join(f"{'x'.join(map(str, s))} {str(dt).replace('torch.', '')}" for s, dt in list(todo)[:3])
+                            + (", ..." if len(todo) > 3 else ""), self.batch_size)
         for (shape, _), idx in todo.items():
             self.veil.check_shape(shape)
             for s in range(0, len(idx), self.batch_size):
@@ -233,6 +249,7 @@ class VeiledDataset(Dataset):
                 raise ValueError(f"holds {a.dtype} {a.shape}, expected {x.dtype} {tuple(x.shape)}")
         except (OSError, ValueError, EOFError) as e:
             self._warn_once(str(f), "cache file %s is unusable (%s): veiling that sample again", f, e)
+            self._unusable.add(digest)
             return None
         return torch.from_numpy(a)
 
@@ -294,7 +311,10 @@ class VeiledDataset(Dataset):
                             "cache=<directory>")
         start = index // self.batch_size * self.batch_size
         if start in self._blocks:  # veiled whole before, yet a miss: the wrapped dataset is not deterministic
-            if "write" not in self._warned:  # (or the directory cache could not keep the block: said already)
+            # (or the directory cache could not keep the block, or its file was damaged: said already)
+            if "write" not in self._warned and not (
+                    self._unusable and self._dir is not None
+                    and any(self._digest(to_chw(im)) in self._unusable for im in images)):
                 self._warn_once("random", "the wrapped dataset returned another image for sample %s than when it "
                                 "was veiled (a random transform inside it?): every such access is veiled again, "
                                 "a full veil of that sample alone (not of its batch of %d)%s; apply random "

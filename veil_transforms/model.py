@@ -251,9 +251,14 @@ class LocalModel(nn.Module):
         return self._fingerprint[1]
 
     def _version_token(self, tensors: list) -> tuple:
-        """Cheap (no walk of the modules): F's identity and the summed version counters of the tensors
-        hashed last (they only grow, so any in-place change, load_state_dict's included, moves it)."""
-        return id(self.module), sum(t._version for t in tensors)
+        """Cheap (no walk of the modules): F's identity, the summed version counters of the tensors hashed
+        last (they only grow, so any in-place change, load_state_dict's included, moves it), their summed
+        storage addresses (``.half()`` / ``.float()`` replace ``.data``) and how many parameters,
+        buffers and submodules have been assigned in this process (a swapped submodule,
+        ``load_state_dict(assign=True)``: torch's registration hooks, counted from the first call)."""
+        _count_registrations()
+        return (id(self.module), sum(t._version for t in tensors), sum(t.data_ptr() for t in tensors),
+                _REGISTRATIONS[0])
 
     def _weights_sig(self) -> tuple:
         """What fingerprint() is kept for: each submodule's identity, each tensor's identity, version
@@ -359,6 +364,25 @@ def check_model(model, sample_shape: tuple[int, ...]) -> None:
     LocalModel(model).check_input(shape)
     with _FROZEN_LOCK:
         _ACCEPTED.setdefault(model, set()).add(shape)
+
+
+_REGISTRATIONS = [0, False]  # assignments of parameters, buffers and submodules anywhere; hooks installed
+
+
+def _count_registrations() -> None:
+    """Install (once) torch's global registration hooks that count assignments of parameters, buffers
+    and submodules: what a fingerprint's cheap check cannot see in the tensors it holds."""
+    if _REGISTRATIONS[1]:
+        return
+    from torch.nn.modules import module as _m
+
+    def bump(*_args):
+        _REGISTRATIONS[0] += 1
+
+    for register in (_m.register_module_parameter_registration_hook, _m.register_module_buffer_registration_hook,
+                     _m.register_module_module_registration_hook):
+        register(bump)
+    _REGISTRATIONS[1] = True
 
 
 _LAYOUT: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # module -> {shape: (ok, sig)}
