@@ -609,7 +609,7 @@ MUTANTS = [
      '        with frozen(model.module):',
      ['tests/test_input_checks.py', '-k', 'eval_graph']),
     ('H5', 'a refusal outlives the fix', 'veil_transforms/model.py',
-     '            if sig == self._refused[sample_shape][1]:  # refusal must not outlive the fix',
+     '            if _param_sig(self.module) == self._refused[sample_shape][1]:  # refusal must not outlive the fix',
      '            if True:  # refusal must not outlive the fix',
      ['tests/test_input_checks.py', '-k', 'outlive']),
     ('H6', 'random transform: a miss re-veils its whole block', 'veil_transforms/dataset.py',
