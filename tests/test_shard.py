@@ -1564,3 +1564,68 @@ def test_recheck_source_leaves_a_sample_skipped_for_its_label_alone(data, tmp_pa
         assert shard_cli.main([*argv, "--recheck-source"]) == 0
     assert not any("changed in SRC" in r.getMessage() for r in caplog.records)
     assert {s["name"]: s["sha256"] for s in shards.read_manifest(tmp_path / "o")["shards"]} == before
+
+
+def test_a_stopped_recheck_leaves_out_incomplete_and_a_plain_rerun_finishes_it(data, tmp_path, monkeypatch):
+    """A --recheck-source run stopped before it had written the shards it found changed left their old
+    entries in the manifest: OUT still read complete, verified, and a plain rerun or an export without
+    --originals shipped the stale veils (a helper's review)."""
+    src = tmp_path / "src"
+    shutil.copytree(data["src"], src)
+    out = tmp_path / "o"
+    argv = [str(src), str(out), *data["base"][1:], *COMMON]
+    assert shard_cli.main(argv) == 0
+    victim = src / "class1" / "img004.png"
+    victim.write_bytes(_png(255 - np.asarray(PIL.Image.open(victim))))
+
+    def stop(self):
+        raise KeyboardInterrupt  # as a Ctrl-C or kill -9 right after the check
+
+    with monkeypatch.context() as mp:
+        mp.setattr(shards._Writer, "start", stop)
+        assert shard_cli.main([*argv, "--recheck-source"]) == 130
+    m = shards.read_manifest(out)
+    assert not m["complete"] and len(m["shards"]) == m["num_shards"] - 1
+    with pytest.raises(shards.VerifyError, match="shards are finished"):
+        shards.verify(out)
+    assert shard_cli.main(argv) == 0  # a plain rerun writes it again from the edited image
+    shards.verify(out)
+    fresh = tmp_path / "fresh"
+    assert shard_cli.main([str(src), str(fresh), *data["base"][1:], *COMMON]) == 0
+    assert [s["sha256"] for s in shards.read_manifest(out)["shards"]] == \
+        [s["sha256"] for s in shards.read_manifest(fresh)["shards"]]
+
+
+def test_recheck_source_veils_again_shards_without_a_content_tag(data, tmp_path, caplog):
+    """Shards written before content tags were recorded cannot be compared with SRC: --recheck-source
+    passed them silently (a helper's review); now it veils them again, the same bytes if SRC is unchanged."""
+    out = tmp_path / "o"
+    argv = [*_argv(data, out)]
+    argv.remove("--quiet")
+    assert shard_cli.main(argv) == 0
+    m = shards.read_manifest(out)
+    before = [s["sha256"] for s in m["shards"]]
+    for s in m["shards"]:
+        s.pop("source_tag")
+    shards.atomic_write_json(out / "manifest.json", m)
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([*argv, "--recheck-source"]) == 0
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(f"{len(before)} finished shard(s) have no content tag" in x for x in msgs), msgs
+    m = shards.read_manifest(out)
+    assert [s["sha256"] for s in m["shards"]] == before and all(s.get("source_tag") for s in m["shards"])
+
+
+def test_quiet_still_says_what_the_listing_leaves_out(data, tmp_path, capsys):
+    """--quiet hid the warnings about images a labels file does not name (never veiled) and about empty
+    class folders (a helper's review); they print as the damaged-source warnings do."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
+    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\nf1.png,1\n")
+    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+            "--key-file", str(data["key_file"]), *COMMON]
+    assert "--quiet" in argv and shard_cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 image file(s)" in err and "e.g. f2.png" in err, err

@@ -166,11 +166,14 @@ def _prepare_plan(args, rank: int, world: int, local_rank: int, lock) -> shards.
 
 
 def _source_warnings(plan: shards.Plan, quiet: bool) -> None:
-    """Damaged or truncated source shards lose samples: shown under --quiet too (the library's
-    warnings are hidden there)."""
+    """Damaged or truncated source shards lose samples, and a listing can leave images out (a labels file
+    that does not name them) or number classes oddly (an empty class folder): shown under --quiet too
+    (the library's warnings are hidden there)."""
     if quiet:
         for e in plan.source.errors:
             print(f"{PROG}: warning: source shard {e}: samples may be missing", file=sys.stderr, flush=True)
+        for n in plan.source.notices:
+            print(f"{PROG}: warning: {n}", file=sys.stderr, flush=True)
 
 
 def _mode_notice(args) -> None:

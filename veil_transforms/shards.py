@@ -145,6 +145,7 @@ class Source:
     classes: list[str] | None = None
     labels_file: str | None = None
     errors: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # what the listing leaves out or numbers oddly (warned)
 
     def listing_sha256(self) -> str:
         h = hashlib.sha256()
@@ -276,10 +277,11 @@ def _imagefolder_source(root: Path) -> Source:
         names = ", ".join(repr(classes[i]) + (" (a link to a folder listed elsewhere, not followed)"
                                               if (root / classes[i]).is_symlink() else "")
                           for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
-        log.warning("%d class folder(s) of %s hold no images (%s): each keeps its label index, as "
-                    "ImageFolder(allow_empty=True) numbers them (torchvision's default refuses such a folder); "
-                    "removing one would renumber every later class", len(empty), root, names)
-    return Source("imagefolder", str(root.resolve()), items, classes=classes)
+        notice = (f"{len(empty)} class folder(s) of {root} hold no images ({names}): each keeps its label index, "
+                  "as ImageFolder(allow_empty=True) numbers them (torchvision's default refuses such a folder); "
+                  "removing one would renumber every later class")
+        log.warning("%s", notice)
+    return Source("imagefolder", str(root.resolve()), items, classes=classes, notices=[notice] if empty else [])
 
 
 def _is_int_text(v: str) -> bool:
@@ -339,11 +341,13 @@ def _labels_csv_source(root: Path, labels: Path) -> Source:
         else:
             raise ShardError(f"labels file {labels} names a file outside {root}: {fn}")
         items.append(SourceItem(rel, y, full))
-    _warn_unlisted(root_r, {it.rel for it in items} | {Path(os.path.normpath(fn)).as_posix() for fn, _ in raw}, labels)
-    return Source("labels-csv", root_r, items, classes=classes, labels_file=str(labels.resolve()))
+    notice = _warn_unlisted(root_r, {it.rel for it in items} | {Path(os.path.normpath(fn)).as_posix() for fn, _ in raw},
+                            labels)
+    return Source("labels-csv", root_r, items, classes=classes, labels_file=str(labels.resolve()),
+                  notices=[notice] if notice else [])
 
 
-def _warn_unlisted(root: str, listed: set[str], labels: Path) -> None:
+def _warn_unlisted(root: str, listed: set[str], labels: Path) -> str | None:
     """Warn about images in a --labels folder that the labels file does not name: they are not veiled,
     and saying nothing would make that a silent loss (the labels file may be meant as a selection)."""
     unlisted, example = 0, None
@@ -357,9 +361,11 @@ def _warn_unlisted(root: str, listed: set[str], labels: Path) -> None:
             if r not in listed:
                 unlisted += 1
                 example = example or r
-    if unlisted:
-        log.warning("%d image file(s) in %s are not in the labels file %s (e.g. %s): they are not veiled",
-                    unlisted, root, labels.name, example)
+    if not unlisted:
+        return None
+    notice = f"{unlisted} image file(s) in {root} are not in the labels file {labels.name} (e.g. {example}): not veiled"
+    log.warning("%s", notice)
+    return notice
 
 
 _TAR_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset: key up to the first dot of the basename
@@ -1258,6 +1264,17 @@ def record_shards(out: Path, entries: list[dict]) -> dict:
     return m
 
 
+def unrecord_shards(out: Path, indices: list[int]) -> dict:
+    """Drop shards from the manifest (to be written again): OUT reads incomplete until they are."""
+    with manifest_lock(out):
+        m = read_manifest(out)
+        gone = set(indices)
+        m["shards"] = [s for s in m["shards"] if s["index"] not in gone]
+        m = _summarise(m)
+        atomic_write_json(out / MANIFEST, m)
+    return m
+
+
 # The manifest is rewritten whole for each record (read, merge with other ranks' shards, fsync): its
 # cost grows with the shards in it (9-15 ms at 1,000 shards, 24-35 ms at 3,000 on a 2-core CPU:
 # benchmarks/manifest_records.py), so recording every shard is quadratic over a run.
@@ -1315,9 +1332,15 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
     shape = tuple(plan.header["source"]["sample_shape"])
     channels = int(shape[0])
 
+    untagged = sum(1 for s in mine if s.get("source_tag") is None) if recheck_source else 0
+    if untagged:
+        log.warning("--recheck-source: %d finished shard(s) have no content tag (written by an earlier version) "
+                    "and cannot be compared with SRC: veiling them again (the same bytes where SRC is unchanged)",
+                    untagged)
+
     def source_changed(f: Path, s: dict) -> bool:
         if s.get("source_tag") is None:
-            return False  # made before tags were recorded: nothing to compare
+            return True  # made before tags were recorded: nothing to compare with, so veiled again
         for sk in s.get("skipped") or []:  # a file skipped then (corrupt, another size) that is fine now
             it = owned.get(sk.get("key"))
             if it is not None and _decode_job(it.item, shape)[0] is not None:  # (as the writer decides)
@@ -1338,19 +1361,24 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
         if file_sha256(f) != s["sha256"]:
             return "differs from its sha256 in the manifest (changed since it was written)"
         if recheck_source and source_changed(f, s):
-            return "was veiled from images that have changed in SRC since (content tag differs)"
+            return ("has no content tag to check SRC against" if s.get("source_tag") is None else
+                    "was veiled from images that have changed in SRC since (content tag differs)")
         return None
 
     total = sum(s["bytes"] for s in mine)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="veil-check") as pool, \
             bar(total=total, desc="checking finished shards" + (" and their sources" if recheck_source else ""),
                 unit="B", unit_scale=True, disable=not progress or (total < CHECK_BAR_BYTES and not recheck_source)) as pb:
+        redo = []
         for s, why in zip(mine, pool.map(check, mine)):
             if why is None:
                 done.add(s["index"])
             else:
                 log.warning("shard %s %s: writing it again", s["name"], why)
+                redo.append(s["index"])
             pb.update(s["bytes"])
+    if redo:  # not finished until written again: a run stopped before then leaves OUT incomplete
+        unrecord_shards(plan.out, redo)  # (an intact file of old veils would otherwise still verify)
     return done
 
 
