@@ -97,7 +97,7 @@ class VeiledDataset(Dataset):
         self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
         self._blocks: set[int] = set()  # map-style blocks veiled whole (a later miss in one: not deterministic)
         self._unusable: set[str] = set()  # digests of directory-cache files found unusable (a miss they explain)
-        self._checked_pid: int | None = None  # the worker process whose F the caches were last checked against
+        self._worker_checked = False  # in a DataLoader worker (a copy of this object): F checked there once
         if cache not in (None, "memory"):
             if not isinstance(cache, (str, os.PathLike)):
                 raise TypeError(f"cache: expected 'memory', None or a directory path, got {cache!r}")
@@ -182,9 +182,9 @@ class VeiledDataset(Dataset):
         None). ``cached_only``: look up the caches only, None where a veil is not there."""
         # A worker's F is a copy made when the worker started (each epoch, unless persistent_workers), which
         # the main process's later changes never reach: checked once per worker process, not per hit
-        if not (cached_only and get_worker_info() is not None and self._checked_pid == os.getpid()):
+        if not (cached_only and self._worker_checked):
             self._check_settings(fast=cached_only)
-            self._checked_pid = os.getpid() if get_worker_info() is not None else None
+            self._worker_checked = get_worker_info() is not None  # (a copy of this object, in the worker)
         out: list[torch.Tensor | None] = [None] * len(chws)
         todo: dict[tuple, list[int]] = defaultdict(list)
         digests: list[str | None] = [None] * len(chws)
