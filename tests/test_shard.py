@@ -863,15 +863,20 @@ def test_reader_errors_name_the_file_and_the_sample(tmp_path):
     assert len(list(shards.load(str(bad_png), decode=False))) == 1  # the bytes themselves are readable
 
 
-def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys):
-    """A negative label was taken as 'no label' and its image skipped."""
+def _flat_labels(data, tmp_path, n: int, csv: str) -> list[str]:
+    """veil-shard's argv for ``n`` small PNGs f0.png... in a flat folder with the labels file ``csv``."""
     flat = tmp_path / "flat"
     flat.mkdir()
-    for i in range(3):
+    for i in range(n):
         (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
-    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\n\nf1.png,-1\nf2.png,1\n")  # a blank line
-    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
+    (tmp_path / "labels.csv").write_text(csv)
+    return [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
             "--key-file", str(data["key_file"]), *COMMON]
+
+
+def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys):
+    """A negative label was taken as 'no label' and its image skipped."""
+    argv = _flat_labels(data, tmp_path, 3, "filename,label\nf0.png,0\n\nf1.png,-1\nf2.png,1\n")  # a blank line
     assert shard_cli.main(argv) == 2
     err = _one_line_error(capsys)
     assert "line 4 (f1.png): label -1 is negative" in err, err
@@ -885,13 +890,7 @@ def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys)
 ])
 def test_labels_that_mix_indices_and_names_are_refused(data, tmp_path, capsys, rows, needle):
     """Sorted as names, "10" < "2": one stray name silently renumbered every integer label."""
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i in range(3):
-        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
-    (tmp_path / "labels.csv").write_text("filename,label\n" + rows)
-    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
-            "--key-file", str(data["key_file"]), *COMMON]
+    argv = _flat_labels(data, tmp_path, 3, "filename,label\n" + rows)
     assert shard_cli.main(argv) == 2
     err = _one_line_error(capsys)
     assert needle in err, err
@@ -1518,13 +1517,7 @@ def test_recheck_source_veils_again_the_shards_of_edited_images(data, tmp_path, 
 
 
 def test_a_labels_file_naming_a_file_twice_names_it(data, tmp_path, capsys):
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i in range(2):
-        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
-    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\nf1.png,1\nf1.png,0\n")
-    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
-            "--key-file", str(data["key_file"]), *COMMON]
+    argv = _flat_labels(data, tmp_path, 2, "filename,label\nf0.png,0\nf1.png,1\nf1.png,0\n")
     assert shard_cli.main(argv) == 2
     err = _one_line_error(capsys)
     assert "lists the same sample twice: f1.png" in err, err
@@ -1619,13 +1612,7 @@ def test_recheck_source_veils_again_shards_without_a_content_tag(data, tmp_path,
 def test_quiet_still_says_what_the_listing_leaves_out(data, tmp_path, capsys):
     """--quiet hid the warnings about images a labels file does not name (never veiled) and about empty
     class folders (a helper's review); they print as the damaged-source warnings do."""
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for i in range(3):
-        (flat / f"f{i}.png").write_bytes(_png(np.full((12, 12), 40 * i, np.uint8)))
-    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,0\nf1.png,1\n")
-    argv = [str(flat), str(tmp_path / "o"), "--labels", str(tmp_path / "labels.csv"), "--model", str(data["model"]),
-            "--key-file", str(data["key_file"]), *COMMON]
+    argv = _flat_labels(data, tmp_path, 3, "filename,label\nf0.png,0\nf1.png,1\n")
     assert "--quiet" in argv and shard_cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "warning: 1 image file(s)" in err and "e.g. f2.png" in err, err
