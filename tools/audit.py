@@ -283,9 +283,8 @@ def check_source_tags(manifest: dict, order: dict[str, list[str]], key: bytes, o
         x = np.stack([originals[k] if k in originals else read_original(k) for k in order[s["name"]]])
         ks = [sample_keys.get(k, key) for k in order[s["name"]]] if sample_keys else None
         if shards.source_tag(key, x, ks) != s["source_tag"]:
-            raise InputError(f"originals of {s['name']} are not the images veil-shard veiled (content tag "
-                             "differs): wrong --originals, or images of it changed in SRC since they were veiled "
-                             "(then rerun veil-shard with --recheck-source, which veils them again)")
+            raise InputError(f"originals of {s['name']} are not the images veil-shard veiled "
+                             f"({shards.SOURCE_TAG_DIFFERS})")
     return len(covered)
 
 

@@ -289,8 +289,7 @@ def _check_source_tag(shard: dict, key: bytes, x: np.ndarray, sample_keys: list[
     """The originals ``x`` of ``shard`` must be the images veil-shard veiled (its recorded content tag)."""
     if shards.source_tag(key, x, sample_keys) != shard["source_tag"]:
         raise shards.ShardError(f"originals of {shard['name']} are not the images veil-shard veiled "
-                                "(content tag differs): wrong --originals, or images of it changed in SRC since "
-                                "they were veiled (then rerun veil-shard with --recheck-source, which veils them again)")
+                                f"({shards.SOURCE_TAG_DIFFERS})")
 
 
 def _staged_record(records: Path, staging: Path, name: str) -> dict | None:

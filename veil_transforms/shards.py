@@ -522,6 +522,11 @@ def read_tar_samples(path: str | os.PathLike) -> Iterator[dict]:
         yield current
 
 
+# what a content tag that differs means (veil-export's and veil-audit's refusal)
+SOURCE_TAG_DIFFERS = ("content tag differs: wrong --originals, or images of it changed in SRC since they were "
+                      "veiled (then rerun veil-shard with --recheck-source, which veils them again)")
+
+
 def source_tag(key: bytes, pixels: np.ndarray, sample_keys: list[bytes] | None = None) -> str:
     """A keyed tag of a shard's source content: the HMAC of the ``keys.sample_digest`` of each
     veiled sample (uint8 ``[N, C, H, W]``, in shard order; hashed normalized, as for the mask).
