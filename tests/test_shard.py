@@ -1616,3 +1616,11 @@ def test_quiet_still_says_what_the_listing_leaves_out(data, tmp_path, capsys):
     assert "--quiet" in argv and shard_cli.main(argv) == 0
     err = capsys.readouterr().err
     assert "warning: 1 image file(s)" in err and "e.g. f2.png" in err, err
+
+
+def test_a_file_the_labels_file_names_but_that_is_missing_is_skipped_as_missing(data, tmp_path):
+    """It was reported as 'corrupt: FileNotFoundError' (a helper's review)."""
+    argv = _flat_labels(data, tmp_path, 2, "filename,label\nf0.png,0\nf1.png,1\nghost.png,1\n")
+    assert shard_cli.main(argv) == 0
+    skipped = [sk for s in shards.read_manifest(tmp_path / "o")["shards"] for sk in s["skipped"]]
+    assert [(sk["path"], sk["reason"]) for sk in skipped] == [("ghost.png", "missing: the file is not there")]

@@ -1054,6 +1054,8 @@ def _decode_job(item: SourceItem, shape: tuple[int, int, int]):
         return None, "no label"
     try:
         arr = decode_image(read_item(item), channels=shape[0])
+    except FileNotFoundError:  # named in a labels file, or removed since the listing
+        return None, "missing: the file is not there"
     except Exception as e:  # noqa: BLE001 - anything wrong with a file means: skip it
         msg = _ADDR.sub("", str(e).splitlines()[0] if str(e) else "").strip()
         return None, f"corrupt: {type(e).__name__}: {msg}"[:200]
