@@ -127,9 +127,7 @@ class VeiledDataset(Dataset):
                     raise ValueError(f"cache directory {self._root} cannot be used: {e.strerror or e}") from None
                 # mid-run (F changed, the folder made read-only or full since): go on uncached, as a
                 # failed write does (_from_dir and _to_dir take a missing folder)
-                self._warn_once("write", "cannot write the veil cache in %s (%s: %s): veiled samples are not "
-                                "being cached, so each is veiled again next time", d, type(e).__name__,
-                                e.strerror or e)
+                self._warn_unwritable(d, e)
             self._dir = d
         self._id = sid
 
@@ -260,11 +258,14 @@ class VeiledDataset(Dataset):
         try:
             _atomic_save(f, veiled.numpy())
         except OSError as e:
-            self._warn_once("write", "cannot write the veil cache in %s (%s: %s): veiled samples are not being "
-                            "cached, so each is veiled again next time", self._dir, type(e).__name__,
-                            e.strerror or e)
+            self._warn_unwritable(self._dir, e)
         else:
             self._warned.discard(str(f))
+
+    def _warn_unwritable(self, where: Path, e: OSError) -> None:
+        """Once: the directory cache cannot be written (read-only, disk full); the run goes on uncached."""
+        self._warn_once("write", "cannot write the veil cache in %s (%s: %s): veiled samples are not being "
+                        "cached, so each is veiled again next time", where, type(e).__name__, e.strerror or e)
 
     def _warn_once(self, what: str, msg: str, *args) -> None:
         if what not in self._warned:

@@ -543,6 +543,12 @@ def _autocast(device_type: str, precision: str):
     return torch.autocast(device_type, dtype=torch.bfloat16, cache_enabled=False)
 
 
+def _channels_last_for(model, sample_shape) -> bool:
+    """veil()'s default layout: channels-last for images of 3+ channels (faster convolutions), unless F
+    cannot run on it (:func:`takes_channels_last`)."""
+    return len(sample_shape) == 3 and sample_shape[0] >= 3 and takes_channels_last(model, tuple(sample_shape))
+
+
 def auto_batch_size(
     model: Callable[[torch.Tensor], torch.Tensor],
     sample_shape,
@@ -566,8 +572,7 @@ def auto_batch_size(
     if device.type != "cuda":
         return cpu_default
     sample_shape = tuple(int(s) for s in sample_shape)
-    layout_cl = (len(sample_shape) == 3 and sample_shape[0] >= 3 and takes_channels_last(model, sample_shape)
-                 if channels_last is None else channels_last)
+    layout_cl = _channels_last_for(model, sample_shape) if channels_last is None else channels_last
 
     def try_batch(b):
         z = torch.zeros((b, *sample_shape), device=device)
@@ -793,7 +798,7 @@ def veil(
                 raise ValueError(f"veil: pad_uniforms= is not the pad of these images' flip bits (sample {i}: "
                                  "keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0)))")
     if channels_last is None:  # (after check_model below would be too late: F runs on this layout)
-        channels_last = xn.shape[1] >= 3 and takes_channels_last(model, tuple(xn.shape[1:]))
+        channels_last = _channels_last_for(model, tuple(xn.shape[1:]))
     xn = xn.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     x0 = random_pixel_flip(xn, p, generator, uniform=None if u is None else u.to(device))
     if chunk is None:
