@@ -633,7 +633,7 @@ MUTANTS = [
      '            return int(any(row[0] not in items for row in [next(rows, [""])] if row))',
      ['tests/test_export.py', '-k', 'never_replaces']),
     ('H11', '--recheck-source ignores the content tag', 'veil_transforms/shards.py',
-     '        return source_tag(plan.veil.key, x, [owned[k].key for k in keys]) != s["source_tag"]',
+     '        return source_tag(plan.veil.key, np.stack(x), [owned[k].key for k in keys]) != s["source_tag"]',
      '        return False',
      ['tests/test_shard.py', '-k', 'recheck_source']),
     ('H12', 'a mount point DEST found only at the final rename', 'tools/export.py',

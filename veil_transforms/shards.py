@@ -1262,21 +1262,18 @@ class _OpenShard:
 
 def record_shards(out: Path, entries: list[dict]) -> dict:
     """Add finished shards to the manifest (atomically, under the lock)."""
-    with manifest_lock(out):
-        m = read_manifest(out)
-        new = {e["index"] for e in entries}
-        m["shards"] = [s for s in m["shards"] if s["index"] not in new] + list(entries)
-        m = _summarise(m)
-        atomic_write_json(out / MANIFEST, m)
-    return m
+    return _update_shards(out, {e["index"] for e in entries}, entries)
 
 
 def unrecord_shards(out: Path, indices: list[int]) -> dict:
     """Drop shards from the manifest (to be written again): OUT reads incomplete until they are."""
+    return _update_shards(out, set(indices), [])
+
+
+def _update_shards(out: Path, drop: set[int], add: list[dict]) -> dict:
     with manifest_lock(out):
         m = read_manifest(out)
-        gone = set(indices)
-        m["shards"] = [s for s in m["shards"] if s["index"] not in gone]
+        m["shards"] = [s for s in m["shards"] if s["index"] not in drop] + list(add)
         m = _summarise(m)
         atomic_write_json(out / MANIFEST, m)
     return m
@@ -1337,7 +1334,6 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
     mine = [s for s in m["shards"] if s["index"] % world_size == rank]
     owned = opaque_keys(plan.veil.key, plan.copies, plan.source.items) if recheck_source else {}
     shape = tuple(plan.header["source"]["sample_shape"])
-    channels = int(shape[0])
 
     untagged = sum(1 for s in mine if s.get("source_tag") is None) if recheck_source else 0
     if untagged:
@@ -1352,14 +1348,13 @@ def done_shards(plan: Plan, rank: int = 0, world_size: int = 1, progress: bool =
             it = owned.get(sk.get("key"))
             if it is not None and _decode_job(it.item, shape)[0] is not None:  # (as the writer decides)
                 return True
-        try:
-            keys = [smp["__key__"] for smp in read_tar_samples(f)]
-            if not keys:
-                return False
-            x = np.stack([decode_image(plan.source.read_bytes(owned[k].item), channels=channels) for k in keys])
-        except Exception:  # noqa: BLE001 - unreadable or reshaped now: veil it again (it is skipped then)
+        keys = [smp["__key__"] for smp in read_tar_samples(f)]
+        if not keys:
+            return False
+        x = [_decode_job(owned[k].item, shape)[0] for k in keys]  # as the writer decodes them
+        if any(a is None for a in x):  # unreadable or reshaped now: veil it again (it is skipped then)
             return True
-        return source_tag(plan.veil.key, x, [owned[k].key for k in keys]) != s["source_tag"]
+        return source_tag(plan.veil.key, np.stack(x), [owned[k].key for k in keys]) != s["source_tag"]
 
     def check(s: dict) -> str | None:  # why the shard must be written again, or None
         f = plan.out / s["name"]
