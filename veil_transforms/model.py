@@ -26,6 +26,7 @@ import threading
 import warnings
 import weakref
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -84,6 +85,15 @@ def frozen(model):
                     p.requires_grad_(rg)
                 module.train(state[1][0][1])  # the module's own train() (an override may do more) ...
                 restore_modes(state[1])  # ... then each submodule's own flag
+
+
+class _Fingerprint(NamedTuple):
+    """LocalModel.fingerprint() kept: for the walk's signature, its digest, and the cheap token of the
+    tensors it hashed."""
+    sig: tuple
+    digest: str
+    token: tuple
+    tensors: list
 
 
 class LocalModel(nn.Module):
@@ -230,12 +240,12 @@ class LocalModel(nn.Module):
         see either). ``fast``: only in-place changes of the tensors hashed last are looked for (a summed
         version counter, no walk of the modules): a cache hit's check."""
         held = getattr(self, "_fingerprint", None)
-        if fast and held is not None and held[2] == self._version_token(held[3]):
-            return held[1]
+        if fast and held is not None and held.token == self._version_token(held.tensors):
+            return held.digest
         sig = self._weights_sig()
-        if held is not None and held[0] == sig:
-            self._fingerprint = (*held[:2], self._version_token(held[3]), held[3])
-            return held[1]
+        if held is not None and held.sig == sig:
+            self._fingerprint = held._replace(token=self._version_token(held.tensors))
+            return held.digest
         tensors = list(itertools.chain(self.module.named_parameters(), self.module.named_buffers()))
         h = hashlib.sha256(repr((self.name, self.layer)).encode())
         if self._source is not None:
@@ -247,8 +257,8 @@ class LocalModel(nn.Module):
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
             h.update(t.reshape(-1).cpu().contiguous().view(torch.uint8).numpy().tobytes())
         held_tensors = [t for _, t in tensors]
-        self._fingerprint = (sig, h.hexdigest(), self._version_token(held_tensors), held_tensors)
-        return self._fingerprint[1]
+        self._fingerprint = _Fingerprint(sig, h.hexdigest(), self._version_token(held_tensors), held_tensors)
+        return self._fingerprint.digest
 
     def _version_token(self, tensors: list) -> tuple:
         """Cheap (no walk of the modules): F's identity, the summed version counters of the tensors hashed
