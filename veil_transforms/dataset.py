@@ -94,6 +94,7 @@ class VeiledDataset(Dataset):
         self._root: Path | None = None  # cache=<directory>; self._dir: its sub-folder for this veil
         self._dir: Path | None = None
         self._id: str | None = None  # what the caches hold veils of (_settings_id)
+        self._id_of: tuple = (None, None)  # _settings_id's last (settings, key, F's fingerprint) and its id
         self._warned: set[str] = set()  # cache problems already reported (once each, not once per look-up)
         self._blocks: set[int] = set()  # map-style blocks veiled whole (a later miss in one: not deterministic)
         self._unusable: set[str] = set()  # digests of directory-cache files found unusable (a miss they explain)
@@ -144,9 +145,11 @@ class VeiledDataset(Dataset):
 
     def _settings_id(self, fast: bool = False) -> str:
         # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
-        s = json.dumps(self.veil.settings, sort_keys=True) + _keys.key_fingerprint(self.veil.key) \
-            + self.veil.local_model.fingerprint(fast)
-        return "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16]
+        what = (self.veil.settings, self.veil.key, self.veil.local_model.fingerprint(fast))
+        if what != self._id_of[0]:  # (json and sha256 once per change, not once per cache hit)
+            s = json.dumps(what[0], sort_keys=True) + _keys.key_fingerprint(what[1]) + what[2]
+            self._id_of = (what, "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16])
+        return self._id_of[1]
 
     # -- sample structure -------------------------------------------------------
     def _split(self, sample: Any) -> tuple[list[Any], Any]:
