@@ -372,7 +372,7 @@ def test_resume_with_other_params_or_key_is_refused(data, tmp_path, capsys):
         ([b[0], str(ref), "--model", str(data["root"] / "rgb_model.pt"), "--key-file", str(data["key_file"]), *COMMON],
          "does not accept"),
         ([b[0], str(ref), "--model", str(retrained), "--key-file", str(data["key_file"]), *COMMON], "the local model file"),
-        ([str(more), str(ref), *b[1:], *COMMON], "the source listing (files or labels changed)"),
+        ([str(more), str(ref), *b[1:], *COMMON], "the source listing (files added, removed or renamed, or labels changed; --recheck-source is for images edited"),
     ]:
         assert shard_cli.main(argv) == 2
         assert needle in _one_line_error(capsys)

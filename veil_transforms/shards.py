@@ -719,7 +719,7 @@ _COMPAT = {
     "key_fingerprint": "the key",
     "shard_size": "--shard-size",
 }
-_COMPAT_SOURCE = {"listing_sha256": "the source listing (files or labels changed)", "sample_shape": "the image shape"}
+_COMPAT_SOURCE = {"listing_sha256": "the source listing (files added, removed or renamed, or labels changed; --recheck-source is for images edited under the same names)", "sample_shape": "the image shape"}
 
 
 def _check_compatible(old: dict, new: dict, out: Path) -> None:
