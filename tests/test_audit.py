@@ -15,6 +15,8 @@ from veil_transforms import audit
 from veil_transforms import functional as F
 from veil_transforms.metrics import ssim as sk_ssim
 
+from conftest import smooth_64px
+
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread in this module
@@ -601,9 +603,7 @@ def test_gain_over_a_flat_image_is_taken_per_reference(faces):
         assert r.per_sample_gain.shape == (12,) and json.loads(r.to_json())["per_sample_gain"][0] is not None
     assert "Gain over a flat image" in same.summary()
     assert "Of the 12 samples at or over the per-sample bar 0.3, 0 show no more than a flat image" in same.summary()
-    yy, xx = np.mgrid[:64, :64]  # smooth 64-px images: noise "veils" score 0.54-0.70, a flat image more
-    smooth = torch.from_numpy(np.stack([(110 + 25 * np.sin(xx / 30 + i) + 25 * np.cos(yy / 33 - i)).astype(np.uint8)
-                                        for i in range(6)])[:, None])
+    smooth = torch.from_numpy(smooth_64px(6))[:, None]  # noise "veils" score 0.54-0.70, a flat image more
     r = audit.run(smooth, torch.randint(0, 256, smooth.shape, dtype=torch.uint8,
                                         generator=torch.Generator().manual_seed(0)), reid_gallery=0)
     assert not r.passed and r.per_sample_max.min() > 0.3 and r.per_sample_gain.max() <= audit.DEFAULT_MAX_GAIN

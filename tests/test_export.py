@@ -19,6 +19,8 @@ from veil_transforms.nets import LeNet5
 from veil_transforms.tools import export as export_cli
 from veil_transforms.tools import shard as shard_cli
 
+from conftest import smooth_64px
+
 NAMES = ["alice_smith", "Bob Jones", "carol-secretname", "dmitri.k"]
 SECRETS = [b"Carol Confidential", b"DaveExifArtist", b"Sony-Secret-Camera"]
 
@@ -123,10 +125,8 @@ def test_gate_passes_attacks_that_show_no_more_than_a_flat_image(data, tmp_path,
     now fails only if the attacks also recover more than --max-attack-gain of what a flat image misses."""
     src = tmp_path / "smooth" / "c"
     src.mkdir(parents=True)
-    yy, xx = np.mgrid[:64, :64]
-    for i in range(16):  # attacks 0.56-0.75, gains <= -0.05 (hardened, 5 steps)
-        a = 110 + 25 * np.sin(xx / 30 + i) + 25 * np.cos(yy / 33 - i)
-        PIL.Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(src / f"{i:02d}.png")
+    for i, a in enumerate(smooth_64px(16)):  # attacks 0.56-0.75, gains <= -0.05 (hardened, 5 steps)
+        PIL.Image.fromarray(a).save(src / f"{i:02d}.png")
     shards_dir = tmp_path / "veiled"
     assert shard_cli.main([str(src.parent), str(shards_dir), "--model", str(data["root"] / "model.pt"),
                            "--key-file", str(data["root"] / "owner.key"), "--mode", "hardened", "--steps", "5",
