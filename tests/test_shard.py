@@ -1464,6 +1464,21 @@ def test_an_empty_class_folder_is_said_and_keeps_its_index(data, tmp_path, caplo
     assert "allow_empty=True" in msgs[0] and "renumber" in msgs[0]
 
 
+def test_nproc_says_the_listing_warnings_once(data, tmp_path):
+    """With --nproc 2 each rank process lists SRC again, and each said the listing's warnings: an empty
+    class folder's three times. The parent says them; its ranks keep to errors while they prepare."""
+    src = tmp_path / "src"
+    shutil.copytree(data["src"], src)
+    (src / "zz_empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "veil_transforms.tools.shard", str(src), str(tmp_path / "out"),
+                        *data["base"][1:], *[a for a in COMMON if a != "--quiet"], "--nproc", "2"],
+                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                PYTHONWARNINGS="ignore"), timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("hold no images ('zz_empty')") == 1, r.stderr
+    shards.verify(tmp_path / "out")
+
+
 def test_images_the_labels_file_leaves_out_are_reported(data, tmp_path, caplog):
     """A flat folder with --labels: images the CSV did not name were dropped without a word ('19 images
     veiled (0 skipped)' of 22; a helper's review)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -149,9 +150,24 @@ def _prepare(args, *, rank: int, world: int, local_rank: int) -> shards.Plan:
     if not args.quiet and rank == 0 and lock is not None:
         notice.start()
     try:
-        return _prepare_plan(args, rank, world, local_rank, lock)
+        with _said_by_rank0(rank == 0 and lock is not None):
+            return _prepare_plan(args, rank, world, local_rank, lock)
     finally:
         notice.cancel()
+
+
+@contextlib.contextmanager
+def _said_by_rank0(me: bool):
+    """The library's warnings while listing SRC and loading F (an empty class folder, images a labels file
+    leaves out, ...) are the same in every rank: said once, by --nproc's parent or torchrun's rank 0."""
+    logger = logging.getLogger("veil_transforms")
+    before = logger.level
+    if not me:
+        logger.setLevel(max(before, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def _prepare_plan(args, rank: int, world: int, local_rank: int, lock) -> shards.Plan:
