@@ -477,6 +477,49 @@ def test_cli_matches_shards_through_the_key(faces, tmp_path):
     assert p.returncode == 2
 
 
+def test_cli_learned_inverter_veils_at_the_shards_layer(tmp_path, monkeypatch):
+    """--learned-public veils the public images "with the settings recorded in the shards' manifest": the
+    recorded layer= was dropped, so shards veiled at an inner layer were attacked by an inverter trained on
+    logit veils (a helper's review). A surrogate without that layer is refused up front."""
+    import io
+    import tarfile
+
+    from veil_transforms import attacks, keys
+
+    key, rng = keys.new_key(), np.random.default_rng(0)
+    (tmp_path / "src" / "c").mkdir(parents=True)
+    (tmp_path / "shards").mkdir()
+    with tarfile.open(tmp_path / "shards" / "veil-000000.tar", "w") as tf:
+        for i in range(4):
+            img = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            Image.fromarray(img).save(tmp_path / "src" / "c" / f"{i}.png")
+            buf = io.BytesIO()
+            Image.fromarray(255 - img).save(buf, format="PNG")
+            ti = tarfile.TarInfo(f"{keys.opaque_key(key, f'c/{i}.png')}.png")
+            ti.size = len(buf.getvalue())
+            tf.addfile(ti, io.BytesIO(buf.getvalue()))
+    veil = {"mode": "paper", "steps": 1, "layer": "fc2", "precision": "fp32"}
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"key_fingerprint": keys.key_fingerprint(key),
+                                                                   "veil": veil}))
+    (tmp_path / "key").write_text(key.hex())
+    for c in ("a", "b"):
+        (tmp_path / "pub" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "pub" / c / f"{i}.png")
+    seen, real = [], attacks.learned_inverter
+    monkeypatch.setattr(attacks, "learned_inverter", lambda *a, **kw: seen.append(kw["veil_kwargs"]) or real(*a, **kw))
+    a = ("--originals", tmp_path / "src", "--veiled", tmp_path / "shards", "--key-file", tmp_path / "key",
+         "--learned-public", tmp_path / "pub", "--learned-epochs", "1", "--unet-epochs", "1", "--attacks", "learned",
+         "--quiet")
+    p = cli(*a)
+    assert p.returncode in (0, 1), p.stderr
+    assert seen == [{"mode": "paper", "steps": 1, "layer": "fc2"}], seen
+    p = cli(*a, "--learned-arch", "resnet18")
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "veiled at F's layer 'fc2'" in p.stderr and "--learned-arch resnet18" in p.stderr, p.stderr
+    assert len(seen) == 1
+
+
 def test_cli_names_a_key_file_that_is_not_the_shards_key(tmp_path):
     """The manifest's key fingerprint is checked first: another key is named as such (exit 2), not left
     to the later 'no sample ... matches an image ... under this key', which reads like wrong originals."""

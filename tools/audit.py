@@ -13,7 +13,8 @@ are ``.npy`` / ``.pt`` uint8 arrays ``[N, C, H, W]`` matched by index.
 ``--model`` (a model trained on the veiled data) adds the logit-matching
 inversion attack; ``--learned-public DIR`` (public images, ImageFolder
 layout, disjoint from the audited ones) adds the adaptive learned inverter,
-which veils them with the settings recorded in the shards' manifest.
+which veils them with the settings recorded in the shards' manifest (its layer
+included; in fp32 whatever the recorded precision).
 
 A shard listed in SHARDS' manifest.json (or a veil-export DEST's receipt.json)
 whose sha256 differs from the one recorded is bad input: the audit would not
@@ -474,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(model_error(args, e)) from None
         if args.learned_public:
             from veil_transforms import nets
+            from veil_transforms.model import LocalModel
 
             px, py = load_public(args.learned_public, x.shape[1], tuple(x.shape[2:]))
             n_cls = int(py.max()) + 1
@@ -485,7 +487,14 @@ def main(argv: list[str] | None = None) -> int:
                 return nets.build(arch, {"fc.weight": torch.zeros(n_cls, 1)})
 
             settings = manifest.get("veil", {})
-            veil_kwargs = {k: settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode") if k in settings}
+            veil_kwargs = {k: settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode", "layer")
+                           if settings.get(k) is not None}
+            if "layer" in veil_kwargs:  # the attacker veils as the owner did: at that layer of its surrogate
+                try:
+                    LocalModel(make_model(), layer=veil_kwargs["layer"])
+                except ValueError as e:
+                    raise InputError(f"the shards were veiled at F's layer {veil_kwargs['layer']!r}, and the learned "
+                                     f"inverter's surrogate (--learned-arch {arch}) cannot be veiled there: {e}") from None
             if not settings:
                 print(f"{PROG}: note: no manifest with veil settings; the learned inverter uses the library defaults",
                       file=sys.stderr)
