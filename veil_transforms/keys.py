@@ -3,8 +3,9 @@
 Every random choice of the veil (the flip mask) is a pure function of the
 owner's secret key and the sample's own content:
 
-    digest  = HMAC-SHA256(key, "veil-sample" || shape || normalized float32 bytes)
-    stream  = SHAKE-256(key || digest) -> one uint32 per value -> uniforms in [0, 1] (float32)
+    digest  = HMAC-SHA256(key, "veil-sample" || shape (int64) || normalized float32 bytes)
+    stream  = SHAKE-256("veil-mask" || key || digest) -> one little-endian uint32 per value
+              -> uniforms u / 2**32 in [0, 1) (float32)
 
 So the same key and image always give the same veil (re-veiling leaks nothing
 new), a different key gives an unrelated mask, and without the key the mask is
