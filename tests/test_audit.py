@@ -436,7 +436,8 @@ def test_cli_help_says_each_default_once():
     from veil_transforms.tools.audit import build_parser
 
     text = " ".join(build_parser().format_help().split())
-    assert "(default: <VEILED>.key beside the shard folder)" in text and "(default: None)" not in text
+    assert "(default: <VEILED>.key beside the shard folder, which veil-shard writes; for one .tar of it, the " \
+        "folder's)" in text and "(default: None)" not in text
     assert text.count("(default: all cheap ones") == 1 and "(default: 0.15)" in text
     for line in build_parser().format_help().split("\n  -"):
         assert " ".join(line.split()).count("(default:") <= 1, line
@@ -791,6 +792,24 @@ def test_cli_refuses_an_incomplete_out_and_skips_unlisted_tars(faces, tmp_path):
     assert "skipping 1 .tar file(s) manifest.json does not list" in p.stderr, p.stderr
     p = cli(*args[:3], out / "veil-000002.tar", *args[4:], "--incomplete")
     assert p.returncode == 2 and "is not among the finished shards" in p.stderr, p.stdout + p.stderr
+
+
+def test_cli_defaults_key_and_labels_as_veil_shard_left_them(faces, tmp_path):
+    """One .tar of an OUT looked for its key at veil-000000.tar.key ("key file not found"), and a flat SRC
+    needed --labels again, which veil-export takes from the manifest (a helper's review)."""
+    from veil_transforms import shards
+    from veil_transforms.nets import LeNet5
+
+    flat, out = tmp_path / "flat", tmp_path / "shards"
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray(faces[0][i, 0].numpy()).save(flat / f"p{i}.png")
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "".join(f"p{i}.png,{i % 2}\n" for i in range(4)))
+    torch.manual_seed(0)
+    shards.write_shards(flat, out, LeNet5(1, 2), labels=tmp_path / "labels.csv", steps=2, shard_size=2,
+                        progress=False)
+    p = cli("--originals", flat, "--veiled", out / "veil-000001.tar", "--attacks", "fold")
+    assert p.returncode == 1 and "over 2 samples" in p.stdout, p.stdout + p.stderr  # (a 2-step paper veil fails)
 
 
 def test_cli_refuses_out_inside_the_inputs(faces, tmp_path):

@@ -5,9 +5,10 @@
 
 SHARDS is a veil-shard output folder (``veil-NNNNNN.tar`` + ``manifest.json``)
 or a .tar; SRC is the folder it was made from (ImageFolder tree, or a flat
-folder with ``--labels``). Samples are matched through their opaque keys,
-which only the owner's key file can recompute (default: ``<SHARDS>.key``
-beside the shard folder, as veil-shard writes it). Alternatively both inputs
+folder with ``--labels``, by default the labels file veil-shard used). Samples are
+matched through their opaque keys, which only the owner's key file can recompute
+(default: ``<SHARDS>.key`` beside the shard folder, as veil-shard writes it; for
+one .tar of it, its folder's). Alternatively both inputs
 are ``.npy`` / ``.pt`` uint8 arrays ``[N, C, H, W]`` matched by index.
 
 ``--model`` (a model trained on the veiled data) adds the logit-matching
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--originals", required=True, help="source folder the shards were made from, or a .npy/.pt uint8 [N, C, H, W]")
     p.add_argument("--veiled", required=True, help="veil-shard output folder or .tar (each shard's sha256 checked against "
                    "its manifest.json or receipt.json), or a .npy/.pt uint8 [N, C, H, W]")
-    p.add_argument("--key-file", default=None, help="the owner's key file (default: <VEILED>.key beside the shard folder)")
-    p.add_argument("--labels", default=None, help="labels CSV, if SRC is a flat folder (as given to veil-shard)")
+    p.add_argument("--key-file", default=None, help="the owner's key file (default: <VEILED>.key beside the shard folder, which veil-shard writes; for one .tar of it, the folder's)")
+    p.add_argument("--labels", default=None, help="labels CSV, if SRC is a flat folder (default: the one veil-shard used, from the manifest)")
     p.add_argument("--model", default=None, help="a model trained on veiled data (TorchScript .pt, state dict with --arch, or .onnx): adds the inversion attack")
     p.add_argument("--arch", default=None, help="architecture of a state-dict --model (lenet5 or a torchvision name)")
     p.add_argument("--out", default=None, help="folder for report.md, report.json and worst.png")
@@ -317,6 +318,15 @@ def list_originals(src: str, labels: str | None):
     return items, None
 
 
+def default_key_file(veiled: str) -> Path:
+    """Where veil-shard wrote the key of ``veiled``: ``<OUT>.key`` beside OUT, also for one shard of OUT
+    (a ``.tar`` whose folder holds a manifest.json)."""
+    v = Path(veiled.rstrip("/")).absolute()
+    if v.is_file() and any((v.parent / n).is_file() for n in ("manifest.json", "receipt.json")):
+        v = v.parent
+    return v.parent / f"{v.name}.key"
+
+
 def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
     """(originals, veiled, manifest, groups): uint8 [N, C, H, W] arrays matched sample by sample, and for
     each image veiled more than once (veil-shard --copies) whose copies are all here, their indices."""
@@ -334,14 +344,16 @@ def match(args) -> tuple[np.ndarray, np.ndarray, dict, list[list[int]]]:
     from veil_transforms import keys as _keys
 
     veiled, manifest, order = read_shards(args.veiled, incomplete=args.incomplete)
-    key_file = Path(args.key_file) if args.key_file else Path(args.veiled.rstrip("/")).absolute().parent / f"{Path(args.veiled.rstrip('/')).name}.key"
+    key_file = Path(args.key_file) if args.key_file else default_key_file(args.veiled)
     try:
         key = _keys.read_key_file(key_file)
     except (OSError, ValueError) as e:
         raise InputError(f"key file: {e} (pass the owner's key with --key-file)") from None
     if manifest.get("key_fingerprint") and manifest["key_fingerprint"] != _keys.key_fingerprint(key):
         raise InputError(f"key file {key_file} is not the key these shards were made with (fingerprints differ)")
-    items, source = list_originals(args.originals, args.labels)
+    src_meta = manifest.get("source") or {}  # a flat SRC: the labels file veil-shard used, as veil-export takes it
+    labels = args.labels or (src_meta.get("labels") if src_meta.get("kind") == "labels-csv" else None)
+    items, source = list_originals(args.originals, labels)
     pairs = []
     from veil_transforms.shards import copy_keys_of
 
