@@ -715,7 +715,8 @@ def veil(
     ``uniforms`` may carry ``keyed_uniforms(key, normalize(images))``
     computed ahead (say, in another thread while the GPU works); with
     ``mode="hardened"``, ``pad_uniforms`` may carry its pad's uniforms likewise
-    (``keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0))``).
+    (``torch.from_numpy(keys.pad_uniforms_np(((uniforms < p) & (normalize(images) != 0)).numpy()))``,
+    on the CPU).
     Returns uint8 images for uint8 input; float input gives float in [0, 1],
     snapped to the 256-level grid when ``output == "uint8"``.
 
@@ -796,7 +797,8 @@ def veil(
             bits = ((u[i : i + 1].cpu() < p) & (xn[i : i + 1].cpu() != 0)).numpy()
             if not torch.equal(torch.from_numpy(_keys.pad_uniforms_np(bits)), pad_uniforms[i : i + 1].cpu()):
                 raise ValueError(f"veil: pad_uniforms= is not the pad of these images' flip bits (sample {i}: "
-                                 "keys.pad_uniforms_np((uniforms < p) & (normalize(images) != 0)))")
+                                 "torch.from_numpy(keys.pad_uniforms_np(((uniforms < p) & (normalize(images) != 0))"
+                                 ".numpy())))")
     if channels_last is None:  # (after check_model below would be too late: F runs on this layout)
         channels_last = _channels_last_for(model, tuple(xn.shape[1:]))
     xn = xn.to(device).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
