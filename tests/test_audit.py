@@ -421,6 +421,9 @@ def test_cli_bad_out_device_model_public_are_one_line_errors(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     one_line_error("--device", "cuda", words="--device cuda: no CUDA GPU is visible")
     one_line_error("--device", "gpu", words="--device gpu: not a torch device")
+    for flag in ("--learned-epochs", "--unet-epochs"):  # 0 trained nothing and audited with it
+        p = cli(*a, flag, "0")
+        assert p.returncode == 2 and f"{flag}: must be" in p.stderr, p.stderr
     torch.save(LeNet5(1, 2).state_dict(), tmp_path / "sd.pt")
     p = cli(*a, "--model", tmp_path / "sd.pt", "--arch", "resnet18")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr

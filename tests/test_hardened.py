@@ -93,8 +93,9 @@ def test_noise_augment():
     xb = torch.zeros(1000, 1, 4, 4)
     out = aug(xb, torch.Generator().manual_seed(0))
     assert abs(float(out.std()) - 0.5) < 0.02
-    with pytest.raises(ValueError):
-        H.noise_augment(-1)
+    for bad in (-1, True, float("nan")):  # (True read as sigma 1)
+        with pytest.raises(ValueError, match="sigma must be"):
+            H.noise_augment(bad)
 
 
 def test_copy_keys():

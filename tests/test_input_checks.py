@@ -354,6 +354,12 @@ def test_load_names_common_mistakes(tmp_path, lenet):
         meta = LeNet5()
     with pytest.raises(ValueError, match="weights on the meta device"):
         VeilTransform(meta, steps=2, key=KEY, device="cpu")(x[0])
+    # LocalModel("local.pt") was told "expected an nn.Module, LocalModel or path", and load() dropped options
+    # meant for ONNX files silently (a helper's review)
+    with pytest.raises(TypeError, match=r"got PosixPath; for a model file use LocalModel.load\(path\)"):
+        LocalModel(tmp_path / "ddp.pt")
+    with pytest.raises(TypeError, match="check is an option of ONNX files, and ddp.pt is not one"):
+        LocalModel.load(tmp_path / "ddp.pt", arch="lenet5", check=False)
 
 
 def test_torchscript_shape_error_names_the_cause(tmp_path, lenet):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import debug, fail, setup_logging, unwritable_folder
+from ._common import debug, fail, int_at_least, setup_logging, unwritable_folder
 
 PROG = "veil-audit"
 ARRAY_EXTS = (".npy", ".pt", ".pth")
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learned-public", nargs="+", default=None, metavar="DIR",
                    help="public images (ImageFolder folders, or a .pt holding (images, labels)) for the learned inverter")
     p.add_argument("--learned-arch", default="lenet5", help="surrogate local model architecture for the learned inverter")
-    p.add_argument("--learned-epochs", type=int, default=10, help="surrogate training epochs")
-    p.add_argument("--unet-epochs", type=int, default=30, help="inverter training epochs")
+    p.add_argument("--learned-epochs", type=int_at_least(1), default=10, help="surrogate training epochs")
+    p.add_argument("--unet-epochs", type=int_at_least(1), default=30, help="inverter training epochs")
     p.add_argument("--inversion-steps", type=int, default=audit.OPTIONS["inversion_steps"], help="Adam steps of the inversion attack")
     p.add_argument("--device", default="cpu", help="device for the learned and inversion attacks")
     p.add_argument("--worst", type=int, default=8, help="rows (worst samples) in worst.png")

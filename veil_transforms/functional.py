@@ -661,7 +661,7 @@ def device_problem(device) -> str | None:
 def resolve_device(device) -> torch.device:
     """``device`` as a torch.device; a one-line ValueError (:func:`device_problem`) if it is unusable."""
     if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
-        raise TypeError(f"device: expected a str or torch.device, got {type(device).__name__}")
+        raise TypeError(f"device: expected a str, torch.device or CUDA index, got {type(device).__name__}")
     why = device_problem(device)
     if why:
         raise ValueError(f"device {str(device)!r}: {why}")

@@ -31,7 +31,7 @@ batch-size-dependent kernels) and the same key + image gives the same veil.
 Recipe: several veils per image, each with fewer steps, beat one long veil at
 the same number of steps: 4 veils of 75 steps (keys from :func:`copy_keys`) take
 the 300 steps of one paper veil per original image (measured time per image,
-``frontier.md``: 0.98x the paper veil's on LFW; on MNIST 1.47x there and 0.85x in
+``frontier.md``: 0.98x the paper veil's on LFW; on MNIST 1.47x there and 0.86x in
 ``frontier_mnist_inversion_fix.md``, CPU times that move +-30% between settings). The third party should train
 with Gaussian input noise (:func:`noise_augment`, sigma 0.6 on the [-1, 1]
 scale) and twice the usual epochs. Measured in ``benchmarks/frontier.py``
@@ -205,7 +205,7 @@ def noise_augment(sigma: float = NOISE_SIGMA) -> Callable[[torch.Tensor, torch.G
 
     Returns an ``augment(x, generator)`` callable for :func:`veil_transforms.training.fit`.
     """
-    if not (isinstance(sigma, (int, float)) and sigma >= 0 and math.isfinite(sigma)):
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and sigma >= 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
 
     def augment(xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:

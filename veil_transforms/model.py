@@ -105,7 +105,8 @@ class LocalModel(nn.Module):
             layer = layer if layer is not None else module.layer
             module = module.module
         if not isinstance(module, nn.Module):
-            raise TypeError(f"model: expected an nn.Module, LocalModel or path, got {type(module).__name__}")
+            hint = "; for a model file use LocalModel.load(path)" if isinstance(module, (str, os.PathLike)) else ""
+            raise TypeError(f"model: expected an nn.Module or LocalModel, got {type(module).__name__}{hint}")
         self.module = module
         self.layer = layer
         self.name = name or type(module).__name__
@@ -285,10 +286,14 @@ class LocalModel(nn.Module):
     # -- loading ---------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike, layer: str | None = None, *, arch: str | None = None, **kw):
-        """Load F from a TorchScript ``.pt``, a state dict ``.pt`` with ``arch``, or an ``.onnx`` file."""
+        """Load F from a TorchScript ``.pt``, a state dict ``.pt`` with ``arch``, or an ``.onnx`` file
+        (``kw``: options of :func:`onnx_import.load_onnx`, for ONNX files only)."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"LocalModel.load: expected a file path, got {type(path).__name__}")
         path = Path(path)
+        if kw and path.suffix.lower() != ".onnx":
+            raise TypeError(f"LocalModel.load: {', '.join(sorted(kw))} is an option of ONNX files, and "
+                            f"{path.name} is not one")
         if path.is_dir():
             raise ValueError(f"{path} is a folder; give the model file (.pt or .onnx) in it")
         if not path.is_file():
