@@ -95,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the file name <-> opaque key map; None: <SHARDS>.private-map.csv beside SHARDS; never inside DEST")
     p.add_argument("--threads", type=int_at_least(1), default=min(8, os.cpu_count() or 1),
                    help="threads for the gate's attacks (the export's slow part)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, only errors")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or notes; warnings about what the third party gets (no gate, duplicate "
+                        "veils), errors and the summary line still print")
     return p
 
 

@@ -69,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=F.PAPER["alpha"], help="weight of the output-matching loss")
     p.add_argument("--beta", type=float, default=F.PAPER["beta"], help="weight of the distance term")
     p.add_argument("--steps", type=int, default=F.PAPER["steps"], help="gradient-iteration steps")
-    p.add_argument("--threshold", type=float, default=F.PAPER["threshold"], help="per-sample early-stop loss")
+    p.add_argument("--threshold", type=float, default=F.PAPER["threshold"], help="per-sample early-stop loss (--threshold=-inf: never stop early)")
     p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
     p.add_argument("--copies", type=int, default=1,
                    help=f"veils per image (1 to {shards.MAX_COPIES}); for K > 1 each under its own key derived from the "
                         "key file (hardened.copy_keys); the hardened recipe is --mode hardened --steps 75 --copies 4 "
-                        "(300 steps per image, as one paper veil; 0.85-1.5x its time in benchmarks/results/frontier*.md)")
+                        "(300 steps per image, as one paper veil; 0.86-1.47x its time in benchmarks/results/frontier*.md)")
     p.add_argument("--batch-size", type=int_at_least(1), default=256, help="images veiled together")
     p.add_argument("--precision", default="fp32", choices=F.PRECISIONS,
                    help="F's arithmetic in the loop; bf16 is faster on GPUs for large models and changes the "
@@ -95,16 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image decoding threads (without --io-procs); 0: automatic, min(8, CPUs) and at least 2")
     p.add_argument("--io-procs", type=int_at_least(0, " (0: threads only)"), default=None,
                    help="processes that decode, hash and PNG-encode instead of threads (0: threads only). "
-                        "Default: up to 8 when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
+                        "Default: half the CPUs, at most 8, when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
                         "lift the one-process GIL cap (~2.5-4.5k small images/s, by CPU) when the GPU veils faster")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default; with --nproc N, the CPUs / N in each rank process)")
     p.add_argument("--recheck-source", action="store_true",
                    help="on a rerun, also decode the images of the finished shards and veil again those whose "
                         "images changed in SRC under the same names (a rerun checks the file listing only; "
                         "costs one decode of every finished image)")
     p.add_argument("--nproc", type=int, default=1, help="processes to split the shards over (or use torchrun)")
     p.add_argument("--quiet", action="store_true",
-                   help="no progress bar and no notices, except that a new key was created; errors and the "
+                   help="no progress bar and no notices, except that a new key was created and what the source "
+                        "leaves out (damaged shards, unlisted images, empty class folders); errors and the "
                         "one-line summary still print")
     p.add_argument("-v", "--verbose", action="store_true", help="log every shard")
     return p

@@ -30,7 +30,8 @@ DataLoader after changing F).
 For DataLoaders with workers over a map-style dataset, call :meth:`prepare`
 first: it veils everything in the main process with a progress bar, and the
 workers then only read the cache (a worker that has to veil with the memory cache
-warns once: its veils die with it, so each worker veils them again every epoch).
+warns once per worker process: its veils die with it, so each worker veils them again every epoch
+unless ``persistent_workers=True``).
 """
 
 from __future__ import annotations

@@ -1132,7 +1132,7 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
 
 def auto_io_procs(total: int, world_size: int = 1) -> int:
     """I/O processes for one veil-shard process when not given: none (threads) for small runs,
-    several ranks, or machines with few CPUs; else up to 8. Threads share one GIL, which caps
+    several ranks, or machines with few CPUs; else half the CPUs, at most 8. Threads share one GIL, which caps
     decoding, hashing and PNG encoding at ~2.5-4.5k MNIST-sized images/s (H100 runs 5-7: depending on the CPU): below a GPU's veil rate."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if world_size > 1 or cpus < 8 or total < 20_000:
@@ -1398,7 +1398,7 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
          recheck_source: bool = False) -> dict:
     """Veil and write this rank's unfinished shards. Returns a summary dict.
 
-    ``io_workers`` decoding threads (None or 0: min(8, CPUs)); ``io_procs`` processes for
+    ``io_workers`` decoding threads (None or 0: min(8, CPUs), at least 2); ``io_procs`` processes for
     decoding, key hashing and PNG encoding instead (0: none, threads only; None:
     :func:`auto_io_procs`, the CLI's default). Processes are spawned (without rerunning the
     calling script, see :func:`_main_not_rerun`) and cost a fraction of a second to start; they
