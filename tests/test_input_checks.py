@@ -1104,3 +1104,19 @@ def test_a_damaged_cache_file_is_not_blamed_on_a_random_transform(vt, tmp_path, 
         assert all(torch.equal(ds[i][0], vt(data.x[i])) for i in range(4))
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "is unusable" in msgs[0], msgs
+
+
+def test_16_bit_images_are_told_to_scale_not_convert(vt):
+    """A 16-bit PIL image was told "convert('L') first", which clips every value over 255 to white (a
+    16-bit scan comes out nearly all 255); 16- and 32-bit arrays and tensors now say to scale to float."""
+    a = (np.arange(28 * 28).reshape(28, 28) * 80).astype(np.uint16)
+    assert (np.asarray(PIL.Image.fromarray(a).convert("L")) == 255).mean() > 0.9  # what the old hint gave
+    for bad in (PIL.Image.fromarray(a), PIL.Image.fromarray(a.astype(np.int32)), a, a.astype(np.int32)):
+        with pytest.raises((TypeError, ValueError), match=r"scale them to float in \[0, 1\]") as e:
+            vt(bad)
+        assert "convert('L') or" not in str(e.value)
+    for bad in (torch.from_numpy(a.astype(np.int32))[None], torch.from_numpy(a.astype(np.int32)).to(torch.uint16)[None]):
+        with pytest.raises(TypeError, match=r"x.float\(\) / 65535"):
+            vt(bad)
+    scaled = vt(torch.from_numpy(a.astype(np.float32) / 65535)[None])  # as the hint says: veiled
+    assert scaled.shape == (1, 28, 28) and scaled.is_floating_point()

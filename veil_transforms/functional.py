@@ -36,6 +36,10 @@ DEFAULT_LR = 0.1
 PAPER = dict(p=0.5, alpha=0.999, beta=0.001, steps=300, threshold=0.3)
 
 
+# (16-bit and 32-bit integer images: .to(torch.uint8) wraps them, a clamp to 255 whitens them)
+_DEEP_HINT = " (16- or 32-bit images: scale them to float in [0, 1], e.g. x.float() / 65535 for 16 bits)"
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] or float [0, 1] -> float32 [-1, 1]."""
     if x.dtype == torch.uint8:
@@ -43,7 +47,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     elif x.is_floating_point():
         x = x.to(torch.float32)
     else:
-        raise TypeError(f"normalize: expected uint8 or float pixels, got {x.dtype}")
+        raise TypeError(f"normalize: expected uint8 or float pixels, got {x.dtype}{_DEEP_HINT}")
     return (x - 0.5) / 0.5
 
 
@@ -62,7 +66,7 @@ def check_pixels(x: torch.Tensor, what: str = "input") -> None:
     if x.dtype == torch.uint8:
         return
     if not x.is_floating_point():
-        raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}")
+        raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}{_DEEP_HINT}")
     x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or inf")

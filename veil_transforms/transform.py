@@ -298,18 +298,26 @@ def _describe(x: Any) -> str:
     return type(x).__name__
 
 
+# 16-bit (medical, microscopy) and 32-bit images: convert('L') and astype(uint8) clip or wrap them
+_DEEP_HINT = ("16- or 32-bit pixels: scale them to float in [0, 1] (e.g. np.asarray(im, np.float32) / 65535 for "
+              "16 bits); PIL's convert('L') clips them at 255")
+
+
 def to_chw(inpt: Any) -> torch.Tensor:
     """One image (PIL, numpy HW/HWC, tensor CHW, tv_tensors.Image) as a plain ``[C, H, W]`` tensor."""
     if isinstance(inpt, PIL.Image.Image):
         if inpt.mode not in ("L", "RGB", "RGBA"):
-            mask = (" (a segmentation mask in mode P is not an image: pass it as tv_tensors.Mask, or give "
-                    "VeiledDataset image_key=)") if inpt.mode == "P" else ""
+            deep = inpt.mode in ("I", "F") or inpt.mode.startswith("I;16")
+            how = (_DEEP_HINT if deep else "convert('L') or convert('RGB') first") + (
+                " (a segmentation mask in mode P is not an image: pass it as tv_tensors.Mask, or give "
+                "VeiledDataset image_key=)" if inpt.mode == "P" else "")
             raise ValueError(f"PIL images must be mode 'L', 'RGB' or 'RGBA' (for an F of 4 channels), got "
-                             f"{inpt.mode!r}: convert('L') or convert('RGB') first{mask}")
+                             f"{inpt.mode!r}: {how}")
         inpt = np.asarray(inpt)
     if isinstance(inpt, np.ndarray):
         if inpt.dtype != np.uint8 and not np.issubdtype(inpt.dtype, np.floating):
-            raise TypeError(f"numpy images must be uint8 or float, got {inpt.dtype}")
+            deep = f"; {_DEEP_HINT}" if np.issubdtype(inpt.dtype, np.integer) else ""
+            raise TypeError(f"numpy images must be uint8 or float, got {inpt.dtype}{deep}")
         if inpt.ndim not in (2, 3):
             raise ValueError(f"numpy image must be HW or HWC, got shape {inpt.shape}")
         t = torch.from_numpy(np.array(inpt, copy=True, order="C"))
