@@ -771,6 +771,18 @@ def test_dest_that_is_a_mount_point_or_cannot_be_replaced_is_refused_first(data,
     err = capsys.readouterr().err
     assert "is a mount point" in err and str(mnt / "export") in err and not pm.exists(), err
     monkeypatch.undo()
+    # a bind mount of a folder on the same filesystem (a container's volume): ismount compares devices and
+    # misses it; the mount table lists it (its format: fields split by spaces, a space in a path as \040)
+    bound = tmp_path / "vol ume"
+    bound.mkdir()
+    (tmp_path / "mountinfo").write_text(
+        "22 27 0:21 / /proc rw,relatime - proc proc rw\n"
+        f"43 27 254:0 /srv/data {str(bound.resolve()).replace(' ', chr(92) + '040')} rw,relatime - ext4 /dev/vda rw\n")
+    monkeypatch.setattr(export_cli, "MOUNTINFO", str(tmp_path / "mountinfo"), raising=False)
+    assert not os.path.ismount(bound) and _export(data, weak, bound, "--force", "--private-map", str(pm)) == 2
+    err = capsys.readouterr().err
+    assert "is a mount point" in err and str(bound / "export") in err and not pm.exists(), err
+    monkeypatch.undo()
     monkeypatch.setattr(export_cli.os, "access", lambda p, mode: str(p) != str(tmp_path))
     assert _export(data, weak, mnt, "--force") == 2
     err = capsys.readouterr().err

@@ -47,6 +47,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -319,7 +320,7 @@ def _check_dest(dest: Path, shards_dir: Path) -> None:
         raise shards.ShardError(f"DEST {dest} and SHARDS {shards_dir} must not contain each other")
     # DEST is assembled beside it (.DEST.partial) and renamed into place at the end: checked now, not
     # after the gate has run (a mount point cannot be replaced by a rename: EBUSY at the very end)
-    if dest.is_dir() and os.path.ismount(dest):
+    if dest.is_dir() and _is_mount_point(dest):
         raise shards.ShardError(f"DEST {dest} is a mount point, which the finished export cannot be renamed onto "
                                 f"(it is assembled beside DEST, then renamed): give a new folder inside it, "
                                 f"e.g. {dest / 'export'}")
@@ -724,6 +725,23 @@ def export(args) -> int:
           f"({gate_txt}){f'; private map: {pm_path}' if gate else ''} in {time.perf_counter() - t0:.1f} s",
           flush=True)
     return 0
+
+
+MOUNTINFO = "/proc/self/mountinfo"
+
+
+def _is_mount_point(d: Path) -> bool:
+    """os.path.ismount, and on Linux the mount table too: a bind mount of a folder of the same filesystem
+    (a container's volume) has its parent's device, which ismount compares."""
+    if os.path.ismount(d):
+        return True
+    try:
+        with open(MOUNTINFO, encoding="utf-8", errors="surrogateescape") as f:
+            fields = [line.split() for line in f]
+    except OSError:
+        return False
+    octal = re.compile(r"\\([0-7]{3})")  # the table writes a space in a path as \040
+    return str(d.resolve()) in {octal.sub(lambda m: chr(int(m[1], 8)), f[4]) for f in fields if len(f) > 4}
 
 
 def main(argv: list[str] | None = None) -> int:
