@@ -933,6 +933,9 @@ def test_folder_links_are_listed_once_and_loops_end(data, tmp_path):
     (src / "a" / "up").symlink_to("..")  # a second loop: the listing never ended
     (src / "a" / "to-b").symlink_to("../b")  # class b's images under label a
     (src / "a" / "into-b").symlink_to("../b/sub")  # a sub-folder of class b, under label a
+    # a folder above SRC (a "data root" shortcut): every other class under label a, and files beside SRC
+    # (elsewhere/3.png, linked into b below) too, exit 0 (a helper's review at scale)
+    (src / "a" / "root").symlink_to(tmp_path)
     outside = tmp_path / "elsewhere"  # data on another disk, linked in: followed, once
     outside.mkdir()
     (outside / "3.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))

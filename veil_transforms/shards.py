@@ -246,7 +246,9 @@ def _imagefolder_source(root: Path) -> Source:
     items = []
     # Folder links: one into SRC itself (a loop, an alias of a class, a link into another class, which
     # would give its images this class's label) is not followed, as its folder is listed in its own
-    # place; one out of SRC (data on another disk) is followed, each real folder once (loops end).
+    # place; nor one to SRC's own folder or a folder above it (a "data root" shortcut), through which every
+    # other class would be listed under this class's label, and files beside SRC too; one out of SRC
+    # (data on another disk) is followed, each real folder once (loops end).
     root_real = os.path.realpath(root)
     seen: dict[str, str] = {}  # real path -> the path it was listed under
 
@@ -257,9 +259,11 @@ def _imagefolder_source(root: Path) -> Source:
     for ci, c in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
             real = os.path.realpath(dirpath)
-            inside = os.path.islink(dirpath) and (real == root_real or real.startswith(root_real + os.sep))
-            if inside or real in seen:
+            above = real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep)
+            inside = os.path.islink(dirpath) and real.startswith(root_real + os.sep)
+            if above or inside or real in seen:
                 log.warning("folder %s is a link to %s, %s: not listed through the link", dirpath, real,
+                            "which holds the source itself" if above else
                             "inside the source, listed in its own place" if inside else f"already listed as {seen[real]}")
                 dirnames[:] = []
                 continue
