@@ -17,7 +17,9 @@
    third party can link by position) must pass the same attack rule. Over-threshold samples are listed by opaque key
    and nothing is exported (exit 1) unless ``--force``. Before that, each shard's
    originals must give the content tag veil-shard recorded (a keyed hash of the
-   pixels it veiled): other images under the same names are refused (exit 2).
+   pixels it veiled): other images under the same names are refused (exit 2), as are
+   veiled images removed from SRC since and changed labels; images added since are
+   not in the shards (a warning).
 3. Writes DEST/veil-NNNNNN.tar with only the re-encoded veiled PNG (no
    metadata), the label and the opaque key, plus DEST/receipt.json (counts,
    sha256, veil parameters, gate results; never the key or file names).
@@ -381,9 +383,12 @@ def _originals(args, manifest: dict, shards_dir: Path):
     labels = args.labels or (manifest["source"].get("labels") if manifest["source"].get("kind") == "labels-csv" else None)
     source = shards.open_source(args.originals, labels)
     if source.listing_sha256() != manifest["source"]["listing_sha256"]:
-        raise shards.ShardError(
-            f"--originals {args.originals} does not list the same files and labels as the SRC veil-shard used"
-        )
+        # files added to SRC since are not in the shards, and do not matter here; each veiled sample's
+        # original is still looked for (removed: refused), its label compared and its pixels tagged
+        print(f"{PROG}: warning: --originals {args.originals} does not list the same files and labels as the SRC "
+              "veil-shard used (images added, removed or renamed since): exporting the shards as they are, each "
+              "sample checked against its original; images added since are not in them (veil-shard them into "
+              "a new OUT)", file=sys.stderr, flush=True)
     return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source
 
 
@@ -579,7 +584,15 @@ def export(args) -> int:
                     missing = [k for k, _, _ in samples if k not in items]
                     if missing:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
-                                                f"{args.originals} (e.g. {missing[0]})")
+                                                f"{args.originals} (e.g. {missing[0]}): removed or renamed since "
+                                                "veil-shard ran? Put them back to gate these shards")
+                    relabelled = [(items[k].item.rel, y, items[k].item.label) for k, _, y in samples
+                                  if items[k].item.label != y]
+                    if relabelled:
+                        rel, was, now = relabelled[0]
+                        raise shards.ShardError(f"{len(relabelled)} samples of {s['name']} have another label in "
+                                                f"{args.originals} than in the shard (e.g. {rel}: {was} there, {now} "
+                                                "now): labels changed since veil-shard ran; veil-shard into a new OUT")
                     x = np.stack([_original(source, items[k].item, channels) for k, _, _ in samples])
                     v = np.stack([a for _, a, _ in samples])
                     if x.shape != v.shape:
