@@ -310,6 +310,36 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert not any((tmp_path / d).exists() for d in ("d2", "d3"))
 
 
+def test_a_full_disk_is_said_and_the_rerun_gates_only_the_rest(data, tmp_path, capsys, monkeypatch):
+    """A full disk said "OSError: [Errno 28] No space left on device": no folder, and not that the work
+    done is kept (a helper's review at scale, on a 3 MB tmpfs)."""
+    import errno
+
+    weak, real, n = data["root"] / "weak", export_cli._write_shard, [0]
+
+    def write(path, samples):
+        n[0] += 1
+        if n[0] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, samples)
+
+    monkeypatch.setattr(export_cli, "_write_shard", write)
+    pm = ("--force", "--private-map", str(tmp_path / "map.csv"))
+    assert _export(data, weak, tmp_path / "d", *pm) == 2
+    err = capsys.readouterr().err
+    assert "a disk written to is full (No space left on device; DEST is assembled in " in err, err
+    assert str(tmp_path / ".d.partial") in err and "the shards gated so far are kept there" in err, err
+    monkeypatch.undo()
+    gated, real_attack = [], export_cli.attack_ssim
+    monkeypatch.setattr(export_cli, "attack_ssim", lambda x, *a, **k: gated.append(len(x)) or real_attack(x, *a, **k))
+    assert _export(data, weak, tmp_path / "d", *pm) == 0
+    assert sum(gated) < 12  # the first shard's scores were kept
+    ref = tmp_path / "ref"
+    assert _export(data, weak, ref, "--force", "--private-map", str(tmp_path / "ref.csv")) == 0
+    assert [f.read_bytes() for f in sorted((tmp_path / "d").glob("*.tar"))] == \
+        [f.read_bytes() for f in sorted(ref.glob("*.tar"))]
+
+
 def test_export_without_originals_refuses_the_paper_veil_unless_forced(data, tmp_path, capsys):
     dest = tmp_path / "d"
     assert export_cli.main([str(data["root"] / "weak"), str(dest), "--quiet"]) == 1  # paper mode, no gate

@@ -58,6 +58,18 @@ def fail(prog: str, msg: BaseException | str, code: int = 2) -> int:
     return code
 
 
+def disk_full(e: BaseException) -> OSError | None:
+    """The "no space left" (or quota) error behind ``e`` (itself, or what it was raised from), if any: its
+    text names no file when a write fails, so the tools say which folder's disk it is."""
+    import errno
+
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def debug() -> bool:
     """VEIL_DEBUG=1 shows tracebacks instead of one-line errors."""
     return os.environ.get("VEIL_DEBUG", "") not in ("", "0")

@@ -61,7 +61,7 @@ import numpy as np
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
-from ._common import debug, fail, int_at_least, setup_logging, unwritable_folder
+from ._common import debug, disk_full, fail, int_at_least, setup_logging, unwritable_folder
 
 PROG = "veil-export"
 EPS = 1e-9  # SSIM of identical images can come out a hair above 1.0
@@ -773,6 +773,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # reading or writing files (a full disk, permissions): bad input/IO, not a refusal
         if debug():
             raise
+        if disk_full(e) is not None:
+            return fail(PROG, f"a disk written to is full ({e.strerror}; DEST is assembled in "
+                              f"{_staging(Path(args.dest).absolute())}): free space and rerun the same command "
+                              "(the shards gated so far are kept there)", 2)
         return fail(PROG, f"{type(e).__name__}: {e}", 2)
     except Exception as e:  # noqa: BLE001
         if debug():

@@ -31,11 +31,12 @@ import sys
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 from veil_transforms import keys as _keys
 from veil_transforms import shards
 
-from ._common import debug, fail, int_at_least, setup_logging, torch_threads
+from ._common import debug, disk_full, fail, int_at_least, setup_logging, torch_threads
 
 PROG = "veil-shard"
 LISTING_NOTICE_AFTER = 3.0  # seconds of listing before veil-shard says it is listing
@@ -352,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, unless VEIL_DEBUG
         if debug():
             raise
+        full = disk_full(e)
+        if full is not None:
+            return fail(PROG, f"the disk of {Path(args.out).absolute()} is full ({full.strerror}): free space and rerun "
+                              "the same command to resume (the shards finished so far are kept)", 1)
         return fail(PROG, f"{type(e).__name__}: {e} (rerun the same command to resume)", 1)
     finally:
         threads.close()
