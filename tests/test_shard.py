@@ -1565,7 +1565,7 @@ def test_a_labels_file_naming_a_file_twice_names_it(data, tmp_path, capsys):
     assert "lists the same sample twice: f1.png" in err, err
 
 
-def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplog):
+def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplog, monkeypatch):
     argv = [*_argv(data, tmp_path / "o"), "--copies", "3"]
     argv.remove("--quiet")
     with caplog.at_level("WARNING", logger="veil_transforms"):
@@ -1574,6 +1574,13 @@ def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplo
     assert len(msgs) == 3 and len(set(msgs)) == 3, msgs  # the corrupt, truncated and other-size files
     m = shards.read_manifest(tmp_path / "o")
     assert sum(len(s["skipped"]) for s in m["shards"]) == 9  # still recorded for every copy
+    # a source of millions with 5% corrupt files printed one line per file: SKIP_LINES of them now
+    monkeypatch.setattr(shards, "SKIP_LINES", 2, raising=False)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([a for a in _argv(data, tmp_path / "o2") if a != "--quiet"]) == 0
+    msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
+    assert len(msgs) == 2 and msgs[1].endswith("(further skipped files: in manifest.json only)"), msgs
 
 
 def test_recheck_source_leaves_a_sample_skipped_for_its_label_alone(data, tmp_path, caplog):

@@ -706,6 +706,9 @@ _JSON_NAMES = {dict: "JSON object", list: "JSON list", str: "string", int: "inte
                bool: "boolean", type(None): "null"}
 
 
+SKIP_LINES = 50  # "skipping FILE: why" lines per run: a source with 5% corrupt files of millions is listed in the manifest
+
+
 def _summarise(m: dict) -> dict:
     m["shards"].sort(key=lambda s: s["index"])
     m["skipped"] = [sk for s in m["shards"] for sk in s.get("skipped", [])]
@@ -1576,7 +1579,9 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             if it.rel not in warned_skip:  # once per file, not once per copy
                                 warned_skip.add(it.rel)
-                                log.warning("skipping %s: %s", it.rel, why)
+                                if len(warned_skip) <= SKIP_LINES:
+                                    log.warning("skipping %s: %s%s", it.rel, why, "" if len(warned_skip) < SKIP_LINES
+                                                else " (further skipped files: in manifest.json only)")
                             stats["skipped"] += 1
                             pb.update(1)
                             continue
