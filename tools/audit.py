@@ -320,7 +320,7 @@ def list_originals(src: str, labels: str | None):
 
 def default_key_file(veiled: str) -> Path:
     """Where veil-shard wrote the key of ``veiled``: ``<OUT>.key`` beside OUT, also for one shard of OUT
-    (a ``.tar`` whose folder holds a manifest.json)."""
+    (a ``.tar`` whose folder holds a manifest.json, or a receipt.json: a DEST, whose key is the owner's)."""
     v = Path(veiled.rstrip("/")).absolute()
     if v.is_file() and any((v.parent / n).is_file() for n in ("manifest.json", "receipt.json")):
         v = v.parent

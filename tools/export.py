@@ -773,8 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # reading or writing files (a full disk, permissions): bad input/IO, not a refusal
         if debug():
             raise
-        if disk_full(e) is not None:
-            return fail(PROG, f"a disk written to is full ({e.strerror}; DEST is assembled in "
+        full = disk_full(e)
+        if full is not None:
+            return fail(PROG, f"a disk written to is full ({full.strerror}; DEST is assembled in "
                               f"{_staging(Path(args.dest).absolute())}): free space and rerun the same command "
                               "(the shards gated so far are kept there)", 2)
         return fail(PROG, f"{type(e).__name__}: {e}", 2)

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=F.PAPER["alpha"], help="weight of the output-matching loss")
     p.add_argument("--beta", type=float, default=F.PAPER["beta"], help="weight of the distance term")
     p.add_argument("--steps", type=int, default=F.PAPER["steps"], help="gradient-iteration steps")
-    p.add_argument("--threshold", type=float, default=F.PAPER["threshold"], help="per-sample early-stop loss (--threshold=-inf: never stop early)")
+    p.add_argument("--threshold", type=float, default=F.PAPER["threshold"],
+                   help="per-sample early-stop loss (--threshold=-inf: never stop early)")
     p.add_argument("--lr", type=float, default=F.DEFAULT_LR, help="gradient-iteration step size")
     p.add_argument("--mode", default="paper", choices=sorted(F.MODES), help="veil algorithm")
     p.add_argument("--copies", type=int, default=1,
@@ -98,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="processes that decode, hash and PNG-encode instead of threads (0: threads only). "
                         "Default: half the CPUs, at most 8, when there are 8+ CPUs, one rank and 20,000+ images, else 0. They "
                         "lift the one-process GIL cap (~2.5-4.5k small images/s, by CPU) when the GPU veils faster")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default; with --nproc N, the CPUs / N in each rank process)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: torch's default; with --nproc N, the CPUs / N in each "
+                        "rank process)")
     p.add_argument("--recheck-source", action="store_true",
                    help="on a rerun, also decode the images of the finished shards and veil again those whose "
                         "images changed in SRC under the same names (a rerun checks the file listing only; "

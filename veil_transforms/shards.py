@@ -706,7 +706,7 @@ _JSON_NAMES = {dict: "JSON object", list: "JSON list", str: "string", int: "inte
                bool: "boolean", type(None): "null"}
 
 
-SKIP_LINES = 50  # "skipping FILE: why" lines per run: a source with 5% corrupt files of millions is listed in the manifest
+SKIP_LINES = 50  # "skipping FILE: why" lines per run (5% corrupt files of millions: in the manifest only)
 
 
 def _summarise(m: dict) -> dict:
@@ -726,7 +726,9 @@ _COMPAT = {
     "key_fingerprint": "the key",
     "shard_size": "--shard-size",
 }
-_COMPAT_SOURCE = {"listing_sha256": "the source listing (files added, removed or renamed, or labels changed; --recheck-source is for images edited under the same names)", "sample_shape": "the image shape"}
+_COMPAT_SOURCE = {"listing_sha256": "the source listing (files added, removed or renamed, or labels changed; "
+                                    "--recheck-source is for images edited under the same names)",
+                  "sample_shape": "the image shape"}
 
 
 def _check_compatible(old: dict, new: dict, out: Path) -> None:
