@@ -296,6 +296,23 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert _export(data, weak, ref, "--force", "--private-map", str(tmp_path / "ref.csv")) == 0
     capsys.readouterr()
     assert all((tmp_path / "d1" / f.name).read_bytes() == f.read_bytes() for f in ref.glob("*.tar"))
+    # an existing map: of these shards, or of another OUT of the grown SRC (whose keys the listing holds too)?
+    assert export_cli.main([str(weak), str(tmp_path / "d4"), "--originals", str(src), "--key-file",
+                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
+                            str(tmp_path / "d1.csv")]) == 2
+    assert "cannot be told whether that map is of these shards: give a new file name" in capsys.readouterr().err
+    # shards without content tags (an earlier veil-shard): the listing is all that ties them to their originals
+    untagged = tmp_path / "untagged"
+    shutil.copytree(weak, untagged)
+    m = json.loads((untagged / "manifest.json").read_text())
+    for s in m["shards"]:
+        del s["source_tag"]
+    (untagged / "manifest.json").write_text(json.dumps(m))
+    assert export_cli.main([str(untagged), str(tmp_path / "d5"), "--originals", str(src), "--key-file",
+                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
+                            str(tmp_path / "d5.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "does not list the same files" in err and "have no content tag" in err, err
     next(iter(sorted((src / "Person B").iterdir()))).unlink()
     assert run("d2") == 2
     err = capsys.readouterr().err
@@ -307,7 +324,7 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert run("d3") == 2
     err = capsys.readouterr().err
     assert "have another label in" in err and (": 0 there, 1 now" in err or ": 1 there, 2 now" in err), err
-    assert not any((tmp_path / d).exists() for d in ("d2", "d3"))
+    assert not any((tmp_path / d).exists() for d in ("d2", "d3", "d4", "d5"))
 
 
 def test_a_full_disk_is_said_and_the_rerun_gates_only_the_rest(data, tmp_path, capsys, monkeypatch):

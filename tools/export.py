@@ -382,14 +382,22 @@ def _originals(args, manifest: dict, shards_dir: Path):
         raise shards.ShardError(f"key file {key_file} is not the key these shards were made with")
     labels = args.labels or (manifest["source"].get("labels") if manifest["source"].get("kind") == "labels-csv" else None)
     source = shards.open_source(args.originals, labels)
-    if source.listing_sha256() != manifest["source"]["listing_sha256"]:
+    same = source.listing_sha256() == manifest["source"]["listing_sha256"]
+    untagged = sum(1 for s in manifest["shards"] if s.get("source_tag") is None)
+    if not same and untagged:  # no content tag: the listing is all that says these are the images veiled
+        raise shards.ShardError(
+            f"--originals {args.originals} does not list the same files and labels as the SRC veil-shard used, "
+            f"and {untagged} shard(s) have no content tag (made by an earlier veil-shard) by which their samples "
+            "could be checked against their originals: give the SRC as it was, or rerun veil-shard with "
+            "--recheck-source on that SRC to tag them")
+    if not same:
         # files added to SRC since are not in the shards, and do not matter here; each veiled sample's
         # original is still looked for (removed: refused), its label compared and its pixels tagged
         print(f"{PROG}: warning: --originals {args.originals} does not list the same files and labels as the SRC "
               "veil-shard used (images added, removed or renamed since): exporting the shards as they are, each "
               "sample checked against its original; images added since are not in them (veil-shard them into "
               "a new OUT)", file=sys.stderr, flush=True)
-    return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source
+    return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source, same
 
 
 def _original(source, item, channels: int) -> np.ndarray:
@@ -494,7 +502,11 @@ def export(args) -> int:
     pm_path = _private_map_path(args.private_map, shards_dir, dest, gate, key_file=key_file, originals=args.originals)
     items = source = None
     if gate:
-        key, items, source = _originals(args, manifest, shards_dir)
+        key, items, source, same = _originals(args, manifest, shards_dir)
+        if pm_path.exists() and not same:  # a map of other shards of a grown SRC would pass the check below
+            raise shards.ShardError(f"--private-map {pm_path} exists, and --originals' listing is not the one these "
+                                    "shards were made from, so it cannot be told whether that map is of these "
+                                    "shards: give a new file name")
         foreign = _foreign_map_rows(pm_path, items) if pm_path.exists() else 0
         if foreign:  # an earlier map, but of other shards or another key: replacing it would lose its rows
             raise shards.ShardError(f"--private-map {pm_path} is the map of another export ({foreign} of its keys "
