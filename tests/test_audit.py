@@ -502,7 +502,7 @@ def test_cli_learned_inverter_veils_at_the_shards_layer(tmp_path, monkeypatch):
             ti = tarfile.TarInfo(f"{keys.opaque_key(key, f'c/{i}.png')}.png")
             ti.size = len(buf.getvalue())
             tf.addfile(ti, io.BytesIO(buf.getvalue()))
-    veil = {"mode": "paper", "steps": 1, "layer": "fc2", "precision": "fp32"}
+    veil = {"mode": "paper", "steps": 1, "layer": "fc2", "precision": "fp32", "model": "lenet5:f.pt"}
     (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"key_fingerprint": keys.key_fingerprint(key),
                                                                    "veil": veil}))
     (tmp_path / "key").write_text(key.hex())
@@ -518,9 +518,18 @@ def test_cli_learned_inverter_veils_at_the_shards_layer(tmp_path, monkeypatch):
     p = cli(*a)
     assert p.returncode in (0, 1), p.stderr
     assert seen == [{"mode": "paper", "steps": 1, "layer": "fc2"}], seen
+    # a layer is a node of F's architecture: another architecture's node of that name is another depth
+    # (LeNet-5 and ResNet both have "conv1", "relu", "flatten"), so the surrogate must be F's architecture
     p = cli(*a, "--learned-arch", "resnet18")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert "veiled at F's layer 'fc2'" in p.stderr and "--learned-arch resnet18" in p.stderr, p.stderr
+    assert "veiled at layer 'fc2' of F (lenet5:f.pt)" in p.stderr and "--learned-arch lenet5, not resnet18" in p.stderr
+    veil["model"] = "f.pt"  # a TorchScript file's name: its architecture is not known
+    (tmp_path / "shards" / "manifest.json").write_text(json.dumps({"key_fingerprint": keys.key_fingerprint(key),
+                                                                   "veil": veil}))
+    p = cli(*a)
+    assert p.returncode == 2 and "must be F's architecture: give it with --learned-arch" in p.stderr, p.stderr
+    p = cli(*a, "--learned-arch", "resnet18")  # given, trusted: but ResNet has no "fc2"
+    assert p.returncode == 2 and "cannot be veiled there" in p.stderr, p.stderr
     assert len(seen) == 1
 
 

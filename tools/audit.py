@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "running); without it such an OUT is refused: its audit is not of what will be exported")
     p.add_argument("--learned-public", nargs="+", default=None, metavar="DIR",
                    help="public images (ImageFolder folders, or a .pt holding (images, labels)) for the learned inverter")
-    p.add_argument("--learned-arch", default="lenet5", help="surrogate local model architecture for the learned inverter")
+    p.add_argument("--learned-arch", default=None,
+                   help="surrogate local model architecture for the learned inverter (lenet5 or a torchvision name; "
+                        "default: F's, when the manifest records it (veil-shard --arch), else lenet5); shards "
+                        "veiled at an inner layer (--layer) need F's own")
     p.add_argument("--learned-epochs", type=int_at_least(1), default=10, help="surrogate training epochs")
     p.add_argument("--unet-epochs", type=int_at_least(1), default=30, help="inverter training epochs")
     p.add_argument("--inversion-steps", type=int, default=audit.OPTIONS["inversion_steps"], help="Adam steps of the inversion attack")
@@ -318,6 +321,18 @@ def list_originals(src: str, labels: str | None):
     return items, None
 
 
+def _arch_of(model: str | None) -> str | None:
+    """F's architecture from the manifest's model name (``resnet18:f.pt`` for a state dict loaded with
+    --arch, ``LeNet5`` for an in-memory LeNet-5; a TorchScript file's name says nothing), normalised."""
+    if not model:
+        return None
+    name = model.split(":", 1)[0] if ":" in model else model
+    name = name.lower()
+    if name in ("lenet5", "lenet-5", "lenet"):
+        return "lenet5"
+    return name if ":" in model else None
+
+
 def default_key_file(veiled: str) -> Path:
     """Where veil-shard wrote the key of ``veiled``: ``<OUT>.key`` beside OUT, also for one shard of OUT
     (a ``.tar`` whose folder holds a manifest.json, or a receipt.json: a DEST, whose key is the owner's)."""
@@ -491,14 +506,20 @@ def main(argv: list[str] | None = None) -> int:
 
             px, py = load_public(args.learned_public, x.shape[1], tuple(x.shape[2:]))
             n_cls = int(py.max()) + 1
-            arch = args.learned_arch
+            settings = manifest.get("veil", {})
+            owner = _arch_of(settings.get("model"))
+            arch = args.learned_arch or owner or "lenet5"
+            # a layer is named within F's architecture: another one's node of that name is another depth
+            if settings.get("layer") is not None and (_arch_of(arch + ":") != owner if owner else not args.learned_arch):
+                raise InputError(f"the shards were veiled at layer {settings['layer']!r} of F "
+                                 f"({settings.get('model')}): the learned inverter's surrogate must be F's architecture"
+                                 + (f", --learned-arch {owner}, not {arch}" if owner else ": give it with --learned-arch"))
 
             def make_model():
                 if arch.lower() in ("lenet5", "lenet-5", "lenet"):
                     return nets.LeNet5(x.shape[1], n_cls)
                 return nets.build(arch, {"fc.weight": torch.zeros(n_cls, 1)})
 
-            settings = manifest.get("veil", {})
             veil_kwargs = {k: settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode", "layer")
                            if settings.get(k) is not None}
             if "layer" in veil_kwargs:  # the attacker veils as the owner did: at that layer of its surrogate
