@@ -975,6 +975,27 @@ def test_folder_links_are_listed_once_and_loops_end(data, tmp_path):
     assert source.classes == ["a", "alias", "b"] and 1 not in {it.label for it in source.items}  # said, kept
 
 
+def test_a_bind_mount_of_a_folder_above_src_is_not_followed(tmp_path):
+    """The rule above compared real paths, which a bind mount hides (another path, the same folder): a
+    class holding a bind mount of SRC's parent listed every class under its label, and files beside SRC
+    (a review of the day's diff). Folders are compared by device and inode too."""
+    src = tmp_path / "data" / "src"
+    for c in ("a", "b"):
+        (src / c).mkdir(parents=True)
+        (src / c / "0.png").write_bytes(_png(np.full((12, 12), 40, np.uint8)))
+    (tmp_path / "data" / "beside.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    mnt = src / "a" / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "data"), str(mnt)], capture_output=True).returncode:
+        pytest.skip("bind mounts need root and a mount namespace")
+    try:
+        source = shards.open_source(src)
+        got = sorted((it.rel, source.classes[it.label]) for it in source.items)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+    assert got == [("a/0.png", "a"), ("b/0.png", "b")], got
+
+
 def test_a_file_name_that_is_not_utf8_is_named_exit_2(data, tmp_path, capsys):
     """It failed the run with a UnicodeEncodeError, exit 1, 'rerun to resume' (which failed the same way)."""
     src = tmp_path / "src"

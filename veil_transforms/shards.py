@@ -251,6 +251,15 @@ def _imagefolder_source(root: Path) -> Source:
     # (data on another disk) is followed, each real folder once (loops end).
     root_real = os.path.realpath(root)
     seen: dict[str, str] = {}  # real path -> the path it was listed under
+    # SRC's folder and those above it by identity too: a bind mount of one has another path, the same inode
+    above_ids, f = set(), root_real
+    while True:
+        with contextlib.suppress(OSError):
+            st = os.stat(f)
+            above_ids.add((st.st_dev, st.st_ino))
+        if os.path.dirname(f) == f:
+            break
+        f = os.path.dirname(f)
 
     def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
         raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
@@ -260,6 +269,10 @@ def _imagefolder_source(root: Path) -> Source:
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
             real = os.path.realpath(dirpath)
             above = real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep)
+            if not above:
+                with contextlib.suppress(OSError):
+                    st = os.stat(dirpath)
+                    above = (st.st_dev, st.st_ino) in above_ids
             inside = os.path.islink(dirpath) and real.startswith(root_real + os.sep)
             if above or inside or real in seen:
                 log.warning("folder %s is a link to %s, %s: not listed through the link", dirpath, real,
@@ -278,7 +291,7 @@ def _imagefolder_source(root: Path) -> Source:
                 items.append(SourceItem(rel + fn, ci, os.path.join(dirpath, fn)))
     empty = sorted(set(range(len(classes))) - {it.label for it in items})
     if empty:  # said, not refused: a validation split may lack a class and must keep the train split's indices
-        names = ", ".join(repr(classes[i]) + (" (a link to a folder listed elsewhere, not followed)"
+        names = ", ".join(repr(classes[i]) + (" (a link, not followed: see the warning above)"
                                               if (root / classes[i]).is_symlink() else "")
                           for i in empty[:3]) + (", ..." if len(empty) > 3 else "")
         notice = (f"{len(empty)} class folder(s) of {root} hold no images ({names}): each keeps its label index, "
