@@ -1120,3 +1120,10 @@ def test_16_bit_images_are_told_to_scale_not_convert(vt):
             vt(bad)
     scaled = vt(torch.from_numpy(a.astype(np.float32) / 65535)[None])  # as the hint says: veiled
     assert scaled.shape == (1, 28, 28) and scaled.is_floating_point()
+    # int64 of 0..255 (torch.randint, np.array of ints) is not 16-bit: /65535 would veil a black image
+    for bad in (torch.randint(0, 256, (1, 28, 28)), np.random.default_rng(0).integers(0, 256, (28, 28)),
+                torch.zeros(1, 28, 28, dtype=torch.int8)):
+        with pytest.raises(TypeError, match=r"values 0..255: convert them with .to\(torch.uint8\)"):
+            vt(bad)
+    with pytest.raises(TypeError, match="a mask"):
+        vt(torch.zeros(1, 28, 28, dtype=torch.bool))

@@ -36,8 +36,20 @@ DEFAULT_LR = 0.1
 PAPER = dict(p=0.5, alpha=0.999, beta=0.001, steps=300, threshold=0.3)
 
 
-# (16-bit and 32-bit integer images: .to(torch.uint8) wraps them, a clamp to 255 whitens them)
-_DEEP_HINT = " (16- or 32-bit images: scale them to float in [0, 1], e.g. x.float() / 65535 for 16 bits)"
+def _int_hint(x) -> str:
+    """How to pass integer pixels of another dtype (a tensor or an array): 0..255 (int64 from torch.randint,
+    np.array of ints) as uint8; deeper ones (16-bit scans) scaled to float, since a cast to uint8 wraps
+    them and PIL's convert('L') clips them at 255."""
+    if x.dtype == torch.bool or (not isinstance(x, torch.Tensor) and x.dtype == bool):
+        return " (a mask? images are uint8 or float)"
+    n, bytes_ = (x.numel(), x.element_size()) if isinstance(x, torch.Tensor) else (x.size, x.itemsize)
+    try:  # (torch has no max() for uint16 / uint32 on the CPU)
+        small = bytes_ == 1 or (bytes_ > 2 and n and 0 <= int(x.min()) and int(x.max()) <= 255)
+    except (RuntimeError, NotImplementedError):
+        small = False
+    if small:
+        return " (values 0..255: convert them with .to(torch.uint8) or .astype(np.uint8))"
+    return " (16- or 32-bit images: scale them to float in [0, 1], e.g. x.float() / 65535 for 16 bits)"
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -47,7 +59,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     elif x.is_floating_point():
         x = x.to(torch.float32)
     else:
-        raise TypeError(f"normalize: expected uint8 or float pixels, got {x.dtype}{_DEEP_HINT}")
+        raise TypeError(f"normalize: expected uint8 or float pixels, got {x.dtype}{_int_hint(x)}")
     return (x - 0.5) / 0.5
 
 
@@ -66,7 +78,7 @@ def check_pixels(x: torch.Tensor, what: str = "input") -> None:
     if x.dtype == torch.uint8:
         return
     if not x.is_floating_point():
-        raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}{_DEEP_HINT}")
+        raise TypeError(f"{what}: expected uint8 or float pixels, got {x.dtype}{_int_hint(x)}")
     x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{what}: contains NaN or inf")

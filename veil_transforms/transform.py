@@ -316,8 +316,8 @@ def to_chw(inpt: Any) -> torch.Tensor:
         inpt = np.asarray(inpt)
     if isinstance(inpt, np.ndarray):
         if inpt.dtype != np.uint8 and not np.issubdtype(inpt.dtype, np.floating):
-            deep = f"; {_DEEP_HINT}" if np.issubdtype(inpt.dtype, np.integer) else ""
-            raise TypeError(f"numpy images must be uint8 or float, got {inpt.dtype}{deep}")
+            hint = F._int_hint(inpt) if np.issubdtype(inpt.dtype, np.integer) or inpt.dtype == np.bool_ else ""
+            raise TypeError(f"numpy images must be uint8 or float, got {inpt.dtype}{hint}")
         if inpt.ndim not in (2, 3):
             raise ValueError(f"numpy image must be HW or HWC, got shape {inpt.shape}")
         t = torch.from_numpy(np.array(inpt, copy=True, order="C"))
