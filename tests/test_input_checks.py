@@ -1127,3 +1127,18 @@ def test_16_bit_images_are_told_to_scale_not_convert(vt):
             vt(bad)
     with pytest.raises(TypeError, match="a mask"):
         vt(torch.zeros(1, 28, 28, dtype=torch.bool))
+
+
+def test_memory_cache_follows_a_key_changed_in_place(lenet):
+    """The cached settings id (computed once per change, not per hit) held the key by reference: a
+    bytearray key changed in place compared equal to itself and the old key's veils came back (a review
+    of the day's diff)."""
+    data = [(torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)), 0)
+            for i in range(2)]
+    veil = VeilTransform(lenet, key=KEY, steps=1, device="cpu")
+    veil.key = bytearray(veil.key)
+    ds = VeiledDataset(data, veil, progress=False)
+    before = ds[0][0].clone()
+    veil.key[0] ^= 0xFF
+    fresh = VeilTransform(lenet, key=bytes(veil.key), steps=1, device="cpu")(data[0][0])
+    assert not torch.equal(before, fresh) and torch.equal(ds[0][0], fresh)

@@ -146,7 +146,7 @@ class VeiledDataset(Dataset):
 
     def _settings_id(self, fast: bool = False) -> str:
         # settings, key and F's weights: a retrained F (same file name, same class) must not get the old veils
-        what = (self.veil.settings, self.veil.key, self.veil.local_model.fingerprint(fast))
+        what = (self.veil.settings, bytes(self.veil.key), self.veil.local_model.fingerprint(fast))  # (a copy)
         if what != self._id_of[0]:  # (json and sha256 once per change, not once per cache hit)
             s = json.dumps(what[0], sort_keys=True) + _keys.key_fingerprint(what[1]) + what[2]
             self._id_of = (what, "veil-" + hashlib.sha256(s.encode()).hexdigest()[:16])
