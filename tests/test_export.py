@@ -319,12 +319,28 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert "have no original in" in err and "removed or renamed since veil-shard ran" in err, err
     shutil.rmtree(src)
     shutil.copytree(data["src"], src)
-    (src / "Person 0").mkdir()  # a class sorted first: every label moves up by one
+    (src / "Person 0").mkdir()  # a class sorted first: the indices move up by one, the classes stay
     PIL.Image.fromarray(np.zeros((16, 16), np.uint8)).save(src / "Person 0" / "x.png")
-    assert run("d3") == 2
+    assert run("d3") == 0
+    assert all((tmp_path / "d3" / f.name).read_bytes() == f.read_bytes() for f in ref.glob("*.tar"))
+    # a labels file whose class names changed since: the same files, other classes
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    rows = []
+    for i, f in enumerate(sorted(data["src"].rglob("*.*"))):
+        shutil.copy(f, flat / f"{i}{f.suffix}")
+        rows.append(f"{i}{f.suffix},{'cat' if i % 2 else 'dog'}")
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(rows) + "\n")
+    assert shard_cli.main([str(flat), str(tmp_path / "fs"), "--labels", str(tmp_path / "labels.csv"), "--model",
+                           str(data["root"] / "model.pt"), "--key-file", str(data["root"] / "owner.key"), "--steps",
+                           "1", "--p", "0.01", "--shard-size", "5", "--quiet", "--threads", "1"]) == 0
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(r.replace(",cat", ",ant") for r in rows) + "\n")
+    assert export_cli.main([str(tmp_path / "fs"), str(tmp_path / "d6"), "--originals", str(flat), "--key-file",
+                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
+                            str(tmp_path / "d6.csv")]) == 2
     err = capsys.readouterr().err
-    assert "have another label in" in err and (": 0 there, 1 now" in err or ": 1 there, 2 now" in err), err
-    assert not any((tmp_path / d).exists() for d in ("d2", "d3", "d4", "d5"))
+    assert "have another label in" in err and "'cat' there, 'ant' now" in err, err
+    assert not any((tmp_path / d).exists() for d in ("d2", "d4", "d5", "d6"))
 
 
 def test_a_full_disk_is_said_and_the_rerun_gates_only_the_rest(data, tmp_path, capsys, monkeypatch):

@@ -400,6 +400,12 @@ def _originals(args, manifest: dict, shards_dir: Path):
     return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source, same
 
 
+def _class(classes: list | None, label: int):
+    """A label's class name where the source names its classes (ImageFolder, a labels file of names), else
+    its number."""
+    return classes[label] if classes and 0 <= label < len(classes) else label
+
+
 def _original(source, item, channels: int) -> np.ndarray:
     try:
         return shards.decode_image(source.read_bytes(item), channels=channels)
@@ -598,12 +604,14 @@ def export(args) -> int:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
                                                 f"{args.originals} (e.g. {missing[0]}): removed or renamed since "
                                                 "veil-shard ran? Put them back to gate these shards")
-                    relabelled = [(items[k].item.rel, y, items[k].item.label) for k, _, y in samples
-                                  if items[k].item.label != y]
+                    # by class name where both have names (a class added since renumbers, not relabels)
+                    relabelled = [(items[k].item.rel, was, now) for k, _, y in samples
+                                  for was, now in [(_class(manifest["source"].get("classes"), y),
+                                                    _class(source.classes, items[k].item.label))] if was != now]
                     if relabelled:
                         rel, was, now = relabelled[0]
                         raise shards.ShardError(f"{len(relabelled)} samples of {s['name']} have another label in "
-                                                f"{args.originals} than in the shard (e.g. {rel}: {was} there, {now} "
+                                                f"{args.originals} than in the shard (e.g. {rel}: {was!r} there, {now!r} "
                                                 "now): labels changed since veil-shard ran; veil-shard into a new OUT")
                     x = np.stack([_original(source, items[k].item, channels) for k, _, _ in samples])
                     v = np.stack([a for _, a, _ in samples])
