@@ -1601,7 +1601,12 @@ def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplo
     with caplog.at_level("WARNING", logger="veil_transforms"):
         assert shard_cli.main([a for a in _argv(data, tmp_path / "o2") if a != "--quiet"]) == 0
     msgs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
-    assert len(msgs) == 2 and msgs[1].endswith("(further skipped files: in manifest.json only)"), msgs
+    assert len(msgs) == 3 and msgs[2] == "skipping more files: listed in manifest.json only", msgs
+    monkeypatch.setattr(shards, "SKIP_LINES", 3, raising=False)  # exactly as many as there are: no note
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="veil_transforms"):
+        assert shard_cli.main([a for a in _argv(data, tmp_path / "o3") if a != "--quiet"]) == 0
+    assert len([r for r in caplog.records if r.getMessage().startswith("skipping ")]) == 3
 
 
 def test_recheck_source_leaves_a_sample_skipped_for_its_label_alone(data, tmp_path, caplog):

@@ -1594,9 +1594,11 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             if it.rel not in warned_skip:  # once per file, not once per copy
                                 warned_skip.add(it.rel)
-                                if len(warned_skip) <= SKIP_LINES:
-                                    log.warning("skipping %s: %s%s", it.rel, why, "" if len(warned_skip) < SKIP_LINES
-                                                else " (further skipped files: in manifest.json only)")
+                                cap = max(1, SKIP_LINES // world_size)  # (each rank says its own)
+                                if len(warned_skip) <= cap:
+                                    log.warning("skipping %s: %s", it.rel, why)
+                                elif len(warned_skip) == cap + 1:
+                                    log.warning("skipping more files: listed in manifest.json only")
                             stats["skipped"] += 1
                             pb.update(1)
                             continue
