@@ -878,3 +878,19 @@ def test_dest_that_is_a_mount_point_or_cannot_be_replaced_is_refused_first(data,
     assert _export(data, weak, mnt, "--force") == 2
     err = capsys.readouterr().err
     assert f"cannot replace DEST {mnt}: its folder {tmp_path} must be writable" in err, err
+
+
+def test_receipt_is_strict_json_with_threshold_minus_inf(data, tmp_path):
+    """veil-shard --threshold=-inf (never stop early, in its help) put "threshold": -Infinity in the third
+    party's receipt.json, which strict JSON parsers refuse (a review of the day's diff)."""
+    out = tmp_path / "s"
+    assert shard_cli.main([str(data["src"]), str(out), "--model", str(data["root"] / "model.pt"), "--key-file",
+                           str(data["root"] / "owner.key"), "--mode", "hardened", "--steps", "1", "--threshold=-inf",
+                           "--quiet", "--threads", "1"]) == 0
+    assert export_cli.main([str(out), str(tmp_path / "d"), "--quiet"]) == 0  # hardened, no gate: a warning
+
+    def strict(c):
+        raise ValueError(f"not JSON: {c}")
+
+    receipt = json.loads((tmp_path / "d" / "receipt.json").read_text(), parse_constant=strict)
+    assert receipt["veil"]["threshold"] == "-inf" and float(receipt["veil"]["threshold"]) == -np.inf

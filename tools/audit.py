@@ -522,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
 
             veil_kwargs = {k: settings[k] for k in ("p", "alpha", "beta", "steps", "threshold", "lr", "mode", "layer")
                            if settings.get(k) is not None}
+            if isinstance(veil_kwargs.get("threshold"), str):  # a receipt's "-inf" (JSON has no infinity)
+                veil_kwargs["threshold"] = float(veil_kwargs["threshold"])
             if "layer" in veil_kwargs:  # the attacker veils as the owner did: at that layer of its surrogate
                 try:
                     LocalModel(make_model(), layer=veil_kwargs["layer"])

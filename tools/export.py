@@ -706,7 +706,9 @@ def export(args) -> int:
             "sample_shape": manifest["source"]["sample_shape"],
             "shards": out_shards,
             # the veil's settings without the model's file name (a name can say whose data this is)
-            "veil": {k: v for k, v in manifest["veil"].items() if k != "model"},
+            # (--threshold=-inf as the text "-inf": JSON has no infinity, and strict parsers refuse -Infinity)
+            "veil": {k: str(v) if isinstance(v, float) and not np.isfinite(v) else v
+                     for k, v in manifest["veil"].items() if k != "model"},
             "paper_mode_without_gate_forced": paper_without_gate,
             "key_fingerprint": manifest["key_fingerprint"],
             "gate": {
