@@ -797,7 +797,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         full = disk_full(e)
         if full is not None:
-            return fail(PROG, f"a disk written to is full ({full.strerror}; DEST is assembled in "
+            return fail(PROG, f"a disk written to is full ({full.strerror}{f', {full.filename}' if full.filename else ''}; "
+                              "DEST is assembled in "
                               f"{_staging(Path(args.dest).absolute())}): free space and rerun the same command "
                               "(the shards gated so far are kept there)", 2)
         return fail(PROG, f"{type(e).__name__}: {e}", 2)

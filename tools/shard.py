@@ -358,8 +358,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         full = disk_full(e)
         if full is not None:
-            return fail(PROG, f"the disk of {Path(args.out).absolute()} is full ({full.strerror}): free space and rerun "
-                              "the same command to resume (the shards finished so far are kept)", 1)
+            where = full.filename or Path(args.out).absolute()  # (a write's error names no file: OUT's, mostly)
+            return fail(PROG, f"the disk of {where} is full ({full.strerror}): free space and rerun the same command "
+                              "to resume (the shards finished so far are kept)", 1)
         return fail(PROG, f"{type(e).__name__}: {e} (rerun the same command to resume)", 1)
     finally:
         threads.close()
