@@ -251,7 +251,7 @@ def _imagefolder_source(root: Path) -> Source:
     # (data on another disk) is followed, each real folder once (loops end).
     root_real = os.path.realpath(root)
     seen: dict[str, str] = {}  # real path -> the path it was listed under
-    # SRC's folder and those above it by identity too: a bind mount of one has another path, the same inode
+    # SRC's folder and those above it, by device and inode: a bind mount of one has another path
     above_ids, f = set(), root_real
     while True:
         with contextlib.suppress(OSError):
@@ -268,11 +268,11 @@ def _imagefolder_source(root: Path) -> Source:
     for ci, c in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
             real = os.path.realpath(dirpath)
-            above = real == root_real or root_real.startswith(real.rstrip(os.sep) + os.sep)
-            if not above:
-                with contextlib.suppress(OSError):
-                    st = os.stat(dirpath)
-                    above = (st.st_dev, st.st_ino) in above_ids
+            try:  # SRC's folder or one above it (by identity: a bind mount's path is not its real path)
+                st = os.stat(dirpath)
+                above = (st.st_dev, st.st_ino) in above_ids
+            except OSError:
+                above = False
             inside = os.path.islink(dirpath) and real.startswith(root_real + os.sep)
             if above or inside or real in seen:
                 log.warning("folder %s is a link to %s, %s: not listed through the link", dirpath, real,
