@@ -296,11 +296,19 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert _export(data, weak, ref, "--force", "--private-map", str(tmp_path / "ref.csv")) == 0
     capsys.readouterr()
     assert all((tmp_path / "d1" / f.name).read_bytes() == f.read_bytes() for f in ref.glob("*.tar"))
-    # an existing map: of these shards, or of another OUT of the grown SRC (whose keys the listing holds too)?
-    assert export_cli.main([str(weak), str(tmp_path / "d4"), "--originals", str(src), "--key-file",
-                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
-                            str(tmp_path / "d1.csv")]) == 2
-    assert "cannot be told whether that map is of these shards: give a new file name" in capsys.readouterr().err
+    # an existing map of these shards is replaced (a rerun); one of another OUT of the grown SRC, whose keys
+    # the grown listing holds too, is not (it was, by a first cut of this change)
+    exp = lambda shards_dir, dest, pm: export_cli.main([  # noqa: E731
+        str(shards_dir), str(tmp_path / dest), "--originals", str(src), "--key-file", str(data["root"] / "owner.key"),
+        "--quiet", "--force", "--private-map", str(tmp_path / pm)])
+    assert exp(weak, "d4", "d1.csv") == 0
+    capsys.readouterr()
+    _shard(data["root"], src, tmp_path / "out2", p="0.01", steps="1")
+    assert exp(tmp_path / "out2", "d7", "out2.csv") == 0
+    before = (tmp_path / "out2.csv").read_bytes()
+    assert exp(weak, "d8", "out2.csv") == 2
+    assert "is the map of another export (1 of its keys are not these shards')" in capsys.readouterr().err
+    assert (tmp_path / "out2.csv").read_bytes() == before
     # shards without content tags (an earlier veil-shard): the listing is all that ties them to their originals
     untagged = tmp_path / "untagged"
     shutil.copytree(weak, untagged)
@@ -334,13 +342,20 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert shard_cli.main([str(flat), str(tmp_path / "fs"), "--labels", str(tmp_path / "labels.csv"), "--model",
                            str(data["root"] / "model.pt"), "--key-file", str(data["root"] / "owner.key"), "--steps",
                            "1", "--p", "0.01", "--shard-size", "5", "--quiet", "--threads", "1"]) == 0
+    fexp = lambda dest, *force: export_cli.main([  # noqa: E731
+        str(tmp_path / "fs"), str(tmp_path / dest), "--originals", str(flat), "--key-file", str(data["root"] / "owner.key"),
+        "--quiet", "--private-map", str(tmp_path / f"{dest}.csv"), *force])
+    assert fexp("d6") == 1  # the gate refuses these weak veils: their scores are staged for a rerun
+    capsys.readouterr()
     (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(r.replace(",cat", ",ant") for r in rows) + "\n")
-    assert export_cli.main([str(tmp_path / "fs"), str(tmp_path / "d6"), "--originals", str(flat), "--key-file",
-                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
-                            str(tmp_path / "d6.csv")]) == 2
+    assert fexp("d6", "--force") == 2  # (the rerun reused the staged shards, unchecked, in a first cut)
     err = capsys.readouterr().err
     assert "have another label in" in err and "'cat' there, 'ant' now" in err, err
-    assert not any((tmp_path / d).exists() for d in ("d2", "d4", "d5", "d6"))
+    # the same classes written as their numbers (cat 0, dog 1, as sorted names numbered them): not relabelled
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(
+        r.replace(",cat", ",0").replace(",dog", ",1") for r in rows) + "\n")
+    assert fexp("d9", "--force") == 0
+    assert not any((tmp_path / d).exists() for d in ("d2", "d5", "d6", "d8"))
 
 
 def test_a_full_disk_is_said_and_the_rerun_gates_only_the_rest(data, tmp_path, capsys, monkeypatch):
@@ -880,7 +895,7 @@ def test_dest_that_is_a_mount_point_or_cannot_be_replaced_is_refused_first(data,
     assert f"cannot replace DEST {mnt}: its folder {tmp_path} must be writable" in err, err
 
 
-def test_receipt_is_strict_json_with_threshold_minus_inf(data, tmp_path):
+def test_receipt_is_strict_json_with_threshold_minus_inf(data, tmp_path, monkeypatch):
     """veil-shard --threshold=-inf (never stop early, in its help) put "threshold": -Infinity in the third
     party's receipt.json, which strict JSON parsers refuse (a review of the day's diff)."""
     out = tmp_path / "s"
@@ -894,3 +909,15 @@ def test_receipt_is_strict_json_with_threshold_minus_inf(data, tmp_path):
 
     receipt = json.loads((tmp_path / "d" / "receipt.json").read_text(), parse_constant=strict)
     assert receipt["veil"]["threshold"] == "-inf" and float(receipt["veil"]["threshold"]) == -np.inf
+    # veil-audit on the DEST veils its learned inverter's public data with the receipt's settings (it read
+    # only the receipt's copies and key, and used the library's defaults: a review of the day's diff)
+    from veil_transforms import attacks
+    from veil_transforms.tools import audit as audit_cli
+
+    seen, real = [], attacks.learned_inverter
+    monkeypatch.setattr(attacks, "learned_inverter", lambda *a, **kw: seen.append(kw["veil_kwargs"]) or real(*a, **kw))
+    assert audit_cli.main(["--originals", str(data["src"]), "--veiled", str(tmp_path / "d"), "--key-file",
+                           str(data["root"] / "owner.key"), "--learned-public", str(data["src"]), "--learned-epochs",
+                           "1", "--unet-epochs", "1", "--attacks", "learned", "--quiet"]) in (0, 1)
+    assert seen == [{"p": 0.5, "alpha": 0.999, "beta": 0.001, "steps": 1, "threshold": -np.inf, "lr": 0.1,
+                     "mode": "hardened"}], seen

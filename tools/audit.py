@@ -189,7 +189,8 @@ def read_shards(path: str, incomplete: bool = False) -> tuple[dict[str, np.ndarr
     manifest, recorded = {}, {}  # recorded: each listed shard's sha256 (an audit of changed shards says so)
     lists = False  # whether the manifest / receipt lists its shards (a hand-made partial one may not)
     home = p if p.is_dir() else p.parent  # one .tar of an OUT: its folder's manifest (copies, content tags)
-    # veil-shard's OUT has a manifest; veil-export's DEST a receipt (its copies and key fingerprint, no tags)
+    # veil-shard's OUT has a manifest; veil-export's DEST a receipt (its copies, key fingerprint and veil
+    # settings without the model's name; no content tags)
     meta = next((home / n for n in ("manifest.json", "receipt.json") if (home / n).is_file()), None)
     if meta is not None:
         from veil_transforms import shards
@@ -213,7 +214,7 @@ def read_shards(path: str, incomplete: bool = False) -> tuple[dict[str, np.ndarr
             print(f"{PROG}: warning: --incomplete: auditing the {done} finished shards of {total}",
                   file=sys.stderr, flush=True)
         if meta.name == "receipt.json":
-            manifest = {k: manifest[k] for k in ("copies", "key_fingerprint") if k in manifest}
+            manifest = {k: manifest[k] for k in ("copies", "key_fingerprint", "veil") if k in manifest}
         try:  # what this tool reads of it: the rest may be a partial manifest of hand-made shards
             shards.check_copies(manifest.get("copies", 1))
         except shards.ShardError:
@@ -326,11 +327,14 @@ def _arch_of(model: str | None) -> str | None:
     --arch, ``LeNet5`` for an in-memory LeNet-5; a TorchScript file's name says nothing), normalised."""
     if not model:
         return None
-    name = model.split(":", 1)[0] if ":" in model else model
-    name = name.lower()
+    name = (model.split(":", 1)[0] if ":" in model else model).lower()
     if name in ("lenet5", "lenet-5", "lenet"):
         return "lenet5"
-    return name if ":" in model else None
+    if ":" not in model:
+        return None
+    import torchvision  # (an ONNX file's own name may hold a colon: a prefix that names no architecture)
+
+    return name if name in torchvision.models.list_models() else None
 
 
 def default_key_file(veiled: str) -> Path:
@@ -511,8 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             arch = args.learned_arch or owner or "lenet5"
             # a layer is named within F's architecture: another one's node of that name is another depth
             if settings.get("layer") is not None and (_arch_of(arch + ":") != owner if owner else not args.learned_arch):
-                raise InputError(f"the shards were veiled at layer {settings['layer']!r} of F "
-                                 f"({settings.get('model')}): the learned inverter's surrogate must be F's architecture"
+                raise InputError(f"the shards were veiled at layer {settings['layer']!r} of F"
+                                 + (f" ({settings['model']})" if settings.get("model") else "")
+                                 + ": the learned inverter's surrogate must be F's architecture"
                                  + (f", --learned-arch {owner}, not {arch}" if owner else ": give it with --learned-arch"))
 
             def make_model():

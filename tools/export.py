@@ -51,6 +51,7 @@ import logging
 import os
 import re
 import shutil
+import tarfile
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -261,7 +262,7 @@ def _inputs_id(shards_dir: Path, manifest: dict, source) -> str:
     originals' listing and the library (its attacks). Another value: the staged work is discarded."""
     h = hashlib.sha256((shards_dir / shards.MANIFEST).read_bytes())
     h.update(repr((source.listing_sha256() if source is not None else None, manifest.get("key_fingerprint"),
-                   shards.library_version())).encode())
+                   shards.library_version(), source.classes if source is not None else None)).encode())
     return h.hexdigest()
 
 
@@ -388,8 +389,8 @@ def _originals(args, manifest: dict, shards_dir: Path):
         raise shards.ShardError(
             f"--originals {args.originals} does not list the same files and labels as the SRC veil-shard used, "
             f"and {untagged} shard(s) have no content tag (made by an earlier veil-shard) by which their samples "
-            "could be checked against their originals: give the SRC as it was, or rerun veil-shard with "
-            "--recheck-source on that SRC to tag them")
+            "could be checked against their originals: give the SRC as it was (move the files added since out "
+            "of it), or tag the shards first: rerun veil-shard with --recheck-source on the SRC as it was")
     if not same:
         # files added to SRC since are not in the shards, and do not matter here; each veiled sample's
         # original is still looked for (removed: refused), its label compared and its pixels tagged
@@ -400,10 +401,9 @@ def _originals(args, manifest: dict, shards_dir: Path):
     return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source, same
 
 
-def _class(classes: list | None, label: int):
-    """A label's class name where the source names its classes (ImageFolder, a labels file of names), else
-    its number."""
-    return classes[label] if classes and 0 <= label < len(classes) else label
+def _class(classes: list, label: int):
+    """A label's class name (ImageFolder, a labels file of names)."""
+    return classes[label] if 0 <= label < len(classes) else label
 
 
 def _original(source, item, channels: int) -> np.ndarray:
@@ -434,6 +434,15 @@ def _foreign_map_rows(path: Path, items) -> int:
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise shards.ShardError(f"--private-map {path} exists and cannot be read to the end ({e}): "
                                 "give a new file name") from None
+
+
+def _shard_keys(shards_dir: Path, manifest: dict) -> set[str]:
+    """The opaque keys in the shards the manifest lists (their tar headers: the images are not read)."""
+    out = set()
+    for s in manifest["shards"]:
+        with tarfile.open(shards_dir / s["name"], "r:") as tf:
+            out.update(m.name.split(".", 1)[0] for m in tf)
+    return out
 
 
 def _write_private_map(path: Path, rows: list[tuple[str, str, int, str, int]]) -> None:
@@ -509,14 +518,13 @@ def export(args) -> int:
     items = source = None
     if gate:
         key, items, source, same = _originals(args, manifest, shards_dir)
-        if pm_path.exists() and not same:  # a map of other shards of a grown SRC would pass the check below
-            raise shards.ShardError(f"--private-map {pm_path} exists, and --originals' listing is not the one these "
-                                    "shards were made from, so it cannot be told whether that map is of these "
-                                    "shards: give a new file name")
-        foreign = _foreign_map_rows(pm_path, items) if pm_path.exists() else 0
+        # an earlier map is replaced only if every row's key is these shards': the listing's keys when it is
+        # the one veil-shard used, else the keys in the shards (a grown SRC lists another OUT's keys too)
+        foreign = _foreign_map_rows(pm_path, items if same else _shard_keys(shards_dir, manifest)) \
+            if pm_path.exists() else 0
         if foreign:  # an earlier map, but of other shards or another key: replacing it would lose its rows
             raise shards.ShardError(f"--private-map {pm_path} is the map of another export ({foreign} of its keys "
-                                    "are not these shards'): give a new file name")
+                                    "are not these shards'): pass --private-map with a new file name")
     paper_without_gate = not gate and manifest["veil"].get("mode", "paper") == "paper"  # (a gate would measure it)
     if paper_without_gate and not args.force:
         raise shards.VerifyError(
@@ -604,10 +612,12 @@ def export(args) -> int:
                         raise shards.ShardError(f"{len(missing)} samples of {s['name']} have no original in "
                                                 f"{args.originals} (e.g. {missing[0]}): removed or renamed since "
                                                 "veil-shard ran? Put them back to gate these shards")
-                    # by class name where both have names (a class added since renumbers, not relabels)
+                    # by class name where both name their classes (a class added since renumbers, not relabels)
+                    named = manifest["source"].get("classes") and source.classes
                     relabelled = [(items[k].item.rel, was, now) for k, _, y in samples
-                                  for was, now in [(_class(manifest["source"].get("classes"), y),
-                                                    _class(source.classes, items[k].item.label))] if was != now]
+                                  for was, now in [(_class(manifest["source"]["classes"], y),
+                                                    _class(source.classes, items[k].item.label)) if named
+                                                   else (y, items[k].item.label)] if was != now]
                     if relabelled:
                         rel, was, now = relabelled[0]
                         raise shards.ShardError(f"{len(relabelled)} samples of {s['name']} have another label in "
