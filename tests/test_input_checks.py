@@ -1122,11 +1122,14 @@ def test_16_bit_images_are_told_to_scale_not_convert(vt):
     assert scaled.shape == (1, 28, 28) and scaled.is_floating_point()
     # int64 of 0..255 (torch.randint, np.array of ints) is not 16-bit: /65535 would veil a black image
     for bad in (torch.randint(0, 256, (1, 28, 28)), np.random.default_rng(0).integers(0, 256, (28, 28)),
-                torch.zeros(1, 28, 28, dtype=torch.int8)):
+                torch.zeros(1, 28, 28, dtype=torch.int8), torch.randint(0, 256, (1, 28, 28)).to(torch.int16),
+                torch.randint(0, 256, (1, 28, 28)).to(torch.uint16), np.full((28, 28), 200, np.uint16)):
         with pytest.raises(TypeError, match=r"values 0..255: convert them with .to\(torch.uint8\)"):
             vt(bad)
     with pytest.raises(TypeError, match="a mask"):
         vt(torch.zeros(1, 28, 28, dtype=torch.bool))
+    with pytest.raises(TypeError, match="negative values"):
+        vt(torch.full((1, 28, 28), -3, dtype=torch.int8))
 
 
 def test_memory_cache_follows_a_key_changed_in_place(lenet):

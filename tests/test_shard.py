@@ -1607,6 +1607,16 @@ def test_a_skipped_file_is_reported_once_not_once_per_copy(data, tmp_path, caplo
     with caplog.at_level("WARNING", logger="veil_transforms"):
         assert shard_cli.main([a for a in _argv(data, tmp_path / "o3") if a != "--quiet"]) == 0
     assert len([r for r in caplog.records if r.getMessage().startswith("skipping ")]) == 3
+    # ranks share the cap (it was per rank: --nproc 64 said 64 notes and up to 128 lines)
+    monkeypatch.setattr(shards, "SKIP_LINES", 1, raising=False)
+    for world in (2, 3):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="veil_transforms"):
+            for rank in range(world):
+                shards.write_shards(data["src"], tmp_path / f"w{world}", data["model"], key_file=data["key_file"],
+                                    steps=1, shard_size=SHARD_SIZE, rank=rank, world_size=world, progress=False)
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping ")]
+        assert len(said) <= 2 and sum(m.startswith("skipping more") for m in said) <= 1, said
 
 
 def test_recheck_source_leaves_a_sample_skipped_for_its_label_alone(data, tmp_path, caplog):

@@ -42,12 +42,18 @@ def _int_hint(x) -> str:
     them and PIL's convert('L') clips them at 255."""
     if x.dtype == torch.bool or (not isinstance(x, torch.Tensor) and x.dtype == bool):
         return " (a mask? images are uint8 or float)"
-    n, bytes_ = (x.numel(), x.element_size()) if isinstance(x, torch.Tensor) else (x.size, x.itemsize)
-    try:  # (torch has no max() for uint16 / uint32 on the CPU)
-        small = bytes_ == 1 or (bytes_ > 2 and n and 0 <= int(x.min()) and int(x.max()) <= 255)
-    except (RuntimeError, NotImplementedError):
-        small = False
-    if small:
+    if x.dtype.is_complex if isinstance(x, torch.Tensor) else x.dtype.kind == "c":
+        return ""
+    try:  # the values decide, not the dtype (int16 is a common cast of 8-bit pixels); torch has no min() /
+        # max() for uint16 and uint32 on the CPU, numpy has them all
+        a = (x.detach().cpu().to(torch.int64) if x.dtype != torch.uint64 else x.detach().cpu()).numpy() \
+            if isinstance(x, torch.Tensor) else x
+        low, high = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    except (RuntimeError, TypeError, ValueError):
+        low, high = 0, 1 << 16
+    if low < 0:
+        return " (negative values: images are uint8 in 0..255 or float in [0, 1])"
+    if high <= 255:
         return " (values 0..255: convert them with .to(torch.uint8) or .astype(np.uint8))"
     return " (16- or 32-bit images: scale them to float in [0, 1], e.g. x.float() / 65535 for 16 bits)"
 

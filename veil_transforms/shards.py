@@ -1594,10 +1594,12 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             if it.rel not in warned_skip:  # once per file, not once per copy
                                 warned_skip.add(it.rel)
-                                cap = max(1, SKIP_LINES // world_size)  # (each rank says its own)
+                                # each rank says its own: SKIP_LINES in all, and a rank with a share says when
+                                # it leaves some unsaid
+                                cap = SKIP_LINES // world_size + (rank < SKIP_LINES % world_size)
                                 if len(warned_skip) <= cap:
                                     log.warning("skipping %s: %s", it.rel, why)
-                                elif len(warned_skip) == cap + 1:
+                                elif len(warned_skip) == cap + 1 and cap:
                                     log.warning("skipping more files: listed in manifest.json only")
                             stats["skipped"] += 1
                             pb.update(1)
