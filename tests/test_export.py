@@ -80,6 +80,16 @@ def _export(data, shards_dir, dest, *extra):
                             "--key-file", str(data["root"] / "owner.key"), "--quiet", *extra])
 
 
+def _untagged_copy(shards_dir, to):
+    """A copy of ``shards_dir`` whose manifest has no content tags, as an earlier veil-shard wrote it."""
+    shutil.copytree(shards_dir, to)
+    m = json.loads((to / "manifest.json").read_text())
+    for s in m["shards"]:
+        del s["source_tag"]
+    (to / "manifest.json").write_text(json.dumps(m))
+    return to
+
+
 def _all_bytes(folder) -> bytes:
     return b"".join(f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file())
 
@@ -310,15 +320,7 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert "is the map of another export (1 of its keys are not these shards')" in capsys.readouterr().err
     assert (tmp_path / "out2.csv").read_bytes() == before
     # shards without content tags (an earlier veil-shard): the listing is all that ties them to their originals
-    untagged = tmp_path / "untagged"
-    shutil.copytree(weak, untagged)
-    m = json.loads((untagged / "manifest.json").read_text())
-    for s in m["shards"]:
-        del s["source_tag"]
-    (untagged / "manifest.json").write_text(json.dumps(m))
-    assert export_cli.main([str(untagged), str(tmp_path / "d5"), "--originals", str(src), "--key-file",
-                            str(data["root"] / "owner.key"), "--quiet", "--force", "--private-map",
-                            str(tmp_path / "d5.csv")]) == 2
+    assert exp(_untagged_copy(weak, tmp_path / "untagged"), "d5", "d5.csv") == 2
     err = capsys.readouterr().err
     assert "does not list the same files" in err and "have no content tag" in err, err
     next(iter(sorted((src / "Person B").iterdir()))).unlink()
@@ -445,12 +447,7 @@ def test_source_tags_are_recorded_checked_and_not_exported(data, tmp_path, capsy
     blob = _all_bytes(dest)
     assert all(s["source_tag"].encode() not in blob for s in m["shards"]) and b"source_tag" not in blob
     # manifests from before the tag: one warning, and the export goes on
-    old = tmp_path / "old"
-    shutil.copytree(weak, old)
-    mo = json.loads((old / "manifest.json").read_text())
-    for s in mo["shards"]:
-        del s["source_tag"]
-    (old / "manifest.json").write_text(json.dumps(mo))
+    old = _untagged_copy(weak, tmp_path / "old")
     capsys.readouterr()
     assert _export(data, old, tmp_path / "d2", "--force") == 0
     assert capsys.readouterr().err.count("no source tag") == 1
