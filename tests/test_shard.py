@@ -898,6 +898,16 @@ def _flat_labels(data, tmp_path, n: int, csv: str) -> list[str]:
             "--key-file", str(data["key_file"]), *COMMON]
 
 
+def test_a_rerun_with_a_class_renamed_is_refused(data, tmp_path, capsys):
+    """A labels file's class renamed (cat -> ant: the same indices, so the same listing hash) continued the
+    OUT, whose manifest kept the old names (a review of the day's diff)."""
+    argv = _flat_labels(data, tmp_path, 4, "filename,label\nf0.png,cat\nf1.png,dog\nf2.png,cat\nf3.png,dog\n")
+    assert shard_cli.main(argv) == 0
+    (tmp_path / "labels.csv").write_text("filename,label\nf0.png,ant\nf1.png,dog\nf2.png,ant\nf3.png,dog\n")
+    assert shard_cli.main(argv) == 2
+    assert "the class names (a class renamed" in _one_line_error(capsys)
+
+
 def test_negative_label_in_csv_is_refused_naming_the_row(data, tmp_path, capsys):
     """A negative label was taken as 'no label' and its image skipped."""
     argv = _flat_labels(data, tmp_path, 3, "filename,label\nf0.png,0\n\nf1.png,-1\nf2.png,1\n")  # a blank line

@@ -741,7 +741,8 @@ _COMPAT = {
 }
 _COMPAT_SOURCE = {"listing_sha256": "the source listing (files added, removed or renamed, or labels changed; "
                                     "--recheck-source is for images edited under the same names)",
-                  "sample_shape": "the image shape"}
+                  "sample_shape": "the image shape",
+                  "classes": "the class names (a class renamed: its shards would keep the old name)"}
 
 
 def _check_compatible(old: dict, new: dict, out: Path) -> None:
