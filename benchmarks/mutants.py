@@ -77,9 +77,8 @@ MUTANTS = [
      ['tests/test_shard.py', '-k', 'new_key_is_owner or half_are_skipped or bad_inputs_exit_2 or other_params_or_key']),
     ('S2', 'resume ignores a changed source listing', 'veil_transforms/shards.py',
      '_COMPAT_SOURCE = {"listing_sha256": "the source listing (files added, removed or renamed, or labels changed; "\n'
-     '                                    "--recheck-source is for images edited under the same names)",\n'
-     '                  "sample_shape": "the image shape"}',
-     '_COMPAT_SOURCE = {"sample_shape": "the image shape"}',
+     '                                    "--recheck-source is for images edited under the same names)",\n',
+     '_COMPAT_SOURCE = {\n',
      ['tests/test_shard.py', '-k', 'new_key_is_owner or half_are_skipped or bad_inputs_exit_2 or other_params_or_key']),
     ('S4', 'shard not fsynced before rename', 'veil_transforms/shards.py',
      '        os.fsync(self.f.fileno())\n        self.f.close()',
@@ -818,6 +817,10 @@ MUTANTS = [
      'items if same else _shard_keys(shards_dir, manifest)',
      'items',
      ['tests/test_export.py', '-k', 'listing_changed']),
+    ('H57', 'a rerun with a class renamed continues the OUT', 'veil_transforms/shards.py',
+     '                  "classes": "the class names (a class renamed: its shards would keep the old name)"}',
+     '                  }',
+     ['tests/test_shard.py', '-k', 'class_renamed']),
 ]
 
 
