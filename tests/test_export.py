@@ -319,6 +319,11 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     assert exp(weak, "d8", "out2.csv") == 2
     assert "is the map of another export (1 of its keys are not these shards')" in capsys.readouterr().err
     assert (tmp_path / "out2.csv").read_bytes() == before
+    gap = tmp_path / "gap"  # a missing shard is said as one, not as a map of another export
+    shutil.copytree(weak, gap)
+    (gap / "veil-000001.tar").unlink()
+    assert exp(gap, "d10", "d1.csv") == 1
+    assert "shard veil-000001.tar is missing or damaged" in capsys.readouterr().err
     # shards without content tags (an earlier veil-shard): the listing is all that ties them to their originals
     assert exp(_untagged_copy(weak, tmp_path / "untagged"), "d5", "d5.csv") == 2
     err = capsys.readouterr().err
@@ -357,7 +362,7 @@ def test_originals_listing_changed_since_the_shards(data, tmp_path, capsys):
     (tmp_path / "labels.csv").write_text("filename,label\n" + "\n".join(
         r.replace(",cat", ",0").replace(",dog", ",1") for r in rows) + "\n")
     assert fexp("d9", "--force") == 0
-    assert not any((tmp_path / d).exists() for d in ("d2", "d5", "d6", "d8"))
+    assert not any((tmp_path / d).exists() for d in ("d2", "d5", "d6", "d8", "d10"))
 
 
 def test_a_full_disk_is_said_and_the_rerun_gates_only_the_rest(data, tmp_path, capsys, monkeypatch):

@@ -51,8 +51,8 @@ import logging
 import os
 import re
 import shutil
-import tarfile
 import sys
+import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -440,8 +440,11 @@ def _shard_keys(shards_dir: Path, manifest: dict) -> set[str]:
     """The opaque keys in the shards the manifest lists (their tar headers: the images are not read)."""
     out = set()
     for s in manifest["shards"]:
-        with tarfile.open(shards_dir / s["name"], "r:") as tf:
-            out.update(m.name.split(".", 1)[0] for m in tf)
+        try:
+            with tarfile.open(shards_dir / s["name"], "r:") as tf:
+                out.update(m.name.split(".", 1)[0] for m in tf)
+        except (OSError, tarfile.TarError) as e:  # as the check of every shard against the manifest says it
+            raise shards.VerifyError(f"shard {s['name']} is missing or damaged ({e})") from None
     return out
 
 
