@@ -994,13 +994,18 @@ def test_a_bind_mount_of_a_folder_above_src_is_not_followed(tmp_path):
         (src / c).mkdir(parents=True)
         (src / c / "0.png").write_bytes(_png(np.full((12, 12), 40, np.uint8)))
     (tmp_path / "data" / "beside.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
-    mnt = src / "a" / "mnt"
+    mnt, mntb = src / "a" / "mnt", src / "a" / "mntb"  # SRC's parent; class b (listed under a, and under b)
     mnt.mkdir()
+    mntb.mkdir()
     if subprocess.run(["mount", "--bind", str(tmp_path / "data"), str(mnt)], capture_output=True).returncode:
         pytest.skip("bind mounts need root and a mount namespace")
     try:
-        source = shards.open_source(src)
-        got = sorted((it.rel, source.classes[it.label]) for it in source.items)
+        subprocess.run(["mount", "--bind", str(src / "b"), str(mntb)], check=True)
+        try:
+            source = shards.open_source(src)
+            got = sorted((it.rel, source.classes[it.label]) for it in source.items)
+        finally:
+            subprocess.run(["umount", str(mntb)], check=True)
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
     assert got == [("a/0.png", "a"), ("b/0.png", "b")], got

@@ -250,16 +250,25 @@ def _imagefolder_source(root: Path) -> Source:
     # other class would be listed under this class's label, and files beside SRC too; one out of SRC
     # (data on another disk) is followed, each real folder once (loops end).
     root_real = os.path.realpath(root)
-    seen: dict[str, str] = {}  # real path -> the path it was listed under
-    # SRC's folder and those above it, by device and inode: a bind mount of one has another path
-    above_ids, f = set(), root_real
+    # folders are told apart by device and inode, as well as by real path: a bind mount (of SRC's folder,
+    # one above it, a class folder or an outside folder linked twice) has another path, the same identity
+    seen: dict = {}  # identity (or real path) -> the path it was listed under
+
+    def ident(path) -> tuple | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    above_ids, f = set(), root_real  # SRC's folder and those above it
     while True:
-        with contextlib.suppress(OSError):
-            st = os.stat(f)
-            above_ids.add((st.st_dev, st.st_ino))
+        above_ids.add(ident(f))
         if os.path.dirname(f) == f:
             break
         f = os.path.dirname(f)
+    above_ids.discard(None)
+    class_ids = {ident(root / c): str(root / c) for c in classes if not (root / c).is_symlink()}
 
     def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
         raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
@@ -267,20 +276,18 @@ def _imagefolder_source(root: Path) -> Source:
 
     for ci, c in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(root / c, onerror=unreadable, followlinks=True):
-            real = os.path.realpath(dirpath)
-            try:  # SRC's folder or one above it (by identity: a bind mount's path is not its real path)
-                st = os.stat(dirpath)
-                above = (st.st_dev, st.st_ino) in above_ids
-            except OSError:
-                above = False
-            inside = os.path.islink(dirpath) and real.startswith(root_real + os.sep)
-            if above or inside or real in seen:
+            real, me = os.path.realpath(dirpath), ident(dirpath)
+            above = me in above_ids
+            inside = (os.path.islink(dirpath) and real.startswith(root_real + os.sep)) or \
+                class_ids.get(me, dirpath) != dirpath  # (another class's folder, bind-mounted here)
+            was = seen.get(me or real)
+            if above or inside or was:
                 log.warning("folder %s is a link to %s, %s: not listed through the link", dirpath, real,
                             "which holds the source itself" if above else
-                            "inside the source, listed in its own place" if inside else f"already listed as {seen[real]}")
+                            "inside the source, listed in its own place" if inside else f"already listed as {was}")
                 dirnames[:] = []
                 continue
-            seen[real] = dirpath
+            seen[me or real] = dirpath
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # which link is first: fixed
             # paths joined as strings, once per folder: pathlib per file was most of the listing's
             # time (1.3 s for 32k files on a 2-core CPU); same strings (dirpath comes from a Path)
