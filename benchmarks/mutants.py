@@ -825,6 +825,10 @@ MUTANTS = [
      '            raise shards.VerifyError(f"shard {s[\'name\']} is missing or damaged ({e})") from None',
      '            continue',
      ['tests/test_export.py', '-k', 'listing_changed']),
+    ('H59', 'a class folder bind-mounted in another class listed under its label', 'veil_transforms/shards.py',
+     '                class_ids.get(me, dirpath) != dirpath  # (another class\'s folder, bind-mounted here)',
+     '                False',
+     ['tests/test_shard.py', '-k', 'bind_mount']),
 ]
 
 
