@@ -401,9 +401,9 @@ def _originals(args, manifest: dict, shards_dir: Path):
     return key, shards.opaque_keys(key, manifest.get("copies", 1), source.items), source, same
 
 
-def _class(classes: list, label: int):
-    """A label's class name (ImageFolder, a labels file of names)."""
-    return classes[label] if 0 <= label < len(classes) else label
+def _class(classes: list | None, label: int):
+    """A label's class name (ImageFolder, a labels file of names), or its number (``classes`` None)."""
+    return classes[label] if classes and 0 <= label < len(classes) else label
 
 
 def _original(source, item, channels: int) -> np.ndarray:
@@ -616,11 +616,11 @@ def export(args) -> int:
                                                 f"{args.originals} (e.g. {missing[0]}): removed or renamed since "
                                                 "veil-shard ran? Put them back to gate these shards")
                     # by class name where both name their classes (a class added since renumbers, not relabels)
-                    named = manifest["source"].get("classes") and source.classes
-                    relabelled = [(items[k].item.rel, was, now) for k, _, y in samples
-                                  for was, now in [(_class(manifest["source"]["classes"], y),
-                                                    _class(source.classes, items[k].item.label)) if named
-                                                   else (y, items[k].item.label)] if was != now]
+                    old, new = manifest["source"].get("classes"), source.classes
+                    old, new = (old, new) if old and new else (None, None)
+                    relabelled = [(items[k].item.rel, _class(old, y), _class(new, items[k].item.label))
+                                  for k, _, y in samples]
+                    relabelled = [r for r in relabelled if r[1] != r[2]]
                     if relabelled:
                         rel, was, now = relabelled[0]
                         raise shards.ShardError(f"{len(relabelled)} samples of {s['name']} have another label in "

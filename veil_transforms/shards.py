@@ -269,6 +269,7 @@ def _imagefolder_source(root: Path) -> Source:
         f = os.path.dirname(f)
     above_ids.discard(None)
     class_ids = {ident(root / c): str(root / c) for c in classes if not (root / c).is_symlink()}
+    class_ids.pop(None, None)
 
     def unreadable(e: OSError):  # os.walk leaves out what it cannot list: its images would vanish unreported
         raise ShardError(f"cannot list folder {e.filename} ({e.strerror or e}): its images would be left out; "
@@ -1592,6 +1593,9 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                     drain(1, pb)  # at most one batch waiting behind the one on the GPU
 
                 warned_skip: set[str] = set()
+                # "skipping FILE" lines: each rank says its own, SKIP_LINES in all, and a rank with a share
+                # says when it leaves some unsaid
+                cap = SKIP_LINES // world_size + (rank < SKIP_LINES % world_size)
                 for i in mine:
                     msgs.append(("begin", i))
                     skipped: list[dict] = []
@@ -1602,9 +1606,6 @@ def _run(plan: Plan, *, rank: int = 0, world_size: int = 1, batch_size: int = 25
                             skipped.append({"path": it.rel, "key": _keys.opaque_key(ckeys[c], it.rel), "reason": why})
                             if it.rel not in warned_skip:  # once per file, not once per copy
                                 warned_skip.add(it.rel)
-                                # each rank says its own: SKIP_LINES in all, and a rank with a share says when
-                                # it leaves some unsaid
-                                cap = SKIP_LINES // world_size + (rank < SKIP_LINES % world_size)
                                 if len(warned_skip) <= cap:
                                     log.warning("skipping %s: %s", it.rel, why)
                                 elif len(warned_skip) == cap + 1 and cap:
